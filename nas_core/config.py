@@ -1,0 +1,315 @@
+"""Typed, frozen run configuration: loaded from YAML, overridable with ``key=value``, saved everywhere.
+
+The tree mirrors method.md: a ``protocol`` (``paper`` default, or ``code``) picks the defaults of
+section 5; any field can then be overridden by a YAML file or ``--set a.b=c``. Unknown or ill-typed
+keys are errors that name the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin
+
+import yaml
+
+Protocol = Literal["paper", "code"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # registry name: unet, deeplabv3plus, unet-cbam, unet-scse, nas-scam-s, nas-scam-p
+    name: str = "nas-scam-p"
+    # NAS-SCAM search mode: one alpha per slot (synchronous) or one per module kind (shared)
+    search: Literal["synchronous", "shared"] = "synchronous"
+    # genotype JSON for retraining a NAS-SCAM variant (None during search)
+    genotype: Optional[str] = None
+    # Zero op on sigmoid edges: None follows the protocol (paper -> 0, code -> 0.5)
+    zero_op: Optional[Literal["paper", "code"]] = None
+    # supernet implementation: "stacked" (fast, same function) or "reference" (one conv per op)
+    impl: Literal["stacked", "reference"] = "stacked"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # a MoNuSAC-layout folder, an image/mask folder, or None for the generated synthetic dataset
+    source: Optional[str] = None
+    layout: Literal["auto", "monusac", "monuseg", "folder"] = "auto"
+    synthetic_images: int = 24
+    synthetic_size: int = 512
+    cache_dir: Optional[str] = None
+    stain: Literal["none", "reinhard", "macenko"] = "none"
+    # counts "120,39,50" or fractions "0.6,0.2,0.2" for train/val/test
+    split: str = "0.6,0.2,0.2"
+    split_by: Literal["image", "patient"] = "image"
+    crop_size: int = 256
+    stride: int = 128
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    # None follows the protocol: paper -> rotate/flip/blur/median/elastic, code -> Gaussian blur p=0.2
+    pipeline: Optional[Literal["paper", "code", "none"]] = None
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # None follows the protocol: paper -> exp_log (Wong et al.), code -> exp_log_dice
+    name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    epochs: int = 120
+    warmup_epochs: int = 40
+    # paper: alternate a w step and an alpha step per iteration; code: per epoch (epoch % 3 == 0 -> w)
+    alternation: Literal["iteration", "epoch"] = "iteration"
+    lr_w: float = 1e-4
+    lr_alpha: float = 1e-3
+    reset_optimizer_each_epoch: bool = False
+    # batches per epoch; None = one pass over the training crops
+    iters_per_epoch: Optional[int] = None
+    val_every: int = 1
+    per_class: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 300
+    lr: float = 1e-4
+    iters_per_epoch: Optional[int] = None
+    val_every: int = 1
+    per_class: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    protocol: Protocol = "paper"
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = True
+    channels_last: bool = True
+    out_dir: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- derived values (the protocol's choices where a field says None) ----
+    @property
+    def zero_op(self) -> str:
+        return self.model.zero_op or self.protocol
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss.name or ("exp_log" if self.protocol == "paper" else "exp_log_dice")
+
+    @property
+    def augment_pipeline(self) -> str:
+        return self.augment.pipeline or self.protocol
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# method.md section 5: what each protocol changes relative to the dataclass defaults (= paper)
+PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "code": {
+        "search": {"warmup_epochs": 20, "alternation": "epoch", "lr_w": 1e-3, "lr_alpha": 1e-3,
+                   "reset_optimizer_each_epoch": True, "val_every": 3},
+        "train": {"lr": 1e-3, "val_every": 3},
+    },
+}
+
+# The CPU smoke preset: shrinks crops, data, steps and epochs, never the architecture.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "data": {"synthetic_images": 10, "synthetic_size": 256, "crop_size": 64, "stride": 32},
+        "search": {"epochs": 4, "warmup_epochs": 1, "iters_per_epoch": 6},
+        "train": {"epochs": 4, "iters_per_epoch": 8},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to annotation ``tp``; raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``"search.lr_w=1e-3"`` -> ``{"search": {"lr_w": 0.001}}`` (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML 1.1 reads "1e-3" as a string; accept it as the float a user means
+    value = _fix_yaml_floats(value)
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _fix_yaml_floats(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _fix_yaml_floats(v) for k, v in data.items()}
+    if isinstance(data, str):
+        try:
+            if any(c in data for c in "eE") and data[0] in "0123456789.+-":
+                return float(data)
+        except ValueError:
+            return data
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    preset: str | None = None,
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Build a RunConfig: protocol defaults < preset < YAML file < ``base`` < overrides."""
+    layers: list[dict[str, Any]] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        layers.append(_fix_yaml_floats(loaded))
+    if base:
+        layers.append(base)
+    layers.extend(parse_override(o) for o in overrides)
+    user: dict[str, Any] = {}
+    for layer in layers:
+        user = _deep_merge(user, layer)
+    protocol = user.get("protocol", "paper")
+    if protocol not in PROTOCOL_DEFAULTS:
+        raise ConfigError(f"protocol: {protocol!r} is not one of 'paper', 'code'")
+    merged = dict(PROTOCOL_DEFAULTS[protocol])
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+        merged = _deep_merge(merged, PRESETS[preset])
+    merged = _deep_merge(merged, user)
+    cfg = _build(RunConfig, merged)
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a saved config exactly (no protocol defaults re-applied)."""
+    cfg = _build(RunConfig, data)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: RunConfig) -> None:
+    checks = [
+        (cfg.search.epochs >= 1, "search.epochs", "must be >= 1"),
+        (0 <= cfg.search.warmup_epochs < max(cfg.search.epochs, 1) or cfg.search.epochs == 1,
+         "search.warmup_epochs", "must be >= 0 and smaller than search.epochs"),
+        (cfg.train.epochs >= 1, "train.epochs", "must be >= 1"),
+        (cfg.search.lr_w > 0 and cfg.search.lr_alpha > 0, "search.lr_w/lr_alpha", "must be > 0"),
+        (cfg.train.lr > 0, "train.lr", "must be > 0"),
+        (cfg.data.crop_size % 16 == 0 and cfg.data.crop_size >= 16, "data.crop_size", "must be a multiple of 16"),
+        (0 < cfg.data.stride <= cfg.data.crop_size, "data.stride", "must be in (0, crop_size]"),
+        (cfg.search.per_class >= 1 and cfg.train.per_class >= 1, "per_class", "must be >= 1"),
+        (cfg.seed >= 0, "seed", "must be >= 0"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key} {msg}")

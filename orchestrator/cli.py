@@ -1,0 +1,55 @@
+"""`nas-scam` command line: one sub-command module per area under ``orchestrator/commands``.
+
+Each command module exposes ``add_parser(subparsers)`` and sets ``func`` on its parser. Heavy
+imports (torch, ray, mlflow) happen inside the command functions so ``nas-scam --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# order = order in --help
+COMMAND_MODULES = ["model", "data", "engine", "ablate", "serve"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nas-scam",
+        description="NAS-SCAM: searched spatial/channel attention for nuclei segmentation, reproducibly.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"orchestrator.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"orchestrator.commands.{name}":
+                continue  # area not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except (UserError, ValueError, FileNotFoundError) as exc:
+        # user-facing errors: the message names the culprit; no stack trace
+        print(f"nas-scam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
