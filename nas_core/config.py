@@ -300,7 +300,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 def _validate(cfg: RunConfig) -> None:
     checks = [
         (cfg.search.epochs >= 1, "search.epochs", "must be >= 1"),
-        (0 <= cfg.search.warmup_epochs < max(cfg.search.epochs, 1) or cfg.search.epochs == 1,
+        # the genotype comes from the best validation after warm-up, so at least one epoch must follow it
+        (0 <= cfg.search.warmup_epochs < cfg.search.epochs,
          "search.warmup_epochs", "must be >= 0 and smaller than search.epochs"),
         (cfg.train.epochs >= 1, "train.epochs", "must be >= 1"),
         (cfg.search.lr_w > 0 and cfg.search.lr_alpha > 0, "search.lr_w/lr_alpha", "must be > 0"),
@@ -309,6 +310,9 @@ def _validate(cfg: RunConfig) -> None:
         (0 < cfg.data.stride <= cfg.data.crop_size, "data.stride", "must be in (0, crop_size]"),
         (cfg.search.per_class >= 1 and cfg.train.per_class >= 1, "per_class", "must be >= 1"),
         (cfg.seed >= 0, "seed", "must be >= 0"),
+        (cfg.search.val_every >= 1 and cfg.train.val_every >= 1, "val_every", "must be >= 1"),
+        (cfg.search.iters_per_epoch is None or cfg.search.iters_per_epoch >= 1, "search.iters_per_epoch", "must be >= 1"),
+        (cfg.train.iters_per_epoch is None or cfg.train.iters_per_epoch >= 1, "train.iters_per_epoch", "must be >= 1"),
     ]
     for ok, key, msg in checks:
         if not ok:
