@@ -5,6 +5,7 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("NAS_SCAM_PROGRESS", "0")  # no progress bars in test logs
 
 import torch  # noqa: E402
 

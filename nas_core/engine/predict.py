@@ -1,0 +1,107 @@
+"""Prediction outputs: label masks, colour overlays (PNG) and QuPath-compatible GeoJSON nuclei."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from nas_core.metrics import CLASS_NAMES
+
+# MoNuSAC colour convention (as in the third-party test masks): RGB per class id
+PALETTE = {1: (0, 255, 0), 2: (255, 255, 0), 3: (255, 0, 0), 4: (0, 0, 255)}
+
+
+def label_map(pred: np.ndarray) -> np.ndarray:
+    """(4, H, W) bool or probabilities -> uint8 (H, W) class ids 0..4.
+
+    Channels are independent sigmoids, so a pixel may pass 0.5 in two channels; it takes the most
+    probable of those (with boolean input, the lowest class id).
+    """
+    if pred.ndim != 3 or pred.shape[0] != 4:
+        raise ValueError(f"expected predictions of shape (4, H, W), got {pred.shape}")
+    scores = pred.astype(np.float32)
+    on = pred > 0.5 if pred.dtype != bool else pred
+    best = scores.argmax(axis=0).astype(np.uint8) + 1
+    return np.where(on.any(axis=0), best, 0).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend class colours onto an RGB uint8 image (H, W, 3) where labels > 0; outlines drawn solid."""
+    out = image.astype(np.float32).copy()
+    for cid, colour in PALETTE.items():
+        mask = labels == cid
+        if mask.any():
+            out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, np.float32)
+            edge = mask & ~ndimage.binary_erosion(mask)
+            out[edge] = colour
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def to_geojson(labels: np.ndarray, min_area: int = 4) -> dict:
+    """One polygon per nucleus (8-connected component of one class) as a GeoJSON FeatureCollection.
+
+    Coordinates are (x, y) pixel positions, the convention QuPath imports; components smaller than
+    ``min_area`` pixels carry no usable polygon and are left out.
+    """
+    features = []
+    for cid, name in CLASS_NAMES.items():
+        comps, n = ndimage.label(labels == cid, structure=np.ones((3, 3), bool))
+        if n == 0:
+            continue
+        for idx, sl in enumerate(ndimage.find_objects(comps), start=1):
+            mask = (comps[sl] == idx).astype(np.uint8)
+            if mask.sum() < min_area:
+                continue
+            contours, _ = cv2.findContours(np.pad(mask, 1), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            contour = max(contours, key=cv2.contourArea)[:, 0, :]  # (N, 2) x, y in the padded crop
+            if len(contour) < 3:
+                continue
+            ring = (contour - 1 + np.array([sl[1].start, sl[0].start])).tolist()
+            ring.append(ring[0])
+            features.append({
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"objectType": "detection", "classification": {"name": name, "color": list(PALETTE[cid])},
+                               "class_id": cid, "area_px": int(mask.sum())},
+            })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
+                  device: str = "auto", stride: int | None = None) -> list[dict]:
+    """Predict every input image with a checkpoint; write NAME_labels.png, NAME_overlay.png, NAME.geojson."""
+    from nas_core.data.readers import read_image
+    from nas_core.engine.checkpoint import load_checkpoint
+    from nas_core.engine.device import resolve_device
+    from nas_core.engine.evaluate import predict_probs
+
+    dev = resolve_device(device)
+    model, meta = load_checkpoint(checkpoint, map_location=dev)
+    model.to(dev)
+    data_cfg = meta["config"]["data"]
+    tile = data_cfg["crop_size"]
+    stride = stride or data_cfg["stride"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in inputs:
+        path = Path(path)
+        image = read_image(path)  # uint8 (H, W, 3) RGB; errors name the file
+        probs = predict_probs(model, image, tile=tile, stride=stride, device=dev,
+                              amp=meta["config"].get("amp", True) and dev.type == "cuda", binary=False)
+        labels = label_map(probs)
+        stem = out_dir / path.stem
+        cv2.imwrite(f"{stem}_labels.png", labels)
+        cv2.imwrite(f"{stem}_overlay.png", cv2.cvtColor(overlay(image, labels), cv2.COLOR_RGB2BGR))
+        geo = to_geojson(labels)
+        Path(f"{stem}.geojson").write_text(json.dumps(geo))
+        counts = {CLASS_NAMES[c]: sum(f["properties"]["class_id"] == c for f in geo["features"]) for c in CLASS_NAMES}
+        written.append({"input": str(path), "labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png",
+                        "geojson": f"{stem}.geojson", "nuclei": counts})
+    return written
+

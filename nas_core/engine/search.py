@@ -1,0 +1,192 @@
+"""First-order DARTS bilevel search of NAS-SCAM (method.md section 5).
+
+Weights w are updated on class-balanced training crops, alpha on the alpha-update crops (validation
+images), each with the other frozen. ``paper`` alternates a w step and an alpha step per iteration after
+the warm-up; ``code`` alternates per epoch (``epoch % 3 == 0`` -> w epoch) and rebuilds Adam every epoch.
+The genotype is taken from the best validation after warm-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from nas_core.config import ConfigError, RunConfig, config_from_dict
+from nas_core.engine.callbacks import Callback, CallbackList
+from nas_core.engine.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from nas_core.engine.device import rng_state, set_rng_state
+from nas_core.engine.evaluate import evaluate_split
+from nas_core.metrics import flatten_metrics
+from nas_core.engine.loop import (alpha_batches, batch_size, due, guard_out_dir, iterations,
+                                  optimisation_step, prepare_model, progress, setup_run, train_batches,
+                                  write_json, TrainingError)
+
+SEARCHABLE = ("nas-scam-s", "nas-scam-p")
+
+
+@dataclass
+class SearchResult:
+    genotype: object  # nas_core.search_space.genotype.Genotype
+    genotype_path: Path
+    best_epoch: int
+    best_val: dict
+    history: list = field(default_factory=list)
+    alpha_history_path: Path | None = None
+    checkpoint_path: Path | None = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["genotype"] = self.genotype.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchResult":
+        from nas_core.search_space.genotype import Genotype
+
+        d = dict(d)
+        d["genotype"] = Genotype.from_json(d["genotype"])
+        for k in ("genotype_path", "alpha_history_path", "checkpoint_path"):
+            d[k] = Path(d[k]) if d.get(k) else None
+        return cls(**d)
+
+
+def epoch_mode(cfg: RunConfig, epoch: int) -> str:
+    """'w' (weights only), 'alternate' (w step then alpha step per iteration) or 'alpha' (alpha only)."""
+    s = cfg.search
+    if epoch < s.warmup_epochs:
+        return "w"
+    if s.alternation == "iteration":
+        return "alternate"
+    return "w" if epoch % 3 == 0 else "alpha"
+
+
+@contextlib.contextmanager
+def frozen(params):
+    """Alpha steps compute no weight gradients: it is cheaper and leaves w exactly as it was."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _optimizers(model, cfg: RunConfig) -> dict:
+    return {
+        "w": torch.optim.Adam(model.weight_parameters(), lr=cfg.search.lr_w),
+        "alpha": torch.optim.Adam(model.arch_parameters(), lr=cfg.search.lr_alpha),
+    }
+
+
+def _alpha_snapshot(model) -> dict[str, np.ndarray]:
+    return {k: torch.softmax(v.detach().float(), dim=-1).cpu().numpy() for k, v in model.alphas().items()}
+
+
+def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (), resume: bool = True) -> SearchResult:
+    """Search a NAS-SCAM genotype. Writes genotype.json, alpha_history.npz, best.pt, last.pt, result.json."""
+    from nas_core.models import create_model
+
+    out_dir = Path(out_dir)
+    cb = CallbackList(callbacks)
+    if resume and (out_dir / "result.json").exists():
+        return SearchResult.from_dict(json.loads((out_dir / "result.json").read_text()))
+    guard_out_dir(out_dir, resume, "search")
+    if cfg.model.name not in SEARCHABLE:
+        raise ConfigError(f"model.name: search needs one of {', '.join(SEARCHABLE)}, got {cfg.model.name!r}")
+
+    ctx = setup_run(cfg, out_dir)
+    model = create_model(cfg.model.name, supernet=cfg.model.search, zero_op=cfg.zero_op, impl=cfg.model.impl)
+    model = prepare_model(model, ctx)
+    opts = _optimizers(model, cfg)
+    state = {"best_score": None, "best_epoch": -1, "best_val": {}, "history": [], "alpha_epochs": [],
+             "alpha": {}}
+    start = 0
+    last = out_dir / "last.pt"
+    if resume and last.exists():
+        payload = read_checkpoint(last)
+        if config_from_dict(payload["config"]) != cfg:
+            raise ConfigError(f"{last} was written with a different config; resume with the same config or another --out")
+        load_weights(model, payload, last)
+        for k, o in opts.items():
+            o.load_state_dict(payload["optimizers"][k])
+        set_rng_state(payload["rng"])
+        state = payload["state"]
+        start = payload["epoch"] + 1
+    cb.on_run_start("search", cfg, out_dir)
+
+    s = cfg.search
+    n_iter = iterations(s.iters_per_epoch, ctx.data, s.per_class)
+    bsize = batch_size(s.per_class, ctx.data)
+    for epoch in range(start, s.epochs):
+        if s.reset_optimizer_each_epoch:
+            opts = _optimizers(model, cfg)
+        mode = epoch_mode(cfg, epoch)
+        model.train()
+        w_losses, a_losses = [], []
+        w_iter = train_batches(ctx, s.per_class, n_iter, epoch) if mode != "alpha" else None
+        a_iter = alpha_batches(ctx, bsize, n_iter, epoch) if mode != "w" else None
+        for it in progress(range(n_iter), n_iter, f"search {epoch + 1}/{s.epochs} [{mode}]"):
+            where = f"search epoch {epoch} iteration {it}"
+            if w_iter is not None:
+                with frozen(model.arch_parameters()):
+                    w_losses.append(optimisation_step(model, next(w_iter), opts["w"], ctx, where + " (w step)"))
+            if a_iter is not None:
+                with frozen(model.weight_parameters()):
+                    a_losses.append(optimisation_step(model, next(a_iter), opts["alpha"], ctx, where + " (alpha step)"))
+
+        metrics = {"epoch": epoch, "mode_alpha": float(mode != "w")}
+        if w_losses:
+            metrics["train_loss"] = float(np.mean(w_losses))
+        if a_losses:
+            metrics["alpha_loss"] = float(np.mean(a_losses))
+        snap = _alpha_snapshot(model)
+        state["alpha_epochs"].append(epoch)
+        for k, v in snap.items():
+            state["alpha"].setdefault(k, []).append(torch.from_numpy(v))
+        if due(epoch, s.val_every, s.epochs):
+            val = evaluate_split(model, ctx.data, "val", device=ctx.device, amp=ctx.amp,
+                                 tile=cfg.data.crop_size, stride=cfg.data.stride)
+            score = val["dsc"]["Average"]
+            metrics.update({"val_dsc": score, "val_pq": val["pq"]["Average"]})
+            # the genotype comes from the best validation *after* warm-up
+            if epoch >= s.warmup_epochs and (state["best_score"] is None or score > state["best_score"]):
+                state.update(best_score=score, best_epoch=epoch, best_val=flatten_metrics(val))
+                save_checkpoint(out_dir / "best.pt", model=model, config=cfg.to_dict(), phase="search",
+                                epoch=epoch, metrics=metrics, genotype=model.genotype().to_dict())
+        state["history"].append(metrics)
+        save_checkpoint(last, model=model, config=cfg.to_dict(), phase="search", epoch=epoch, metrics=metrics,
+                        optimizers=opts, rng=rng_state(), state=state)
+        cb.on_epoch_end("search", epoch, metrics, out_dir)
+
+    if state["best_epoch"] < 0:
+        raise TrainingError("search ended without a validation after warm-up; check search.val_every/epochs")
+    best = read_checkpoint(out_dir / "best.pt")
+    from nas_core.search_space.genotype import Genotype
+
+    genotype = Genotype.from_json(best["genotype"])
+    genotype_path = out_dir / "genotype.json"
+    genotype.save(genotype_path)
+    alpha_path = out_dir / "alpha_history.npz"
+    np.savez(alpha_path, epochs=np.asarray(state["alpha_epochs"]),
+             **{k: torch.stack(v).numpy() for k, v in state["alpha"].items()})
+    result = SearchResult(genotype=genotype, genotype_path=genotype_path, best_epoch=state["best_epoch"],
+                          best_val=state["best_val"], history=state["history"], alpha_history_path=alpha_path,
+                          checkpoint_path=out_dir / "best.pt")
+    for path, kind in ((genotype_path, "genotype"), (alpha_path, "alpha_history"), (out_dir / "best.pt", "checkpoint")):
+        cb.on_artifact("search", path, kind)
+    write_json(out_dir / "result.json", result.to_dict())
+    cb.on_run_end("search", result)
+    return result
+
+
+
+__all__ = ["SearchResult", "run_search", "epoch_mode"]

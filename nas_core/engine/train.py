@@ -1,0 +1,119 @@
+"""Retraining ("rebuild") of any registry model from scratch; best-validation checkpoint, then test."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from nas_core.config import ConfigError, RunConfig, config_from_dict
+from nas_core.engine.callbacks import Callback, CallbackList
+from nas_core.engine.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from nas_core.engine.device import rng_state, set_rng_state
+from nas_core.engine.evaluate import evaluate_split
+from nas_core.metrics import flatten_metrics
+from nas_core.engine.loop import (due, guard_out_dir, iterations, optimisation_step, prepare_model, progress,
+                                  setup_run, train_batches, write_json)
+
+NAS_MODELS = ("nas-scam-s", "nas-scam-p")
+
+
+@dataclass
+class TrainResult:
+    checkpoint_path: Path
+    best_epoch: int
+    best_val: dict
+    test: dict
+    history: list = field(default_factory=list)
+    metrics_path: Path | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainResult":
+        d = dict(d)
+        d["checkpoint_path"] = Path(d["checkpoint_path"])
+        d["metrics_path"] = Path(d["metrics_path"]) if d.get("metrics_path") else None
+        return cls(**d)
+
+
+def build_model(cfg: RunConfig):
+    """The registry model the config names; NAS-SCAM variants are built from ``model.genotype``."""
+    from nas_core.models import create_model
+    from nas_core.search_space.genotype import Genotype
+
+    if cfg.model.name in NAS_MODELS:
+        if not cfg.model.genotype:
+            raise ConfigError(f"model.genotype must name a genotype JSON to retrain {cfg.model.name}; run a search first")
+        genotype = Genotype.load(cfg.model.genotype)
+        return create_model(cfg.model.name, genotype=genotype, zero_op=cfg.zero_op)
+    return create_model(cfg.model.name)
+
+
+def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (), resume: bool = True) -> TrainResult:
+    """Train from scratch, keep the best-validation weights, test them. Writes best.pt, last.pt, metrics.json."""
+    out_dir = Path(out_dir)
+    cb = CallbackList(callbacks)
+    if resume and (out_dir / "result.json").exists():
+        return TrainResult.from_dict(json.loads((out_dir / "result.json").read_text()))
+    guard_out_dir(out_dir, resume, "train")
+    model = build_model(cfg)  # before any data work: a bad genotype fails fast
+    ctx = setup_run(cfg, out_dir)
+    model = prepare_model(model, ctx)
+    t = cfg.train
+    opt = torch.optim.Adam(model.parameters(), lr=t.lr)
+    state = {"best_score": None, "best_epoch": -1, "best_val": {}, "history": []}
+    start = 0
+    last = out_dir / "last.pt"
+    if resume and last.exists():
+        payload = read_checkpoint(last)
+        if config_from_dict(payload["config"]) != cfg:
+            raise ConfigError(f"{last} was written with a different config; resume with the same config or another --out")
+        load_weights(model, payload, last)
+        opt.load_state_dict(payload["optimizers"]["w"])
+        set_rng_state(payload["rng"])
+        state = payload["state"]
+        start = payload["epoch"] + 1
+    cb.on_run_start("train", cfg, out_dir)
+    genotype = (getattr(model, "model_spec", None) or {}).get("options", {}).get("genotype")
+
+    n_iter = iterations(t.iters_per_epoch, ctx.data, t.per_class)
+    for epoch in range(start, t.epochs):
+        model.train()
+        batches = train_batches(ctx, t.per_class, n_iter, epoch)
+        losses = [optimisation_step(model, next(batches), opt, ctx, f"train epoch {epoch} iteration {it}")
+                  for it in progress(range(n_iter), n_iter, f"train {epoch + 1}/{t.epochs}")]
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses))}
+        if due(epoch, t.val_every, t.epochs):
+            val = evaluate_split(model, ctx.data, "val", device=ctx.device, amp=ctx.amp,
+                                 tile=cfg.data.crop_size, stride=cfg.data.stride)
+            score = val["dsc"]["Average"]
+            metrics.update({"val_dsc": score, "val_pq": val["pq"]["Average"]})
+            if state["best_score"] is None or score > state["best_score"]:
+                state.update(best_score=score, best_epoch=epoch, best_val=flatten_metrics(val))
+                save_checkpoint(out_dir / "best.pt", model=model, config=cfg.to_dict(), phase="train",
+                                epoch=epoch, metrics=metrics, genotype=genotype)
+        state["history"].append(metrics)
+        save_checkpoint(last, model=model, config=cfg.to_dict(), phase="train", epoch=epoch, metrics=metrics,
+                        optimizers={"w": opt}, rng=rng_state(), state=state)
+        cb.on_epoch_end("train", epoch, metrics, out_dir)
+
+    best = read_checkpoint(out_dir / "best.pt")
+    load_weights(model, best, out_dir / "best.pt")
+    test = evaluate_split(model, ctx.data, "test", device=ctx.device, amp=ctx.amp,
+                          tile=cfg.data.crop_size, stride=cfg.data.stride)
+    metrics_path = write_json(out_dir / "metrics.json", {"best_epoch": state["best_epoch"], "val": state["best_val"],
+                                                        "test": test})
+    result = TrainResult(checkpoint_path=out_dir / "best.pt", best_epoch=state["best_epoch"],
+                         best_val=state["best_val"], test=test, history=state["history"], metrics_path=metrics_path)
+    cb.on_artifact("train", out_dir / "best.pt", "checkpoint")
+    cb.on_artifact("train", metrics_path, "metrics")
+    write_json(out_dir / "result.json", result.to_dict())
+    cb.on_run_end("train", result)
+    return result

@@ -1,0 +1,147 @@
+"""The "stacked" mixed cell: the reference function of ``Cell`` (impl="reference"), computed faster.
+
+Reference, per edge e = (i -> j):  edge(x) = sum_o w[e, o] * act_j(BN_eo(conv_eo(x_i))).
+
+Here every node i is read once per kernel shape: the convs of all edges leaving i that share op o are
+one convolution whose output channels are the edges' channels stacked (C_tot = sum of the edges'
+destination channels), followed by one batch_norm over C_tot channels. Both are exact: a conv's
+output channels are independent, and BatchNorm normalises each channel with its own statistics.
+
+The op weight of a ReLU edge goes into the BN affine: w * relu(g * n + b) = relu((w g) * n + w b) for
+w >= 0 (w is a softmax, so it is), which saves one full-size multiply per op; the sum over ops then
+is a plain sum of ReLU outputs, and each destination node takes its channel range of it. Sigmoid
+edges (into the 1-channel output node) keep w * sigmoid(.) on their one channel.
+
+Parameters stay in the per-op modules of the cell (same state_dict as the reference form): conv
+weights, biases and BN affine/running stats are concatenated at forward time (cheap: a few KB) and
+the updated running statistics are copied back, so checkpoints load into either form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from nas_core.search_space.ops import OpSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from nas_core.search_space.cell import Cell
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The edges leaving one node: their indices, destinations and channel ranges in the stack."""
+
+    node: int
+    edges: tuple[int, ...]
+    dsts: tuple[int, ...]
+    bounds: tuple[tuple[int, int], ...]  # channel range of each edge in the stacked output
+    n_relu: int  # channels [0, n_relu) feed hidden nodes (ReLU); the rest feed the output (sigmoid)
+    total: int
+
+
+class StackedPlan:
+    """Static grouping of a mixed cell's ops by (source node, op); holds no tensors or parameters."""
+
+    def __init__(self, cell: "Cell", ops: Mapping[str, OpSpec]):
+        self.conv_ops = tuple(i for i, n in enumerate(cell.op_names) if ops[n].kind == "conv")
+        self.conv_names = tuple(cell.op_names[i] for i in self.conv_ops)
+        self.specs = tuple(ops[n] for n in self.conv_names)
+        self.zero_ops = tuple(i for i, n in enumerate(cell.op_names) if ops[n].kind == "zero")
+        self.out = cell.n_nodes
+        self.sources = []
+        for node in range(cell.n_nodes):
+            leaving = [(e, d) for e, (s, d) in enumerate(cell.edges) if s == node]
+            # hidden destinations first, the output node last: one contiguous ReLU block
+            leaving.sort(key=lambda ed: (ed[1] == cell.n_nodes, ed[1]))
+            bounds, start = [], 0
+            for _, d in leaving:
+                bounds.append((start, start + cell.channels[d]))
+                start += cell.channels[d]
+            n_relu = sum(cell.channels[d] for _, d in leaving if d != cell.n_nodes)
+            self.sources.append(_Source(node, tuple(e for e, _ in leaving), tuple(d for _, d in leaving),
+                                        tuple(bounds), n_relu, start))
+        self.in_degree = sum(1 for _, d in cell.edges if d == cell.n_nodes)
+
+    def forward(self, cell: "Cell", x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: (B, c_in, *S); weights: softmax(alpha) (n_edges, n_ops) -> (B, 1, *S)."""
+        conv = F.conv2d if cell.dim == 2 else F.conv1d
+        # channels_last lets oneDNN (CPU) and cuDNN (GPU) skip layout reorders around every conv
+        fmt = torch.channels_last if cell.dim == 2 and cell.channels_last else None
+        conv_idx = list(self.conv_ops)
+        acc: dict[int, torch.Tensor] = {}
+        nodes = [x]
+        for src in self.sources:
+            inp = nodes[src.node]
+            if fmt is not None:
+                inp = inp.contiguous(memory_format=fmt)
+            relu_sum, sig_sum = self._source(cell, src, inp, weights, conv, conv_idx)
+            for e, d, (lo, hi) in zip(src.edges, src.dsts, src.bounds):
+                if d == self.out:
+                    continue
+                part = relu_sum[:, lo:hi]
+                acc[d] = part if d not in acc else acc[d] + part
+            if sig_sum is not None:
+                acc[self.out] = sig_sum if self.out not in acc else acc[self.out] + sig_sum
+            if src.node + 1 < self.out:
+                nodes.append(acc.pop(src.node + 1))  # complete: every edge into it has been added
+        out = acc[self.out]
+        if cell.zero_op == "code" and self.zero_ops:
+            # Zero on a sigmoid edge contributes w * sigmoid(0) = 0.5 w in the release's form
+            sig_edges = [e for e, (_, d) in enumerate(cell.edges) if d == self.out]
+            out = out + 0.5 * weights[sig_edges][:, list(self.zero_ops)].sum().to(out.dtype)
+        return out / self.in_degree
+
+    def _source(self, cell: "Cell", src: _Source, inp: torch.Tensor, weights: torch.Tensor, conv, conv_idx):
+        """Every op on every edge leaving ``src``: (sum_o relu part (B, n_relu, *S), sum of sigmoid part)."""
+        n_conv = len(conv_idx)
+        mods = [[cell.ops[e][name] for e in src.edges] for name in self.conv_names]  # [op][edge]
+        bns = [m[1] for row in mods for m in row]
+        # BN affine and running stats for all ops at once: (n_conv, C_tot)
+        gamma = torch.cat([bn.weight for bn in bns]).view(n_conv, src.total)
+        beta = torch.cat([bn.bias for bn in bns]).view(n_conv, src.total)
+        # op weight of the edge owning each channel (ReLU channels only; 1 on sigmoid channels)
+        w_conv = weights[:, conv_idx]  # (n_edges, n_conv)
+        pieces = []
+        for e, d, (lo, hi) in zip(src.edges, src.dsts, src.bounds):
+            row = w_conv[e] if d != self.out else torch.ones_like(w_conv[e])
+            pieces.append(row.view(n_conv, 1).expand(n_conv, hi - lo))
+        scale = torch.cat(pieces, dim=1)  # (n_conv, C_tot)
+        gamma, beta = gamma * scale, beta * scale
+        bn0 = bns[0]
+        update = cell.training and bn0.track_running_stats
+        training = cell.training or bn0.running_mean is None
+        if bn0.running_mean is not None:
+            run_mean = torch.cat([bn.running_mean for bn in bns]).view(n_conv, src.total)
+            run_var = torch.cat([bn.running_var for bn in bns]).view(n_conv, src.total)
+        if update and bn0.momentum is None:
+            raise ValueError("stacked cell: BatchNorm momentum=None (cumulative average) is not supported")
+        relu_sum = sig_sum = None
+        for k, (spec, row) in enumerate(zip(self.specs, mods)):
+            w = torch.cat([m[0].weight for m in row])  # (C_tot, C_in, *kernel)
+            b = torch.cat([m[0].bias for m in row])
+            y = conv(inp, w, b, padding=spec.padding, dilation=spec.dilation)  # (B, C_tot, *S)
+            rm = run_mean[k] if bn0.running_mean is not None else None
+            rv = run_var[k] if bn0.running_mean is not None else None
+            z = F.batch_norm(y, rm, rv, gamma[k], beta[k], training, bn0.momentum or 0.0, bn0.eps)
+            if src.n_relu:
+                # relu over all channels keeps the big tensor dense; the sigmoid channels' relu is unused
+                r = F.relu(z)
+                relu_sum = r if relu_sum is None else relu_sum + r
+            if src.n_relu < src.total:
+                e_sig = src.edges[-1]
+                s = torch.sigmoid(z[:, src.n_relu:]) * weights[e_sig, conv_idx[k]].to(z.dtype)
+                sig_sum = s if sig_sum is None else sig_sum + s
+        if update:
+            with torch.no_grad():
+                flat_m, flat_v = run_mean.reshape(-1), run_var.reshape(-1)
+                sizes = [bn.running_mean.numel() for bn in bns]
+                torch._foreach_copy_([bn.running_mean for bn in bns], list(flat_m.split(sizes)))
+                torch._foreach_copy_([bn.running_var for bn in bns], list(flat_v.split(sizes)))
+                torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+        if relu_sum is not None and src.n_relu < src.total:
+            relu_sum = relu_sum[:, :src.n_relu]
+        return relu_sum, sig_sum

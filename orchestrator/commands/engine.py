@@ -1,0 +1,109 @@
+"""`nas-scam search | train | evaluate | predict`: the nas_core loops from typed YAML configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML run config (e.g. experiments/search.yaml); defaults otherwise")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set search.lr_w=1e-3 (repeatable)")
+    p.add_argument("--preset", choices=["smoke"], help="smoke: tiny crops/epochs on synthetic data for a CPU")
+    p.add_argument("--data", help="dataset folder (MoNuSAC layout, MoNuSeg or images/+masks/); synthetic if omitted")
+    p.add_argument("--out", required=True, help="output folder for checkpoints, genotype and metrics")
+    p.add_argument("--resume", action="store_true", help="continue the run already in --out")
+
+
+def _load(args: argparse.Namespace):
+    from nas_core.config import load_config
+    from orchestrator.settings import get_settings
+
+    base = {"data": {"cache_dir": str(get_settings().data_root)}}
+    overrides = list(args.overrides)
+    if args.data:
+        if not Path(args.data).exists():
+            raise FileNotFoundError(f"--data {args.data}: no such folder")
+        overrides.append(f"data.source={Path(args.data).resolve()}")
+    return load_config(args.config, overrides=overrides, preset=args.preset, base=base)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from nas_core.engine import run_search
+
+    cfg = _load(args)
+    result = run_search(cfg, Path(args.out), resume=args.resume)
+    print(json.dumps({"genotype": str(result.genotype_path), "best_epoch": result.best_epoch,
+                      "best_val_dsc": result.best_val.get("dsc/Average")}, indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from nas_core.engine import run_train
+
+    cfg = _load(args)
+    result = run_train(cfg, Path(args.out), resume=args.resume)
+    print(json.dumps({"checkpoint": str(result.checkpoint_path), "best_epoch": result.best_epoch,
+                      "test": result.test}, indent=2, default=str))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from nas_core.config import config_from_dict
+    from nas_core.data import ensure_dataset
+    from nas_core.engine.checkpoint import load_checkpoint
+    from nas_core.engine.device import resolve_device
+    from nas_core.engine.evaluate import evaluate_split
+
+    model, meta = load_checkpoint(args.checkpoint)
+    cfg = config_from_dict(meta["config"])
+    data_cfg = cfg.data
+    if args.data:
+        import dataclasses
+
+        data_cfg = dataclasses.replace(data_cfg, source=str(Path(args.data).resolve()))
+    data = ensure_dataset(data_cfg, Path(data_cfg.cache_dir), cfg.seed)
+    device = resolve_device(args.device)
+    metrics = evaluate_split(model.to(device), data, args.split, tile=data_cfg.crop_size,
+                             stride=data_cfg.stride, device=device)
+    text = json.dumps(metrics, indent=2, default=str)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"metrics_{args.split}.json").write_text(text)
+    print(text)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from nas_core.engine.predict import predict_files
+
+    written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device)
+    print(json.dumps(written, indent=2))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("search", help="DARTS search of a NAS-SCAM genotype")
+    _config_args(p)
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser("train", help="retrain a model from scratch (NAS-SCAM from --set model.genotype=FILE)")
+    _config_args(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="tiled evaluation of a checkpoint on a split (global DSC, PQ)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="evaluate on another dataset folder instead of the checkpoint's")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="folder for metrics_<split>.json")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="label masks, overlays and GeoJSON nuclei for images or SVS regions")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", help="image files (png, jpg, tif, svs)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_predict)

@@ -1,0 +1,210 @@
+"""Engine: search, retrain, resume, tiled inference, prediction outputs, bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nas_core.config import ConfigError, load_config
+from nas_core.engine import (CheckpointError, TrainingError, load_checkpoint, run_search, run_train)
+from nas_core.engine.evaluate import predict_probs
+from nas_core.engine.predict import label_map, to_geojson
+from nas_core.metrics import CLASS_NAMES
+from nas_core.search_space.genotype import Genotype
+
+TINY = [
+    "data.synthetic_images=6", "data.synthetic_size=128", "data.crop_size=32", "data.stride=32",
+    "data.split=0.5,0.25,0.25",
+    "search.epochs=3", "search.warmup_epochs=1", "search.iters_per_epoch=2",
+    "train.epochs=2", "train.iters_per_epoch=2",
+]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def tiny_cfg(data_root: Path, *extra: str):
+    return load_config(overrides=[*TINY, f"data.cache_dir={data_root}", *extra])
+
+
+def test_smoke_search_changes_alpha_and_writes_a_valid_genotype(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, "model.name=nas-scam-p")
+    res = run_search(cfg, tmp_path / "search")
+    g = Genotype.load(res.genotype_path)
+    assert g.combine == "parallel" and g.search == "synchronous"
+    hist = np.load(res.alpha_history_path)
+    assert hist["sam"].shape == (3, 8, 6, 6) and hist["cam"].shape == (3, 8, 6, 8)
+    # alpha is frozen during the warm-up epoch, then moves
+    assert np.allclose(hist["sam"][0], 1 / 6, atol=1e-2)
+    assert np.abs(hist["sam"][-1] - hist["sam"][0]).max() > 1e-4
+    assert res.best_epoch >= cfg.search.warmup_epochs
+    # the genotype is the argmax of the best checkpoint's alpha
+    model, meta = load_checkpoint(res.checkpoint_path)
+    assert meta["genotype"] == g.to_dict() == model.genotype().to_dict()
+
+
+def test_code_protocol_alternates_per_epoch(data_root, tmp_path):
+    from nas_core.engine.search import epoch_mode
+
+    cfg = tiny_cfg(data_root, "protocol=code", "search.epochs=7", "search.warmup_epochs=1")
+    assert [epoch_mode(cfg, e) for e in range(7)] == ["w", "alpha", "alpha", "w", "alpha", "alpha", "w"]
+    paper = tiny_cfg(data_root, "search.warmup_epochs=2")
+    assert [epoch_mode(paper, e) for e in range(3)] == ["w", "w", "alternate"]
+
+
+def test_retrain_from_genotype_and_checkpoint_describes_itself(data_root, tmp_path):
+    g = Genotype(combine="serial", search="shared", sam=(("conv3",) * 6,) * 8, cam=(("conv5",) * 6,) * 8)
+    gpath = g.save(tmp_path / "g.json")
+    cfg = tiny_cfg(data_root, "model.name=nas-scam-s", f"model.genotype={gpath}")
+    res = run_train(cfg, tmp_path / "train")
+    assert set(res.test["dsc"]) == {"Average", "Epithelial", "Lymphocyte", "Macrophage", "Neutrophil"}
+    model, meta = load_checkpoint(res.checkpoint_path)  # no flags needed
+    assert meta["genotype"] == g.to_dict()
+    assert json.loads((tmp_path / "train" / "metrics.json").read_text())["test"]["n_images"] >= 1
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_genotype_and_metrics(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, "model.name=nas-scam-p", "deterministic=true")
+    full = run_search(cfg, tmp_path / "full")
+
+    class Crash(Exception):
+        pass
+
+    from nas_core.engine import Callback
+
+    class StopAfter(Callback):
+        def on_epoch_end(self, phase, epoch, metrics, out_dir):
+            if epoch == 1:
+                raise Crash()
+
+    with pytest.raises(Crash):
+        run_search(cfg, tmp_path / "cut", callbacks=[StopAfter()])
+    assert not (tmp_path / "cut" / "result.json").exists()
+    resumed = run_search(cfg, tmp_path / "cut", resume=True)
+    assert resumed.genotype == full.genotype
+    assert resumed.best_epoch == full.best_epoch
+    a, b = np.load(full.alpha_history_path), np.load(resumed.alpha_history_path)
+    np.testing.assert_allclose(a["sam"], b["sam"], rtol=0, atol=1e-6)
+    assert [h.get("val_dsc") for h in resumed.history] == pytest.approx([h.get("val_dsc") for h in full.history])
+
+
+def test_a_fresh_run_never_overwrites_a_finished_one(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, "model.name=unet", "train.epochs=1", "train.iters_per_epoch=1")
+    run_train(cfg, tmp_path / "t")
+    before = (tmp_path / "t" / "best.pt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds"):
+        run_train(cfg, tmp_path / "t", resume=False)
+    assert (tmp_path / "t" / "best.pt").read_bytes() == before
+
+
+def test_tiled_inference_equals_whole_image_inference():
+    from nas_core.models import create_model
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    # a per-pixel model has no context, so any tiling must reproduce whole-image inference exactly
+    pointwise = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Sigmoid())
+    image = rng.integers(0, 255, (75, 130, 3), dtype=np.uint8)
+    with torch.no_grad():
+        direct = pointwise(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)[0].numpy()
+    for tile, stride in ((32, 16), (64, 32), (32, 32), (256, 128)):
+        tiled = predict_probs(pointwise, image, tile=tile, stride=stride, binary=False)
+        assert tiled.shape == (4, 75, 130)
+        np.testing.assert_allclose(tiled, direct, atol=1e-6)
+        assert (predict_probs(pointwise, image, tile=tile, stride=stride) == (direct > 0.5)).all()
+    # the U-Net (GroupNorm sees the whole input): equal when the image is exactly one tile
+    unet = create_model("unet").eval()
+    square = image[:64, :64].copy()
+    with torch.no_grad():
+        whole = unet(torch.from_numpy(square).permute(2, 0, 1)[None].float() / 255)[0].numpy()
+    np.testing.assert_allclose(predict_probs(unet, square, tile=64, stride=32, binary=False), whole, atol=1e-5)
+
+
+def test_geojson_round_trip_counts_polygons_and_classes(tmp_path):
+    labels = np.zeros((40, 40), np.uint8)
+    labels[2:8, 2:8] = 1
+    labels[20:30, 5:12] = 1
+    labels[10:14, 30:36] = 2
+    labels[30:38, 30:38] = 4
+    labels[0, 39] = 3  # one pixel: below min_area, no polygon
+    path = tmp_path / "n.geojson"
+    path.write_text(json.dumps(to_geojson(labels)))
+    geo = json.loads(path.read_text())
+    names = [f["properties"]["classification"]["name"] for f in geo["features"]]
+    assert sorted(names) == sorted(["Epithelial", "Epithelial", "Lymphocyte", "Macrophage"])
+    for f in geo["features"]:
+        ring = f["geometry"]["coordinates"][0]
+        assert ring[0] == ring[-1] and len(ring) >= 4
+    big = next(f for f in geo["features"] if f["properties"]["area_px"] == 70)
+    xs = [p[0] for p in big["geometry"]["coordinates"][0]]
+    ys = [p[1] for p in big["geometry"]["coordinates"][0]]
+    assert (min(xs), max(xs), min(ys), max(ys)) == (5, 11, 20, 29)  # x = column, y = row
+
+
+def test_label_map_takes_most_probable_channel():
+    p = np.zeros((4, 1, 3), np.float32)
+    p[:, 0, 0] = [0.9, 0.6, 0, 0]
+    p[:, 0, 1] = [0.6, 0.2, 0.1, 0.95]
+    assert label_map(p).tolist() == [[1, 4, 0]]
+    assert set(CLASS_NAMES) == {1, 2, 3, 4}
+
+
+def test_bad_inputs_stop_with_clear_messages(data_root, tmp_path):
+    # a genotype whose combination does not fit the model
+    g = Genotype(combine="parallel", search="shared", sam=(("conv1",) * 6,) * 8, cam=(("conv1",) * 6,) * 8)
+    g.save(tmp_path / "p.json")
+    with pytest.raises(ValueError, match="parallel|serial"):
+        run_train(tiny_cfg(data_root, "model.name=nas-scam-s", f"model.genotype={tmp_path / 'p.json'}"), tmp_path / "x")
+    with pytest.raises(ConfigError, match="model.genotype"):
+        run_train(tiny_cfg(data_root, "model.name=nas-scam-p"), tmp_path / "y")
+    with pytest.raises(ConfigError, match="model.name"):
+        run_search(tiny_cfg(data_root, "model.name=unet"), tmp_path / "z")
+    # a checkpoint from another model
+    from nas_core.engine.checkpoint import load_weights, read_checkpoint, save_checkpoint
+    from nas_core.models import create_model
+
+    unet = create_model("unet")
+    ck = save_checkpoint(tmp_path / "u.pt", model=unet, config={}, phase="train", epoch=0)
+    with pytest.raises(CheckpointError, match="saved for model 'unet'"):
+        load_weights(create_model("unet-cbam"), read_checkpoint(ck), ck)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+    # an image smaller than a tile is padded, not refused; a wrong tile size is refused
+    small = np.zeros((20, 20, 3), np.uint8)
+    assert predict_probs(unet.eval(), small, tile=32, stride=16).shape == (4, 20, 20)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        predict_probs(unet, small, tile=30, stride=15)
+
+
+def test_nan_loss_stops_without_overwriting(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, "model.name=unet", "train.epochs=2", "train.iters_per_epoch=1", "train.lr=1e30")
+    with pytest.raises(TrainingError, match="train epoch"):
+        run_train(cfg, tmp_path / "nan")
+    assert not (tmp_path / "nan" / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_retrain_learns_the_synthetic_classes(tmp_path):
+    """A short U-Net training on synthetic MoNuSAC separates the classes far above an untrained net."""
+    from nas_core.data import ensure_dataset
+    from nas_core.engine.evaluate import evaluate_split
+    from nas_core.models import create_model
+
+    cfg = load_config(preset="smoke", overrides=[
+        f"data.cache_dir={tmp_path / 'data'}", "model.name=unet", "train.epochs=6", "train.iters_per_epoch=25",
+        "train.lr=3e-3", "augment.pipeline=none"])
+    res = run_train(cfg, tmp_path / "train")
+    torch.manual_seed(0)
+    data = ensure_dataset(cfg.data, tmp_path / "data", cfg.data.seed)
+    untrained = evaluate_split(create_model("unet"), data, "test", tile=cfg.data.crop_size, stride=cfg.data.stride)
+    trained = res.test["dsc"]
+    assert trained["Average"] > untrained["dsc"]["Average"] + 0.2, (trained, untrained["dsc"])
+    assert trained["Epithelial"] > 0.5, trained
+    for cls in ("Epithelial", "Lymphocyte", "Macrophage", "Neutrophil"):
+        assert trained[cls] > untrained["dsc"][cls], (cls, trained, untrained["dsc"])
