@@ -1,0 +1,63 @@
+"""App factory: ``create_app(settings)`` -> the FastAPI app (``nas-scam serve`` runs it with uvicorn).
+
+Routes: unversioned /healthz and /readyz; everything else under /v1 behind the X-API-Key check.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from fastapi import Depends, FastAPI
+from pydantic import TypeAdapter
+
+from api.deps import require_api_key
+from api.errors import BodyLimitMiddleware, install_handlers
+from api.routers import experiments, health, predict, runs
+from api.schemas import SPEC_EXAMPLES
+from orchestrator.launcher import Launcher
+from orchestrator.settings import Settings, get_settings
+from orchestrator.specs import AnySpec
+
+DESCRIPTION = """Launch NAS-SCAM searches, retrains, Table 2 ablations and HPO as Ray jobs; follow them;
+read their metrics, genotypes and Table 2; segment images with a trained model.
+
+Every `/v1` route needs the `X-API-Key` header (keys from `NAS_SCAM_API_KEYS`). Errors always have the
+shape `{"error": {"code", "message", "details"}}`: 401 bad key, 403 a path outside the data roots,
+404 unknown, 409 wrong state, 413 too large, 422 invalid (the message names the field), 429 too many
+active runs, 503 Ray or MLflow unreachable."""
+
+
+def create_app(settings: Optional[Settings] = None, launcher: Optional[Launcher] = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="nas-scam API", version="1", description=DESCRIPTION,
+                  openapi_tags=[{"name": "runs", "description": "run specs as Ray jobs"},
+                                {"name": "experiments"}, {"name": "predict"}, {"name": "health"}])
+    app.state.settings = settings
+    app.state.launcher = launcher or Launcher(settings)
+    install_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
+    app.include_router(health.router)
+    secured = [Depends(require_api_key)]
+    for module in (runs, experiments, predict):
+        app.include_router(module.router, prefix="/v1", dependencies=secured)
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                             tags=app.openapi_tags)
+        # POST /runs reads the raw body (to answer every malformed spec with 422, never 500); its schema
+        # is the orchestrator's spec union, added here with its examples
+        spec_schema = TypeAdapter(AnySpec).json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(spec_schema.pop("$defs", {}))
+        components["Spec"] = spec_schema
+        body = schema["paths"]["/v1/runs"]["post"]["requestBody"]["content"]["application/json"]
+        body["examples"] = SPEC_EXAMPLES
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+    return app

@@ -1,0 +1,20 @@
+"""GET /v1/experiments: experiments (MLflow experiment = spec name) that runs were launched into."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from fastapi import APIRouter
+
+from api.deps import LauncherDep
+from api.schemas import ExperimentList, ExperimentOut
+
+router = APIRouter(tags=["experiments"])
+
+
+@router.get("/experiments", response_model=ExperimentList, summary="experiments with their run counts")
+def list_experiments(launcher: LauncherDep) -> ExperimentList:
+    items = [ExperimentOut(name=row["experiment"], kind=row["kind"], runs=row["runs"],
+                           last_created=datetime.fromtimestamp(row["last_created"], tz=timezone.utc))
+             for row in launcher.store.experiments()]
+    return ExperimentList(items=items)

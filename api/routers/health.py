@@ -1,0 +1,38 @@
+"""Unversioned probes, no API key: /healthz (process up) and /readyz (Ray job API and MLflow answer)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.deps import LauncherDep, SettingsDep
+from api.schemas import HealthOut, ReadyOut
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=HealthOut, summary="the process is up")
+def healthz() -> HealthOut:
+    return HealthOut(status="ok")
+
+
+@router.get("/readyz", response_model=ReadyOut, summary="Ray and MLflow are reachable",
+            responses={503: {"model": ReadyOut, "description": "Ray or MLflow unreachable"}})
+def readyz(settings: SettingsDep, launcher: LauncherDep):
+    from orchestrator import tracking
+
+    checks: dict[str, str] = {}
+    try:
+        launcher.ping()
+        checks["ray"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - the probe reports, never raises
+        checks["ray"] = f"unavailable: {str(exc)[:200]}"
+    try:
+        tracking.check_tracking_uri(settings.tracking_uri)
+        tracking.client(settings.tracking_uri).search_experiments(max_results=1)
+        checks["mlflow"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        checks["mlflow"] = f"unavailable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    body = ReadyOut(status="ready" if ready else "unavailable", checks=checks)
+    return JSONResponse(status_code=200 if ready else 503, content=body.model_dump())

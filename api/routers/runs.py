@@ -1,0 +1,215 @@
+"""/v1/runs: launch a spec as a Ray job, list and follow runs, read what they produced.
+
+A spec is validated here (the orchestrator's pydantic models), its paths must lie under the data roots
+(403 otherwise) and its resources and grid within the server's bounds (422), before anything reaches Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import urlencode
+from typing import Annotated, Any, Literal, Optional
+
+from fastapi import APIRouter, Path as PathParam, Query, Request, Response
+from fastapi.responses import PlainTextResponse
+
+from api import results
+from api.deps import LauncherDep, SettingsDep
+from api.errors import ApiError
+from api.schemas import (ErrorOut, GenotypeOut, LogsOut, MetricsOut, RunCreated, RunKind, RunList, RunOut,
+                         RunStatus, TableOut, links, run_out)
+from orchestrator.settings import Settings
+from orchestrator.specs import SpecError, parse_spec
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+
+RunId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the run id POST /runs returned",
+                                 examples=["3f2c9a1b7e4d5c60"])]
+# RunConfig keys that hold paths: whatever a spec says there must lie under a data root
+PATH_KEYS = ("data.source", "data.cache_dir", "model.genotype", "out_dir")
+MAX_SEEDS, MAX_SAMPLES = 100, 1000
+
+
+def _errors(*codes: int) -> dict[int, dict[str, Any]]:
+    text = {401: "missing or invalid X-API-Key", 403: "a path outside the data roots", 404: "unknown run or nothing there",
+            409: "the run is not in a state for this", 413: "request body too large",
+            422: "invalid spec or parameter (the message names the field)", 429: "too many active runs",
+            503: "Ray or MLflow unreachable"}
+    return {c: {"model": ErrorOut, "description": text[c]} for c in (401, 422, *codes)}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_path(field: str, value: Any, settings: Settings) -> None:
+    """Absolute, existing, and inside one of ``settings.allowed_data_roots`` after resolving links and ``..``."""
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise ApiError(422, "validation_error", f"{field}: expected a path string", [{"field": field, "message": "not a path"}])
+    p = Path(value).expanduser()
+    roots = settings.allowed_data_roots
+    if not p.is_absolute() or not any(p.resolve().is_relative_to(r) for r in roots):
+        raise ApiError(403, "path_forbidden", f"{field}: {value} is not an absolute path under a data root "
+                                              f"({', '.join(str(r) for r in roots)}; NAS_SCAM_DATA_ROOTS)",
+                       [{"field": field, "message": "outside the data roots"}])
+    if not p.exists():
+        raise ApiError(422, "validation_error", f"{field}: {value} does not exist",
+                       [{"field": field, "message": "does not exist"}])
+
+
+def _precheck(data: dict[str, Any]) -> None:
+    # before pydantic: a huge seed count would be expanded into a list while validating
+    seeds, samples = data.get("seeds"), data.get("num_samples")
+    if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds > MAX_SEEDS or \
+            isinstance(seeds, list) and len(seeds) > MAX_SEEDS:
+        raise ApiError(422, "validation_error", f"seeds: at most {MAX_SEEDS} seeds per run", [{"field": "seeds", "message": "too many"}])
+    if isinstance(samples, int) and samples > MAX_SAMPLES:
+        raise ApiError(422, "validation_error", f"num_samples: at most {MAX_SAMPLES}",
+                       [{"field": "num_samples", "message": "too many"}])
+
+
+def parse_body(raw: bytes, settings: Settings):
+    """Raw JSON -> validated spec, or ApiError 403/422 naming the field."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(422, "validation_error", "body: not valid JSON", [{"field": "(body)", "message": "not JSON"}]) from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "validation_error", "body: expected a JSON object (a run spec)",
+                       [{"field": "(body)", "message": "not an object"}])
+    _precheck(data)
+    try:
+        spec = parse_spec(data, "spec")
+    except SpecError as exc:
+        message = str(exc).removeprefix("spec: ")
+        details = [{"field": part.split(":", 1)[0], "message": part.split(":", 1)[-1].strip()} for part in message.split("; ")]
+        raise ApiError(422, "validation_error", message, details) from None
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError) as exc:
+        raise ApiError(422, "validation_error", f"spec: {type(exc).__name__}: {str(exc)[:500]}") from None
+    paths = [("data.source", spec.data.source)]
+    if getattr(spec, "genotype", None):
+        paths.append(("genotype", spec.genotype))
+    flat = _flatten(spec.overrides)
+    paths += [(f"overrides.{k}", v) for k, v in flat.items() if k in PATH_KEYS and v is not None]
+    for key, rng in (getattr(spec, "space", None) or {}).items():
+        if key in PATH_KEYS:
+            paths += [(f"space.{key}", v) for v in (rng.values or [])]
+    for field, value in paths:
+        if value is not None:
+            check_path(field, value, settings)
+    r = spec.resources
+    for field, value, limit, env in (("resources.cpu", r.cpu, settings.api_max_cpu, "NAS_SCAM_API_MAX_CPU"),
+                                     ("resources.gpu", r.gpu, settings.api_max_gpu, "NAS_SCAM_API_MAX_GPU")):
+        if value > limit:
+            raise ApiError(422, "validation_error", f"{field}: {value} exceeds the server's limit {limit} ({env})",
+                           [{"field": field, "message": "over the limit"}])
+    return spec
+
+
+_SPEC_BODY = {"requestBody": {"required": True, "description": "a run spec (orchestrator.specs): kind "
+                              "search | train | pipeline | ablation | hpo; unknown keys are errors",
+                              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Spec"},
+                                                               "examples": "__SPEC_EXAMPLES__"}}}}
+
+
+@router.post("", status_code=202, response_model=RunCreated, summary="launch a run spec as a Ray job",
+             openapi_extra=_SPEC_BODY, responses=_errors(403, 413, 429, 503))
+async def create_run(request: Request, response: Response, settings: SettingsDep, launcher: LauncherDep) -> RunCreated:
+    from starlette.concurrency import run_in_threadpool
+
+    spec = parse_body(await request.body(), settings)
+    rec = await run_in_threadpool(launcher.submit, spec)
+    response.headers["Location"] = f"/v1/runs/{rec.id}"
+    return RunCreated(id=rec.id, status=rec.status, ray_job_id=rec.submission_id, links=links(rec.id))
+
+
+@router.get("", response_model=RunList, summary="runs, newest first (filter by kind, status, experiment)",
+            responses=_errors())
+def list_runs(settings: SettingsDep, launcher: LauncherDep, kind: Optional[RunKind] = None,
+              status: Optional[RunStatus] = None,
+              experiment: Annotated[Optional[str], Query(max_length=200)] = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> RunList:
+    recs, total = launcher.list(kind=kind, status=status, experiment=experiment, limit=limit, offset=offset)
+    items = [run_out(r, settings.tracking_uri) for r in recs]
+    nxt = None
+    if offset + len(items) < total:
+        query = {"limit": limit, "offset": offset + limit,
+                 **{k: v for k, v in (("kind", kind), ("status", status), ("experiment", experiment)) if v}}
+        nxt = f"/v1/runs?{urlencode(query)}"
+    return RunList(items=items, total=total, limit=limit, offset=offset, next=nxt)
+
+
+@router.get("/{run_id}", response_model=RunOut, summary="status, progress, Ray job id and MLflow run ids",
+            responses=_errors(404))
+def get_run(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> RunOut:
+    rec = launcher.get(run_id)
+    runs = results.children(settings, rec)
+    return run_out(rec, settings.tracking_uri, [r.info.run_id for r in runs], results.progress(rec, runs))
+
+
+@router.get("/{run_id}/logs", response_model=LogsOut, summary="the Ray job's driver log (tail)",
+            responses=_errors(404, 503))
+def get_logs(run_id: RunId, launcher: LauncherDep,
+             tail: Annotated[int, Query(ge=1, le=10 * 2**20, description="last characters")] = 65536) -> LogsOut:
+    rec = launcher.get(run_id)
+    text = launcher.logs(run_id, tail=0)
+    return LogsOut(id=rec.id, status=rec.status, logs=text[-tail:], truncated=len(text) > tail)
+
+
+@router.post("/{run_id}/cancel", response_model=RunOut, summary="stop the run's Ray job",
+             responses=_errors(404, 409, 503))
+def cancel_run(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> RunOut:
+    rec = launcher.cancel(run_id)
+    return run_out(rec, settings.tracking_uri)
+
+
+@router.get("/{run_id}/metrics", response_model=MetricsOut, summary="latest metrics of the parent and each phase run",
+            responses=_errors(404, 503))
+def get_metrics(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> MetricsOut:
+    rec = launcher.get(run_id)
+    parent, runs = results.metrics(settings, rec)
+    return MetricsOut(id=rec.id, status=rec.status, parent=parent, runs=runs)
+
+
+@router.get("/{run_id}/genotype", response_model=GenotypeOut, summary="genotypes of the finished searches",
+            responses=_errors(404, 409, 503))
+def get_genotype(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> GenotypeOut:
+    rec = launcher.get(run_id)
+    items = results.genotypes(settings, rec)
+    if not items:
+        if not rec.terminal:
+            raise ApiError(409, "not_ready", f"run {run_id} is {rec.status}: no search has finished yet")
+        raise ApiError(404, "no_genotype", f"run {run_id} ({rec.status}) has no finished search phase")
+    return GenotypeOut(id=rec.id, status=rec.status, genotypes=items)
+
+
+@router.get("/{run_id}/table", summary="Table 2 of the finished train runs (json, csv or markdown)",
+            responses={200: {"model": TableOut, "content": {"text/csv": {"schema": {"type": "string"}},
+                                                            "text/markdown": {"schema": {"type": "string"}}}},
+                       **_errors(404, 409, 503)})
+def get_table(run_id: RunId, settings: SettingsDep, launcher: LauncherDep,
+              format: Literal["json", "csv", "md"] = "json"):
+    from orchestrator import tables
+
+    rec = launcher.get(run_id)
+    df = results.table(settings, rec)
+    if df is None:
+        if not rec.terminal:
+            raise ApiError(409, "not_ready", f"run {run_id} is {rec.status}: no train run has finished yet")
+        raise ApiError(404, "no_table", f"run {run_id} ({rec.status}) has no finished train run")
+    title = f"Table 2 ({rec.experiment}, run {rec.id})"
+    if format == "csv":
+        return PlainTextResponse(df.to_csv(index=False, float_format="%.4f"), media_type="text/csv")
+    if format == "md":
+        return PlainTextResponse(tables.to_markdown(df, title), media_type="text/markdown")
+    rows = json.loads(df.to_json(orient="records"))  # NaN (std of one seed) -> null, numpy -> JSON
+    return TableOut(id=rec.id, status=rec.status, note=tables.STD_NOTE, columns=list(df.columns), rows=rows)

@@ -1,0 +1,161 @@
+"""`nas-scam ablate | table | ui | hpo`: Table 2 ablations, rebuilding the table, the MLflow UI, HPO."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ablate", help="run the Table 2 ablation (methods x seeds) as Ray Tune trials",
+                       description="Run methods x seeds as Ray Tune trials (NAS-SCAM: search then retrain; "
+                                   "baselines: retrain), track everything in MLflow, print Table 2 beside the paper.")
+    p.add_argument("spec", help="ablation spec YAML, e.g. experiments/table2.yaml")
+    _common(p)
+    p.add_argument("--seeds", type=int, help="number of seeds (overrides the spec's seeds:)")
+    p.add_argument("--methods", help="comma-separated method ids (overrides the spec's methods:)")
+    p.add_argument("--no-model", action="store_true", help="skip mlflow.pytorch.log_model (checkpoints are still logged)")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("table", help="rebuild Table 2 from the MLflow store alone")
+    p.add_argument("experiment", help="MLflow experiment name (the ablation's name:, e.g. table2)")
+    p.add_argument("--parent", help="parent run id (default: the latest ablation run of the experiment)")
+    p.add_argument("--out", type=Path, help="folder for table2.md/.csv/.tex/.png (default under runs)")
+    p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("hpo", help="Optuna + ASHA search over retraining hyperparameters; exports the best config")
+    p.add_argument("spec", help="HPO spec YAML, e.g. experiments/hpo.yaml")
+    _common(p)
+    p.set_defaults(func=cmd_hpo)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="shrink the protocol, e.g. smoke (CPU minutes)")
+    p.add_argument("--data", help="dataset folder (MoNuSAC or image/mask); default: generated synthetic data")
+    p.add_argument("--name", help="experiment/run-folder name (overrides the spec's name:)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="RunConfig override for every trial, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run; finished trials do not rerun")
+    p.add_argument("--submit", action="store_true",
+                   help="submit this command as a Ray job to NAS_SCAM_RAY_DASHBOARD instead of running it here")
+    p.add_argument("--no-follow", action="store_true", help="with --submit: return after submitting")
+
+
+def _load(args, kind: str):
+    from nas_core.config import parse_override
+    from orchestrator.specs import _merge, load_spec
+
+    updates: dict = {"preset": args.preset, "name": args.name}
+    if getattr(args, "seeds", None) is not None:
+        updates["seeds"] = args.seeds
+    if getattr(args, "methods", None):
+        updates["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.data:
+        updates["data"] = {"source": str(Path(args.data).expanduser().resolve())}
+    spec = load_spec(args.spec, **updates)
+    if args.set:
+        extra: dict = {}
+        for item in args.set:
+            extra = _merge(extra, parse_override(item))
+        spec = load_spec(args.spec, **updates, overrides=_merge(dict(spec.overrides), extra))
+    if spec.kind != kind:
+        raise ValueError(f"{args.spec}: kind: {spec.kind} is not an {kind} spec")
+    return spec
+
+
+def _submit(args, argv_tail: list[str]) -> int:
+    from orchestrator.runner import submit
+    from orchestrator.settings import get_settings
+
+    spec_path = Path(args.spec).resolve()
+    cwd = Path.cwd().resolve()
+    if not spec_path.is_relative_to(cwd):
+        raise ValueError(f"--submit uploads the current folder {cwd}; the spec {spec_path} must lie inside it")
+    argv = [args.command, str(spec_path.relative_to(cwd)), *argv_tail]
+    return submit(argv, get_settings(), cwd, follow=not args.no_follow, python=get_settings().job_python)
+
+
+def _tail(args) -> list[str]:
+    out = []
+    for flag in ("preset", "data", "name", "seeds", "methods"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out += [f"--{flag}", str(value)]
+    for item in args.set:
+        out += ["--set", item]
+    if args.resume:
+        out.append("--resume")
+    if getattr(args, "no_model", False):
+        out.append("--no-model")
+    return out
+
+
+def cmd_ablate(args) -> int:
+    from orchestrator.runner import run_ablation
+    from orchestrator.settings import get_settings
+
+    spec = _load(args, "ablation")  # validated here too: a bad spec never reaches the cluster
+    if args.submit:
+        return _submit(args, _tail(args))
+    outcome = run_ablation(spec, get_settings(), resume=args.resume, log_model=not args.no_model)
+    print(outcome.text)
+    for f in outcome.failures:
+        print(f"FAILED {f['stage']} {f['method']} seed {f['seed']}: {f['error'].splitlines()[0]}", file=sys.stderr)
+    if outcome.paths:
+        print(f"written: {', '.join(str(p) for p in outcome.paths.values())}")
+    print(f"MLflow: experiment {spec.name!r}, parent run {outcome.parent_run_id} at {get_settings().tracking_uri}"
+          f" (open it with: nas-scam ui)")
+    return 1 if outcome.failures else 0
+
+
+def cmd_table(args) -> int:
+    from orchestrator.runner import table_from_mlflow
+    from orchestrator.settings import get_settings
+
+    outcome = table_from_mlflow(args.experiment, get_settings(), parent=args.parent, out_dir=args.out)
+    print(outcome.text)
+    if outcome.paths:
+        print(f"written: {', '.join(str(p) for p in outcome.paths.values())}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from orchestrator.settings import get_settings
+
+    s = get_settings()
+    uri = s.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        print(f"the tracking store is a server already: open {uri}")
+        return 0
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    s.artifacts_root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port), "--workers", "1",
+           "--backend-store-uri", uri, "--artifacts-destination", str(s.artifacts_root)]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_hpo(args) -> int:
+    from orchestrator.runner import run_hpo
+    from orchestrator.settings import get_settings
+
+    spec = _load(args, "hpo")
+    if args.submit:
+        return _submit(args, _tail(args))
+    path, params = run_hpo(spec, get_settings(), resume=args.resume)
+    print(f"best parameters: {params}")
+    print(f"best config: {path} (load_config accepts it: nas-scam train {path})")
+    return 0

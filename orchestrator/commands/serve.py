@@ -1,0 +1,264 @@
+"""`nas-scam serve | run-spec`: the REST API (with a local Ray head and MLflow store when none is configured)
+and the entrypoint of the Ray jobs it submits.
+
+``serve`` attaches to the Ray dashboard in NAS_SCAM_RAY_DASHBOARD when it answers; otherwise it starts
+``ray start --head --block`` on loopback as its own child (stopped when the server stops) and then
+uvicorn. ``run-spec SPEC.json`` runs one spec of any kind inside the job: ablation and HPO through the
+runner's Tune code, a single search/train/pipeline in the job's driver with MLflow tracking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="start the REST API (and a local Ray head + MLflow store if none is configured)",
+                       description="Serve the REST API on 127.0.0.1 (X-API-Key from NAS_SCAM_API_KEYS). Attaches to "
+                                   "the Ray dashboard NAS_SCAM_RAY_DASHBOARD when it answers; otherwise starts a "
+                                   "local Ray head on loopback for the server's lifetime.")
+    p.add_argument("--host", help="bind address (default NAS_SCAM_API_HOST = 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default NAS_SCAM_API_PORT = 8000)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray head (default NAS_SCAM_RAY_NUM_CPUS or min(2, cores))")
+    p.add_argument("--no-local-ray", action="store_true",
+                   help="never start a Ray head: serve even while NAS_SCAM_RAY_DASHBOARD does not answer "
+                        "(GET /readyz says so; the cluster may come up later)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("run-spec", help="run a spec JSON/YAML of any kind here (the entrypoint of API jobs)")
+    p.add_argument("spec", help="spec file (JSON or YAML): kind search|train|pipeline|ablation|hpo")
+    p.add_argument("--no-model", action="store_true", help="skip mlflow.pytorch.log_model (checkpoints are still logged)")
+    p.set_defaults(func=cmd_run_spec)
+
+
+# ---------------------------------------------------------------- serve
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_head_command(dashboard_port: int, num_cpus: int, temp_dir: Path, ray_bin: Path | None = None) -> list[str]:
+    """``ray start --head --block`` with every listener on loopback and free ports (no clash with other Rays)."""
+    ray_bin = ray_bin or Path(sys.executable).parent / "ray"
+    return [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+            f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+            f"--temp-dir={temp_dir}"]
+
+
+def ray_env_vars() -> dict[str, str]:
+    """Environment of a local head: auth explicit, loopback only, the venv first on PATH."""
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def wait_dashboard(url: str, proc: subprocess.Popen | None = None, timeout: float = 90.0) -> None:
+    from orchestrator.ray_env import ClusterError, check_dashboard
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            check_dashboard(url, timeout=2.0)
+            return
+        except ClusterError:
+            if proc is not None and proc.poll() is not None:
+                raise ClusterError(f"ray start exited with status {proc.returncode}; see its log") from None
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM then SIGKILL the process group we started (``start_new_session``), by its id."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def start_local_ray(settings, num_cpus: int | None) -> subprocess.Popen:
+    from orchestrator import ray_env
+
+    parsed = urlparse(settings.ray_dashboard)
+    if parsed.hostname not in ("127.0.0.1", "localhost") or not parsed.port:
+        raise ValueError(f"NAS_SCAM_RAY_DASHBOARD={settings.ray_dashboard} does not answer, and a local Ray head "
+                         f"can only be started for http://127.0.0.1:PORT")
+    cpus = num_cpus or settings.ray_num_cpus or min(2, os.cpu_count() or 1)
+    temp_dir = Path(os.environ.get("RAY_TMPDIR") or ray_env.LOCAL_TMPDIR)  # short: AF_UNIX path limit
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    home = settings.home.expanduser()
+    log_dir = home / "api"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / "ray-head.log", "ab")
+    # cwd: jobs inherit it, and nothing may land in the user's current folder
+    proc = subprocess.Popen(ray_head_command(parsed.port, cpus, temp_dir), env=ray_env_vars(),
+                            cwd=str(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_dashboard(settings.ray_dashboard, proc)
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return proc
+
+
+def init_mlflow_store(settings) -> None:
+    """Create the local store (schema migrations) once, before jobs race to do it."""
+    from orchestrator import tracking
+
+    tracking.check_tracking_uri(settings.tracking_uri)
+    settings.artifacts_root.mkdir(parents=True, exist_ok=True)
+    tracking.client(settings.tracking_uri).search_experiments(max_results=1)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.main import create_app
+    from orchestrator import ray_env
+    from orchestrator.settings import get_settings
+
+    settings = get_settings()
+    host, port = args.host or settings.api_host, args.port or settings.api_port
+    ray_env.prepare(local=False)
+    if not settings.api_keys:
+        print("nas-scam serve: warning: NAS_SCAM_API_KEYS is empty, every /v1 request will be refused (401)",
+              file=sys.stderr)
+    head = None
+    try:
+        ray_env.check_dashboard(settings.ray_dashboard, timeout=2.0)
+        print(f"attached to the Ray cluster at {settings.ray_dashboard}", flush=True)
+    except ray_env.ClusterError as exc:
+        if args.no_local_ray:
+            print(f"nas-scam serve: warning: {exc}; serving anyway (GET /readyz reports it)", file=sys.stderr)
+        else:
+            print(f"starting a local Ray head (dashboard {settings.ray_dashboard}) ...", flush=True)
+            head = start_local_ray(settings, args.num_cpus)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler the process would
+    # die there and leave the Ray head behind: raise SystemExit instead, so the `finally` below runs
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        init_mlflow_store(settings)
+        print(f"MLflow store {settings.tracking_uri}; API on http://{host}:{port} (docs: /docs)", flush=True)
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level,
+                    timeout_graceful_shutdown=5, server_header=False)
+    finally:
+        if head is not None:
+            print("stopping the local Ray head", flush=True)
+            stop_process_group(head)
+    return 0
+
+
+# ---------------------------------------------------------------- run-spec (inside a Ray job)
+def cmd_run_spec(args: argparse.Namespace) -> int:
+    import yaml
+
+    from orchestrator.settings import get_settings
+    from orchestrator.specs import parse_spec
+
+    path = Path(args.spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"spec file {path} does not exist")
+    spec = parse_spec(yaml.safe_load(path.read_text()) or {}, str(path))  # JSON is YAML
+    settings = get_settings()
+    outcome: dict = {"kind": spec.kind, "experiment": spec.name}
+    if spec.kind == "ablation":
+        from orchestrator.runner import run_ablation
+
+        result = run_ablation(spec, settings, resume=True, log_model=not args.no_model)
+        print(result.text, flush=True)
+        outcome.update(parent_run_id=result.parent_run_id, experiment_id=result.experiment_id,
+                       failures=result.failures, files={k: str(v) for k, v in result.paths.items()})
+    elif spec.kind == "hpo":
+        from orchestrator.runner import run_hpo
+
+        best_path, params = run_hpo(spec, settings, resume=True)
+        outcome.update(best_config=str(best_path), best_params=params, failures=[])
+    else:
+        outcome.update(run_single(spec, settings, log_model=not args.no_model), failures=[])
+    (settings.runs_root / "outcome.json").write_text(json.dumps(outcome, indent=2, default=str))
+    for f in outcome["failures"]:
+        print(f"FAILED {f['stage']} {f['method']} seed {f['seed']}: {f['error'].splitlines()[0]}", file=sys.stderr)
+    return 1 if outcome["failures"] else 0
+
+
+def run_single(spec, settings, log_model: bool = True) -> dict:
+    """A search, train or pipeline RunSpec in this process: MLflow parent + one child run per phase."""
+    import torch
+    import yaml
+
+    from nas_core.engine import Callback, run_search, run_train
+    from orchestrator import tracking
+    from orchestrator.specs import build_config, run_name
+
+    class _Epochs(Callback):
+        def __init__(self, c, rid):
+            self.c, self.rid = c, rid
+
+        def on_run_start(self, phase, cfg, out_dir):
+            tracking.log_params(self.c, self.rid, cfg.to_dict())
+
+        def on_epoch_end(self, phase, epoch, metrics, out_dir):
+            tracking.log_epoch(self.c, self.rid, epoch, metrics)
+
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))  # the CPUs Ray reserved for this driver
+    tracking.check_tracking_uri(settings.tracking_uri)
+    c = tracking.client(settings.tracking_uri)
+    exp_id = tracking.ensure_experiment(c, spec.name, settings.artifacts_root)
+    root = settings.runs_root / spec.name
+    root.mkdir(parents=True, exist_ok=True)
+    spec_dict = spec.model_dump(mode="json")
+    parent = tracking.start_parent(c, exp_id, spec.name, spec.kind, spec_dict, yaml.safe_dump(spec_dict, sort_keys=False))
+    (root / "run.json").write_text(json.dumps({"parent_run_id": parent, "experiment_id": exp_id, "spec": spec_dict}))
+    phases = {"search": ["search"], "train": ["train"], "pipeline": ["search", "train"]}[spec.kind]
+    genotype = Path(spec.genotype) if spec.genotype else None
+    out: dict = {"parent_run_id": parent, "experiment_id": exp_id, "phases": {}}
+    try:
+        for phase in phases:
+            name = run_name(phase, spec.method, spec.seed)
+            out_dir = root / name
+            cfg = build_config(spec, spec.method, spec.seed, data_root=settings.data_root,
+                               genotype=genotype if phase == "train" else None)
+            rid, _ = tracking.child_run(c, exp_id, parent, spec.method, spec.seed, phase, name)
+            try:
+                if phase == "search":
+                    result = run_search(cfg, out_dir, callbacks=[_Epochs(c, rid)], resume=True)
+                    tracking.log_search_result(c, rid, result)
+                    genotype = Path(result.genotype_path)
+                else:
+                    result = run_train(cfg, out_dir, callbacks=[_Epochs(c, rid)], resume=True)
+                    tracking.log_train_result(c, rid, result, log_model=log_model)
+            except Exception as exc:
+                tracking.mark_failed(c, rid, exc)
+                raise
+            tracking.finish(c, rid)
+            out["phases"][phase] = {"run_id": rid, "out_dir": str(out_dir)}
+    except Exception as exc:
+        tracking.mark_failed(c, parent, exc)
+        raise
+    tracking.finish(c, parent)
+    return out

@@ -1,0 +1,72 @@
+"""Environment for Ray, set before ``import ray`` (its constants are read at import time).
+
+No Ray import here: this module only prepares variables and checks addresses, so the CLI can
+reject an unreachable cluster before anything heavy starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+# AF_UNIX socket paths are limited to ~107 bytes; Ray nests session/sockets/... under this folder,
+# so it stays short and outside the (possibly deep) project home.
+LOCAL_TMPDIR = Path(f"/tmp/nas-scam-ray-{os.getuid()}")
+
+
+class ClusterError(ValueError):
+    """A Ray address or dashboard cannot be reached; the message names it."""
+
+
+def resolve_address(configured: Optional[str]) -> Optional[str]:
+    """The cluster to attach to: the setting, else ``RAY_ADDRESS`` (set by ``ray job submit``), else None."""
+    return configured or os.environ.get("RAY_ADDRESS") or None
+
+
+def prepare(local: bool) -> None:
+    """Explicit defaults, never overriding what the user exported."""
+    # Ray 2.60 turns token auth on for clusters that find ~/.ray/auth_token; say the mode explicitly
+    # (a cluster started with token auth needs RAY_AUTH_MODE=token exported by the user)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if local:
+        # every listener of the embedded Ray stays on 127.0.0.1
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_TMPDIR", str(LOCAL_TMPDIR))
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise ClusterError(f"Ray address {address!r}: expected host:port, ray://host:port or auto")
+    return parsed.hostname, parsed.port
+
+
+def check_address(address: str, timeout: float = 3.0) -> None:
+    """TCP-connect to a Ray GCS/client address; ``auto`` is left to Ray."""
+    if address == "auto":
+        return
+    host, port = _host_port(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ClusterError(f"Ray address {address} is unreachable ({exc}); start the cluster "
+                           f"(ray start --head) or unset NAS_SCAM_RAY_ADDRESS for a local Ray") from None
+
+
+def check_dashboard(url: str, timeout: float = 5.0) -> None:
+    """The job-submission endpoint (Ray dashboard) must answer before we submit."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/api/version", timeout=timeout) as resp:
+            resp.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise ClusterError(f"Ray dashboard {url} is unreachable ({exc}); set NAS_SCAM_RAY_DASHBOARD "
+                           f"to the head node's dashboard (default port 8265)") from None

@@ -1,0 +1,310 @@
+"""The only Tuner / grid code: ablations (methods x seeds), HPO (Optuna + ASHA), job submission.
+
+Flow of ``run_ablation``: checks (tracking URI, Ray address, data folder, resources) -> MLflow
+experiment + parent run -> one Tune stage per repeat scope -> Table 2 from the MLflow children ->
+printed, written (md/csv/tex/png) and attached to the parent run. Ray is imported inside functions so
+``nas-scam table`` and ``--help`` never start it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from orchestrator import ray_env, tables, tracking
+from orchestrator.settings import Settings
+from orchestrator.specs import AblationSpec, HpoSpec, build_config
+
+STATE_FILE = "ablation.json"
+
+
+class RunnerError(ValueError):
+    """A user-fixable problem found before any trial starts."""
+
+
+@dataclass
+class AblationOutcome:
+    parent_run_id: str
+    experiment_id: str
+    table: Any  # pandas.DataFrame from tables.compare
+    paths: dict[str, Path]
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    text: str = ""
+
+
+# ---------------------------------------------------------------- checks and Ray start
+def preflight(spec, settings: Settings) -> None:
+    """Everything a user can get wrong, checked before Ray or any trial starts."""
+    tracking.check_tracking_uri(settings.tracking_uri)
+    address = ray_env.resolve_address(settings.ray_address)
+    if address:
+        ray_env.check_address(address)
+    if spec.data.source is not None and not Path(spec.data.source).expanduser().is_dir():
+        raise RunnerError(f"data folder {spec.data.source} does not exist (data.source / --data)")
+    genotype = getattr(spec, "genotype", None)
+    if genotype and not Path(genotype).is_file():
+        raise RunnerError(f"genotype file {genotype} does not exist (genotype:)")
+
+
+def start_ray(settings: Settings, cpu: float, gpu: float) -> bool:
+    """Attach to the configured cluster or start a local one on loopback; True if we started it."""
+    address = ray_env.resolve_address(settings.ray_address)
+    ray_env.prepare(local=address is None)
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray_env.LOCAL_TMPDIR.mkdir(parents=True, exist_ok=True)
+            ray.init(num_cpus=settings.ray_num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                     _temp_dir=str(ray_env.LOCAL_TMPDIR), log_to_driver=True)
+            started = True
+    total = ray.cluster_resources()
+    if cpu > total.get("CPU", 0) or gpu > total.get("GPU", 0):
+        if started:
+            ray.shutdown()
+        raise RunnerError(f"resources per trial cpu={cpu}, gpu={gpu} exceed the cluster's "
+                          f"CPU={total.get('CPU', 0)}, GPU={total.get('GPU', 0)} (resources:)")
+    return started
+
+
+def _prepare_data(spec, settings: Settings, seeds: list[int]) -> None:
+    # generate/prepare the dataset once in the driver: parallel trials must not race to create it
+    from nas_core.data import ensure_dataset
+
+    method = spec.methods[0] if isinstance(spec, AblationSpec) else spec.method
+    for seed in seeds:
+        cfg = build_config(spec, method, seed, data_root=settings.data_root)
+        ensure_dataset(cfg.data, settings.data_root, seed)
+
+
+# ---------------------------------------------------------------- ablation
+def _stages(spec: AblationSpec) -> list[tuple[str, list[str], list[int]]]:
+    seeds = spec.seed_list
+    if spec.repeat == "full":
+        return [("full", spec.methods, seeds)]
+    stages = []
+    if spec.search_methods:
+        stages.append(("search", spec.search_methods, seeds[:1]))
+    stages.append(("train", spec.methods, seeds))
+    return stages
+
+
+def _open_parent(spec, settings: Settings, kind: str, resume: bool) -> tuple[Any, str, str, Path]:
+    root = settings.runs_root / spec.name
+    state_path = root / STATE_FILE
+    c = tracking.client(settings.tracking_uri)
+    exp_id = tracking.ensure_experiment(c, spec.name, settings.artifacts_root)
+    spec_dict = spec.model_dump(mode="json")
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        if not resume:
+            raise RunnerError(f"{kind} {spec.name!r} already has runs in {root}; pass --resume to continue it, "
+                              f"or give the spec another name:")
+        if state["spec"] != spec_dict:
+            diff = sorted(k for k in set(spec_dict) | set(state["spec"]) if spec_dict.get(k) != state["spec"].get(k))
+            raise RunnerError(f"--resume of {spec.name!r}: the spec changed since the first run (fields: "
+                              f"{', '.join(diff)}); restore them or give the spec another name:")
+        tracking.reopen(c, state["parent_run_id"])
+        return c, exp_id, state["parent_run_id"], root
+    root.mkdir(parents=True, exist_ok=True)
+    parent = tracking.start_parent(c, exp_id, spec.name, kind, spec_dict, yaml.safe_dump(spec_dict, sort_keys=False))
+    state_path.write_text(json.dumps({"parent_run_id": parent, "experiment_id": exp_id, "spec": spec_dict}, indent=2))
+    return c, exp_id, parent, root
+
+
+def _tuner(trainable, name: str, storage: Path, param_space: dict, tune_config, resources: dict,
+           max_failures: int, resume: bool):
+    from ray import tune
+
+    trainable = tune.with_resources(trainable, resources)
+    path = storage / name
+    if resume and tune.Tuner.can_restore(str(path)):
+        # finished trials stay finished; errored ones get another go
+        return tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    run_config = tune.RunConfig(
+        name=name, storage_path=str(storage),
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=1)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _trial_name(trial) -> str:
+    cfg = trial.config
+    return f"{cfg['stage']}__{cfg['method']}__seed{cfg['seed']}"
+
+
+def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, log_model: bool = True) -> AblationOutcome:
+    """Run (or resume) the grid, then build, print and record Table 2."""
+    from ray import tune
+
+    from orchestrator.trials import ablation_trial
+
+    preflight(spec, settings)
+    c, exp_id, parent, root = _open_parent(spec, settings, "ablation", resume)
+    started = start_ray(settings, spec.resources.cpu, spec.resources.gpu)
+    failures: list[dict[str, Any]] = []
+    try:
+        _prepare_data(spec, settings, spec.seed_list)
+        ctx = {"tracking_uri": settings.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent,
+               "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model}
+        resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+        for stage, methods, seeds in _stages(spec):
+            space = {"method": tune.grid_search(methods), "seed": tune.grid_search(seeds), "stage": stage,
+                     "spec": spec.model_dump(mode="json"), "ctx": ctx}
+            tc = tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, trial_name_creator=_trial_name,
+                                 trial_dirname_creator=_trial_name)
+            grid = _tuner(ablation_trial, f"stage-{stage}", root / "tune", space, tc, resources,
+                          spec.max_failures, resume).fit()
+            for res in grid:
+                if res.error is not None:
+                    failures.append({"stage": stage, "method": res.config["method"], "seed": res.config["seed"],
+                                     "error": f"{type(res.error).__name__}: {res.error}"[:2000]})
+    finally:
+        tracking.kill_dangling(c, exp_id, parent, "the trial ended without closing its run")
+        if started:
+            import ray
+
+            ray.shutdown()
+    outcome = publish_table(c, exp_id, parent, root / "table2", title=f"Table 2 ({spec.name}, repeat={spec.repeat})")
+    outcome.failures = failures
+    c.set_tag(parent, "failed_trials", json.dumps(failures)[:5000])
+    tracking.finish(c, parent)
+    return outcome
+
+
+def publish_table(c, exp_id: str, parent: str, out_dir: Path, title: str = "Table 2",
+                  log_to_parent: bool = True) -> AblationOutcome:
+    """Table 2 from the parent's FINISHED train children: printed text, files, parent-run artifacts."""
+    records = tracking.collect_records(c, exp_id, parent)
+    table = tables.compare(tables.summarize(records))
+    paths = tables.write_all(table, out_dir, title) if records else {}
+    if records and log_to_parent:
+        tracking.log_files(c, parent, paths.values(), "table2")
+    text = tables.to_text(table, title) if records else f"{title}: no finished train runs under parent {parent}"
+    return AblationOutcome(parent_run_id=parent, experiment_id=exp_id, table=table, paths=paths, text=text)
+
+
+def table_from_mlflow(experiment: str, settings: Settings, parent: Optional[str] = None,
+                      out_dir: Optional[Path] = None) -> AblationOutcome:
+    """Rebuild Table 2 from MLflow alone (no run folders needed)."""
+    tracking.check_tracking_uri(settings.tracking_uri)
+    c = tracking.client(settings.tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in c.search_experiments()]
+        raise RunnerError(f"no MLflow experiment {experiment!r} at {settings.tracking_uri}; "
+                          f"experiments: {', '.join(names) or '(none)'}")
+    parent = parent or tracking.latest_parent(c, exp.experiment_id)
+    if parent is None:
+        raise RunnerError(f"experiment {experiment!r} holds no ablation parent run")
+    out = out_dir or settings.runs_root / experiment / "table2-rebuilt"
+    return publish_table(c, exp.experiment_id, parent, out, title=f"Table 2 ({experiment})", log_to_parent=False)
+
+
+# ---------------------------------------------------------------- HPO
+def _space(spec: HpoSpec) -> dict[str, Any]:
+    from ray import tune
+
+    out = {}
+    for key, r in spec.space.items():
+        k = key.replace(".", "__")  # Tune flattens nested spaces on "/" and "."-free keys are safer
+        if r.type == "choice":
+            out[k] = tune.choice(r.values)
+        elif r.type == "int":
+            out[k] = tune.randint(int(r.low), int(r.high) + 1)
+        elif r.type == "loguniform":
+            out[k] = tune.loguniform(r.low, r.high)
+        else:
+            out[k] = tune.uniform(r.low, r.high)
+    return out
+
+
+def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Optuna TPE + ASHA over retraining hyperparameters; returns (best_config.yaml, best params)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.trials import hpo_trial
+
+    preflight(spec, settings)
+    c, exp_id, parent, root = _open_parent(spec, settings, "hpo", resume)
+    started = start_ray(settings, spec.resources.cpu, spec.resources.gpu)
+    try:
+        _prepare_data(spec, settings, [spec.seed])
+        max_t = build_config(spec, spec.method, spec.seed).train.epochs
+        ctx = {"tracking_uri": settings.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent,
+               "runs_dir": str(root), "data_root": str(settings.data_root)}
+        tc = tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+            search_alg=OptunaSearch(seed=spec.seed), max_concurrent_trials=spec.max_concurrent,
+            trial_name_creator=lambda t: f"hpo_{t.trial_id}", trial_dirname_creator=lambda t: f"hpo_{t.trial_id}",
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=spec.grace_period,
+                                    reduction_factor=spec.reduction_factor))
+        space = {"params": _space(spec), "spec": spec.model_dump(mode="json"), "ctx": ctx}
+        grid = _tuner(hpo_trial, "hpo", root / "tune", space, tc,
+                      {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}, 0, resume).fit()
+        best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="all")
+    finally:
+        tracking.kill_dangling(c, exp_id, parent, "stopped early by ASHA")
+        if started:
+            import ray
+
+            ray.shutdown()
+    params = {k.replace("__", "."): v for k, v in best.config["params"].items()}
+    cfg = build_config(spec, spec.method, spec.seed, data_root=settings.data_root,
+                       genotype=Path(spec.genotype) if spec.genotype else None, extra=params)
+    path = root / "best_config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tracking.log_files(c, parent, [path])
+    tracking.log_params(c, parent, {"best": params})
+    c.set_tag(parent, "best_score", str(best.metrics.get(spec.metric)))
+    tracking.finish(c, parent)
+    return path, params
+
+
+# ---------------------------------------------------------------- cluster jobs
+_FORWARD_ENV = ("RAY_AUTH_MODE", "MLFLOW_DISABLE_TELEMETRY", "NO_ALBUMENTATIONS_UPDATE")
+
+
+def submit(argv: list[str], settings: Settings, working_dir: Path, follow: bool = True,
+           python: Optional[str] = None, poll_s: float = 2.0) -> int:
+    """``ray job submit`` done from Python: the same command, minus ``--submit``, runs as the job's driver."""
+    ray_env.prepare(local=False)
+    ray_env.check_dashboard(settings.ray_dashboard)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    env = {k: v for k, v in os.environ.items()
+           if (k.startswith("NAS_SCAM_") and k != "NAS_SCAM_RAY_ADDRESS") or k in _FORWARD_ENV}
+    entrypoint = shlex.join([python or sys.executable, "-m", "orchestrator.cli", *argv])
+    client = JobSubmissionClient(settings.ray_dashboard)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={
+        "working_dir": str(working_dir), "env_vars": env,
+        "excludes": [".venv", ".git", "*.pt", "runs", "mlruns", "__pycache__", ".pytest_cache"]})
+    print(f"submitted job {job_id} to {settings.ray_dashboard}: {entrypoint}", flush=True)
+    if not follow:
+        return 0
+    seen = 0
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        if len(logs) > seen:
+            print(logs[seen:], end="", flush=True)
+            seen = len(logs)
+        if status in terminal:
+            print(f"job {job_id}: {status.value}", flush=True)
+            return 0 if status == JobStatus.SUCCEEDED else 1
+        time.sleep(poll_s)

@@ -1,0 +1,365 @@
+"""Run, ablation and HPO specs (pydantic v2, unknown keys are errors), shared with the API.
+
+A spec is data: which methods, which seeds, which protocol and how to shrink or change the
+``RunConfig``. ``build_config`` is the one place that turns (spec, method, seed, phase) into the
+``RunConfig`` the engine runs, layered as protocol defaults < preset < spec overrides < data/epoch
+options < method identity < seed < genotype.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from nas_core.config import ConfigError, RunConfig, load_config
+
+
+@dataclass(frozen=True)
+class Method:
+    """A Table 2 row: the registry model it trains and, for NAS-SCAM, its search mode."""
+
+    id: str
+    label: str  # the paper's row name (experiments/reference_table2.csv)
+    model: str
+    search: Optional[Literal["synchronous", "shared"]] = None
+
+    @property
+    def needs_search(self) -> bool:
+        return self.search is not None
+
+
+# Table 2 order (method.md section 8).
+METHODS: dict[str, Method] = {m.id: m for m in (
+    Method("unet", "U-Net", "unet"),
+    Method("deeplabv3plus", "DeepLabV3+", "deeplabv3plus"),
+    Method("cbam", "CBAM", "unet-cbam"),
+    Method("scse", "scSE", "unet-scse"),
+    Method("nas-scam-s-shared", "NAS-SCAM-S, shared search", "nas-scam-s", "shared"),
+    Method("nas-scam-p-shared", "NAS-SCAM-P, shared search", "nas-scam-p", "shared"),
+    Method("nas-scam-s-sync", "NAS-SCAM-S, synchronous search", "nas-scam-s", "synchronous"),
+    Method("nas-scam-p-sync", "NAS-SCAM-P, synchronous search", "nas-scam-p", "synchronous"),
+)}
+
+PHASES = ("search", "train")
+
+
+def get_method(method_id: str) -> Method:
+    try:
+        return METHODS[method_id]
+    except KeyError:
+        raise ConfigError(f"unknown method {method_id!r}; valid methods: {', '.join(METHODS)}") from None
+
+
+def run_name(phase: str, method: str, seed: int) -> str:
+    """Run names encode identity: ``search__nas-scam-p-sync__seed1``."""
+    return f"{phase}__{method}__seed{seed}"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResourceSpec(_Spec):
+    """Per-trial resources; fractional GPUs let several trials share one card."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class DataSpec(_Spec):
+    """Data source and preparation; ``None`` keeps the protocol/preset value."""
+
+    source: Optional[str] = None  # MoNuSAC or image/mask folder; None -> the synthetic dataset
+    layout: Optional[Literal["auto", "monusac", "monuseg", "folder"]] = None
+    stain: Optional[Literal["none", "reinhard", "macenko"]] = None
+    split: Optional[str] = None
+    split_by: Optional[Literal["image", "patient"]] = None
+    synthetic_images: Optional[int] = Field(None, ge=3)
+    synthetic_size: Optional[int] = Field(None, ge=16)
+    crop_size: Optional[int] = Field(None, ge=16)
+    stride: Optional[int] = Field(None, ge=1)
+
+
+class EpochSpec(_Spec):
+    """Epoch/step overrides, the knobs a shorter ablation turns."""
+
+    search: Optional[int] = Field(None, ge=1)
+    warmup: Optional[int] = Field(None, ge=0)
+    train: Optional[int] = Field(None, ge=1)
+    search_iters: Optional[int] = Field(None, ge=1)
+    train_iters: Optional[int] = Field(None, ge=1)
+
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 1e-3, "data": {"stain": "none"}}`` -> nested dict (dotted keys expanded)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if isinstance(value, dict):
+            value = _nest(value)
+        elif isinstance(value, str) and _FLOAT.match(value):
+            value = float(value)  # YAML 1.1 reads "1e-3" as a string
+        node = out
+        parts = str(key).split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+class _ConfigSpec(_Spec):
+    """The fields every spec kind shares: how to build the RunConfig."""
+
+    protocol: Literal["paper", "code"] = "paper"
+    preset: Optional[str] = None
+    data: DataSpec = DataSpec()
+    epochs: EpochSpec = EpochSpec()
+    # any RunConfig keys, nested or dotted ("train.lr": 1e-3); checked against RunConfig on load
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    resources: ResourceSpec = ResourceSpec()
+
+    def base_layer(self) -> dict[str, Any]:
+        layer = _nest(self.overrides)
+        layer["protocol"] = self.protocol
+        data = {k: v for k, v in self.data.model_dump().items() if v is not None}
+        if data:
+            layer["data"] = {**layer.get("data", {}), **data}
+        e = self.epochs
+        for section, key, value in (("search", "epochs", e.search), ("search", "warmup_epochs", e.warmup),
+                                    ("train", "epochs", e.train), ("search", "iters_per_epoch", e.search_iters),
+                                    ("train", "iters_per_epoch", e.train_iters)):
+            if value is not None:
+                layer.setdefault(section, {})[key] = value
+        return layer
+
+
+def build_config(spec: _ConfigSpec, method: str, seed: int, *, data_root: Optional[Path] = None,
+                 genotype: Optional[Path] = None, extra: Optional[dict[str, Any]] = None) -> RunConfig:
+    """The RunConfig for one (method, seed) of ``spec``; ``genotype`` for a NAS-SCAM retrain."""
+    m = get_method(method)
+    layer = spec.base_layer()
+    if extra:
+        layer = _merge(layer, _nest(extra))
+    model = {**layer.get("model", {}), "name": m.model}
+    if m.search is not None:
+        model["search"] = m.search
+    model["genotype"] = str(genotype) if genotype is not None else None
+    layer["model"] = model
+    layer["seed"] = seed
+    if data_root is not None:
+        layer.setdefault("data", {})["cache_dir"] = str(data_root)
+    return load_config(preset=spec.preset, base=layer)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class RunSpec(_ConfigSpec):
+    """One method and seed: a search, a retrain, or a pipeline (search then retrain)."""
+
+    kind: Literal["search", "train", "pipeline"]
+    name: str = "runs"
+    method: str
+    seed: int = Field(0, ge=0)
+    genotype: Optional[str] = None  # for kind=train of a NAS-SCAM method
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        get_method(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunSpec":
+        m = get_method(self.method)
+        if self.kind == "search" and not m.needs_search:
+            raise ValueError(f"method {self.method!r} has no search phase (kind: search)")
+        if self.kind == "train" and m.needs_search and not self.genotype:
+            raise ValueError(f"kind: train of {self.method!r} needs genotype: a genotype.json path")
+        _check_configs(self, [self.method], [self.seed])
+        return self
+
+
+class AblationSpec(_ConfigSpec):
+    """Methods x seeds: the Table 2 grid."""
+
+    kind: Literal["ablation"] = "ablation"
+    name: str = Field("table2", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1)
+    # a count N (seeds 0..N-1) or explicit seeds
+    seeds: Union[int, list[int]] = 3
+    # full: search + retrain per seed; retrain: one search per method (first seed), a retrain per seed
+    repeat: Literal["full", "retrain"] = "full"
+    max_failures: int = Field(1, ge=0)
+    max_concurrent: Optional[int] = Field(None, ge=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        for m in v:
+            get_method(m)
+        if len(set(v)) != len(v):
+            raise ValueError(f"methods lists a method twice: {v}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _valid_seeds(cls, v: Union[int, list[int]]) -> Union[int, list[int]]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"seed count must be >= 1, got {v}")
+        if isinstance(v, list):
+            if not v or any(s < 0 for s in v) or len(set(v)) != len(v):
+                raise ValueError(f"explicit seeds must be distinct integers >= 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "AblationSpec":
+        _check_configs(self, self.methods, self.seed_list[:1])
+        return self
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    @property
+    def search_methods(self) -> list[str]:
+        return [m for m in self.methods if METHODS[m].needs_search]
+
+
+class ParamRange(_Spec):
+    """One HPO dimension: ``loguniform``/``uniform``/``int`` over [low, high] or a ``choice``."""
+
+    type: Literal["loguniform", "uniform", "int", "choice"]
+    low: Optional[float] = None
+    high: Optional[float] = None
+    values: Optional[list[Any]] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParamRange":
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("type: choice needs a non-empty values list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"type: {self.type} needs low < high, got low={self.low}, high={self.high}")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"type: loguniform needs low > 0, got {self.low}")
+        return self
+
+
+class HpoSpec(_ConfigSpec):
+    """Optuna (TPE) + ASHA over retraining hyperparameters of one method."""
+
+    kind: Literal["hpo"] = "hpo"
+    name: str = Field("hpo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    method: str = "unet"
+    genotype: Optional[str] = None
+    seed: int = Field(0, ge=0)
+    space: dict[str, ParamRange] = Field(min_length=1)
+    num_samples: int = Field(8, ge=1)
+    metric: str = "val_dsc"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent: Optional[int] = Field(None, ge=1)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        get_method(v)
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _retrain_keys(cls, v: dict[str, ParamRange]) -> dict[str, ParamRange]:
+        for key in v:
+            if key.split(".")[0] not in ("train", "loss", "augment", "data"):
+                raise ValueError(f"space key {key!r}: only retraining keys (train.*, loss.*, augment.*, data.*)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "HpoSpec":
+        if get_method(self.method).needs_search and not self.genotype:
+            raise ValueError(f"method {self.method!r} is retrained from a genotype: set genotype: PATH")
+        sample = {k: (r.values[0] if r.type == "choice" else (int(r.low) if r.type == "int" else r.low))
+                  for k, r in self.space.items()}
+        _check_configs(self, [self.method], [self.seed], extra=sample)
+        return self
+
+
+def _check_configs(spec: _ConfigSpec, methods: list[str], seeds: list[int], extra: Optional[dict] = None) -> None:
+    # build every RunConfig now, so a bad override fails at load time, not inside a Ray trial
+    for m in methods:
+        for s in seeds:
+            try:
+                build_config(spec, m, s, extra=extra)
+            except ConfigError as exc:
+                raise ValueError(f"config for method {m!r}: {exc}") from None
+
+
+AnySpec = Annotated[Union[RunSpec, AblationSpec, HpoSpec], Field(discriminator="kind")]
+_ADAPTER: TypeAdapter = TypeAdapter(AnySpec)
+
+
+_KINDS = ("search", "train", "pipeline", "ablation", "hpo")
+
+
+class SpecError(ValueError):
+    """A spec file is missing, not YAML, or invalid; the message names the file and field."""
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc_parts = list(err["loc"])
+        if loc_parts and loc_parts[0] in _KINDS:
+            loc_parts = loc_parts[1:]  # drop the discriminator tag pydantic puts first
+        loc = ".".join(str(p) for p in loc_parts)
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc or '(top level)'}: {msg}" + (f" (got {err['input']!r})" if err["type"] == "extra_forbidden" else ""))
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_spec(data: dict[str, Any], source: str = "spec") -> Union[RunSpec, AblationSpec, HpoSpec]:
+    """Validate a mapping into a spec; ``kind`` defaults to ``ablation``."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    data = {"kind": "ablation", **data}
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(source, exc)) from None
+
+
+def load_spec(path: str | Path, **updates: Any) -> Union[RunSpec, AblationSpec, HpoSpec]:
+    """Read a YAML spec; ``updates`` (non-None) replace top-level fields before validation."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec file {p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{p}: expected a mapping at the top level")
+    for key, value in updates.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_spec(data, str(p))

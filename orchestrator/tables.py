@@ -1,0 +1,147 @@
+"""Table 2: per-seed test DSC -> mean +- sample std (ddof=1) per method and class, beside the paper.
+
+Input records are one dict per (method, seed) with DSC fractions in [0, 1] (the engine's
+``test["dsc"]``); every rendering is in percent. Pure pandas/matplotlib: no Ray, no MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+import pandas as pd
+
+from orchestrator.specs import METHODS
+
+# the paper's column order (method.md section 1)
+CLASSES = ("Average", "Epithelial", "Lymphocyte", "Macrophage", "Neutrophil")
+REFERENCE_CSV = Path(__file__).resolve().parents[1] / "experiments" / "reference_table2.csv"
+STD_NOTE = "mean +- sample std (ddof=1) over n seeds, DSC in %, global over the test set"
+
+
+def summarize(records: Iterable[Mapping]) -> pd.DataFrame:
+    """Records ``{"method", "seed", <class>: fraction}`` -> long frame (method, class, mean, std, n) in %.
+
+    ``std`` is the sample standard deviation (ddof=1); NaN when a method has a single seed.
+    """
+    rows = [{"method": r["method"], "seed": int(r["seed"]), "class": c, "dsc": 100.0 * float(r[c])}
+            for r in records for c in CLASSES]
+    if not rows:
+        return pd.DataFrame(columns=["method", "class", "mean", "std", "n"])
+    df = pd.DataFrame(rows).drop_duplicates(["method", "seed", "class"], keep="last")
+    out = df.groupby(["method", "class"], sort=False)["dsc"].agg(mean="mean", std=lambda s: s.std(ddof=1), n="count")
+    out = out.reset_index()
+    order = {m: i for i, m in enumerate(METHODS)}
+    out["_m"] = out["method"].map(lambda m: order.get(m, len(order)))
+    out["_c"] = out["class"].map(CLASSES.index)
+    return out.sort_values(["_m", "_c"]).drop(columns=["_m", "_c"]).reset_index(drop=True)
+
+
+def load_reference(path: Path = REFERENCE_CSV) -> pd.DataFrame:
+    """The paper's Table 2 (method.md section 8): columns method, label, class, mean, std (%)."""
+    return pd.read_csv(path)
+
+
+def compare(summary: pd.DataFrame, reference: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Ours beside the paper: method, label, class, mean, std, n, paper_mean, paper_std, diff (ours - paper)."""
+    ref = load_reference() if reference is None else reference
+    ref = ref.rename(columns={"mean": "paper_mean", "std": "paper_std"})[["method", "class", "paper_mean", "paper_std"]]
+    out = summary.merge(ref, on=["method", "class"], how="left")
+    out.insert(1, "label", out["method"].map(lambda m: METHODS[m].label if m in METHODS else m))
+    out["diff"] = out["mean"] - out["paper_mean"]
+    return out
+
+
+def _pm(mean: float, std: float) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if not math.isnan(std) else f"{mean:.2f} ± n/a"
+
+
+def _grid(table: pd.DataFrame) -> list[list[str]]:
+    """Rows of cells: per method three rows (ours, paper, diff) x classes."""
+    rows = []
+    for method, g in table.groupby("method", sort=False):
+        g = g.set_index("class")
+        label, n = g["label"].iloc[0], int(g["n"].iloc[0])
+        ours = [_pm(g.at[c, "mean"], g.at[c, "std"]) if c in g.index else "-" for c in CLASSES]
+        paper = [_pm(g.at[c, "paper_mean"], g.at[c, "paper_std"]) if c in g.index else "-" for c in CLASSES]
+        diff = [f"{g.at[c, 'diff']:+.2f}" if c in g.index and not math.isnan(g.at[c, "diff"]) else "-" for c in CLASSES]
+        rows += [[label, str(n), "ours", *ours], ["", "", "paper", *paper], ["", "", "diff", *diff]]
+    return rows
+
+
+HEADER = ["Method", "n", "", *CLASSES]
+
+
+def to_text(table: pd.DataFrame, title: str = "Table 2") -> str:
+    """A fixed-width console table."""
+    rows = [HEADER, *_grid(table)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = [f"{title} ({STD_NOTE})"]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            lines.append("-" * len(lines[-1]))
+    return "\n".join(lines)
+
+
+def to_markdown(table: pd.DataFrame, title: str = "Table 2") -> str:
+    lines = [f"**{title}** ({STD_NOTE}; paper: 3 runs, authors' split)", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in _grid(table)]
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(table: pd.DataFrame, caption: str = "Table 2") -> str:
+    def esc(s: str) -> str:
+        return s.replace("±", r"$\pm$").replace("_", r"\_").replace("%", r"\%")
+
+    lines = [r"\begin{table}", r"\centering", r"\begin{tabular}{lrl" + "r" * len(CLASSES) + "}", r"\hline",
+             " & ".join(HEADER) + r" \\", r"\hline"]
+    for r in _grid(table):
+        lines.append(" & ".join(esc(c) for c in r) + r" \\")
+    lines += [r"\hline", r"\end{tabular}", rf"\caption{{{esc(caption)}: {esc(STD_NOTE)}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(table: pd.DataFrame, path: Path) -> Path:
+    """Grouped bars per class: ours (error bar = sample std) and the paper's, one pair per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(dict.fromkeys(table["method"]))
+    fig, axes = plt.subplots(1, len(CLASSES), figsize=(3.2 * len(CLASSES), 3.8), sharey=True)
+    x = np.arange(len(methods))
+    for ax, cls in zip(axes, CLASSES):
+        g = table[table["class"] == cls].set_index("method").reindex(methods)
+        ax.bar(x - 0.2, g["mean"], 0.4, yerr=g["std"].fillna(0), label="ours", capsize=2)
+        ax.bar(x + 0.2, g["paper_mean"], 0.4, yerr=g["paper_std"].fillna(0), label="paper", alpha=0.6, capsize=2)
+        ax.set_title(cls)
+        ax.set_xticks(x, methods, rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("DSC (%)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all(table: pd.DataFrame, out_dir: Path, title: str = "Table 2") -> dict[str, Path]:
+    """table2.md, table2.csv (long form), table2.tex, table2.png under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / "table2.md", "csv": out_dir / "table2.csv", "tex": out_dir / "table2.tex",
+             "png": out_dir / "table2.png"}
+    paths["md"].write_text(to_markdown(table, title))
+    table.to_csv(paths["csv"], index=False, float_format="%.4f")
+    paths["tex"].write_text(to_latex(table, title))
+    bar_chart(table, paths["png"])
+    return paths

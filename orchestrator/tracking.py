@@ -1,0 +1,242 @@
+"""MLflow: one experiment per ablation, a parent run per invocation, a child run per (method, seed, phase).
+
+Everything goes through ``MlflowClient`` with explicit run ids (no fluent "active run" state), so the
+same code runs in the driver and inside Ray trials. Child runs are found again by their tags, which
+makes every call idempotent: a resumed trial continues its run instead of opening a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+from orchestrator.tables import CLASSES
+
+# tag keys without dots: MLflow's filter syntax needs backticks around dotted keys
+T_KIND, T_ABLATION, T_METHOD, T_SEED, T_PHASE = "nas_scam_kind", "ablation", "method", "seed", "phase"
+T_PARENT = "mlflow.parentRunId"
+
+
+class TrackingError(ValueError):
+    """The tracking URI cannot be used; the message names it."""
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (before any trial) when the store cannot be reached or created."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise TrackingError(f"MLflow tracking URI {uri} answered {resp.status} on /health")
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrackingError(f"MLflow tracking URI {uri} is unreachable ({exc}); start the server "
+                                f"or set NAS_SCAM_MLFLOW_TRACKING_URI") from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"MLflow store {uri}: cannot create {db.parent} ({exc})") from None
+    elif "://" in uri and not uri.startswith(("file://", "databricks")):
+        raise TrackingError(f"MLflow tracking URI {uri!r}: expected http(s)://, sqlite:/// or file://")
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(c, name: str, artifacts_root: Optional[Path]) -> str:
+    """Experiment id for ``name``; a new one stores artifacts under ``artifacts_root/name`` (local stores)."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    # a tracking server proxies artifacts itself; only a local store needs an explicit location
+    location = None
+    if artifacts_root is not None and not c.tracking_uri.startswith(("http://", "https://")):
+        location = (Path(artifacts_root) / name).resolve().as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def start_parent(c, exp_id: str, run_name: str, kind: str, params: Mapping[str, Any], spec_yaml: str) -> str:
+    run = c.create_run(exp_id, run_name=run_name, tags={T_KIND: kind, T_ABLATION: run_name})
+    rid = run.info.run_id
+    log_params(c, rid, params)
+    c.log_text(rid, spec_yaml, "spec.yaml")
+    return rid
+
+
+def reopen(c, run_id: str) -> None:
+    c.update_run(run_id, status="RUNNING")
+
+
+def log_params(c, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    flat = _flatten(params)
+    items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+    existing = c.get_run(run_id).data.params
+    items = [p for p in items if p.key not in existing]  # params are write-once; a resumed run has them
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i:i + 100])
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def child_run(c, exp_id: str, parent_id: str, method: str, seed: int, phase: str, run_name: str) -> tuple[str, str]:
+    """Get or create the child run of (method, seed, phase) under ``parent_id``: (run_id, status)."""
+    runs = c.search_runs([exp_id], filter_string=(
+        f"tags.`{T_PARENT}` = '{parent_id}' and tags.{T_METHOD} = '{method}' and tags.{T_SEED} = '{seed}' "
+        f"and tags.{T_PHASE} = '{phase}'"), max_results=5)
+    if runs:
+        return runs[0].info.run_id, runs[0].info.status
+    run = c.create_run(exp_id, run_name=run_name, tags={
+        T_PARENT: parent_id, T_METHOD: method, T_SEED: str(seed), T_PHASE: phase, T_KIND: "trial"})
+    return run.info.run_id, run.info.status
+
+
+def log_epoch(c, run_id: str, epoch: int, metrics: Mapping[str, Any]) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, epoch) for k, v in metrics.items()
+             if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if items:
+        c.log_batch(run_id, metrics=items)
+
+
+def log_search_result(c, run_id: str, result: Any) -> None:
+    """Genotype JSON, its cell figure, the alpha-evolution figure and the best validation metrics."""
+    from orchestrator.figures import alpha_figure, genotype_figure
+
+    geno = result.genotype.to_dict()
+    c.log_dict(run_id, geno, "genotype.json")
+    log_params(c, run_id, {"genotype": json.dumps(geno)})
+    with tempfile.TemporaryDirectory() as tmp:
+        c.log_artifact(run_id, str(genotype_figure(geno, Path(tmp) / "genotype_cells.png")), "figures")
+        if result.alpha_history_path and Path(result.alpha_history_path).exists():
+            c.log_artifact(run_id, str(result.alpha_history_path))
+            c.log_artifact(run_id, str(alpha_figure(result.alpha_history_path, Path(tmp) / "alpha_evolution.png")),
+                           "figures")
+    _log_flat(c, run_id, {"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in _flatten(result.best_val).items()}})
+
+
+def log_train_result(c, run_id: str, result: Any, log_model: bool = True) -> None:
+    """Test DSC per class (as test_dsc_<class>), PQ, per-image DSC, metrics.json, genotype figure, the model."""
+    test = result.test
+    flat = {"best_epoch": result.best_epoch, "test_pixel_accuracy": test.get("pixel_accuracy"),
+            "test_n_images": test.get("n_images")}
+    for key in ("dsc", "dsc_per_image", "pq"):
+        for cls, v in (test.get(key) or {}).items():
+            flat[f"test_{key}_{cls}"] = v
+    _log_flat(c, run_id, flat)
+    if result.metrics_path and Path(result.metrics_path).exists():
+        c.log_artifact(run_id, str(result.metrics_path))
+    if log_model and Path(result.checkpoint_path).exists():
+        log_torch_model(c, run_id, Path(result.checkpoint_path))
+
+
+def _log_flat(c, run_id: str, values: Mapping[str, Any]) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k.replace("/", "_"), float(v), ts, 0) for k, v in values.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for i in range(0, len(items), 500):
+        c.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def log_torch_model(c, run_id: str, checkpoint: Path) -> None:
+    """``mlflow.pytorch.log_model`` of the best checkpoint (pickle: no torch.export of control flow)."""
+    import mlflow
+    import torch
+
+    from nas_core.engine.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    c.log_artifact(run_id, str(checkpoint), "checkpoint")
+    if meta.get("genotype"):
+        from orchestrator.figures import genotype_figure
+
+        geno = json.loads(meta["genotype"]) if isinstance(meta["genotype"], str) else meta["genotype"]
+        with tempfile.TemporaryDirectory() as tmp:
+            c.log_artifact(run_id, str(genotype_figure(geno, Path(tmp) / "genotype_cells.png")), "figures")
+    mlflow.set_tracking_uri(c.tracking_uri)
+    # the fluent API needs an active run; nested=False and the caller terminates the run afterwards
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(
+            model, name="model", serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "nas-scam"],
+            code_paths=[str(Path(__import__("nas_core").__file__).parent)])
+
+
+def finish(c, run_id: str, status: str = "FINISHED") -> None:
+    c.set_terminated(run_id, status=status)
+
+
+def mark_failed(c, run_id: str, exc: BaseException) -> None:
+    """The run shows FAILED with the error as a tag and the traceback as an artifact."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    c.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+    c.log_text(run_id, text, "error.txt")
+    c.set_terminated(run_id, status="FAILED")
+
+
+def children(c, exp_id: str, parent_id: str, phase: Optional[str] = None, status: Optional[str] = None) -> list:
+    flt = f"tags.`{T_PARENT}` = '{parent_id}'"
+    if phase:
+        flt += f" and tags.{T_PHASE} = '{phase}'"
+    if status:
+        flt += f" and attributes.status = '{status}'"
+    return c.search_runs([exp_id], filter_string=flt, max_results=5000)
+
+
+def kill_dangling(c, exp_id: str, parent_id: str, reason: str) -> int:
+    """Child runs still RUNNING after the Tuner returned (e.g. stopped by ASHA) -> KILLED with a reason."""
+    n = 0
+    for run in children(c, exp_id, parent_id, status="RUNNING"):
+        c.set_tag(run.info.run_id, "stopped", reason)
+        c.set_terminated(run.info.run_id, status="KILLED")
+        n += 1
+    return n
+
+
+def latest_parent(c, exp_id: str, kind: str = "ablation") -> Optional[str]:
+    runs = c.search_runs([exp_id], filter_string=f"tags.{T_KIND} = '{kind}'", order_by=["attributes.start_time DESC"],
+                         max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def collect_records(c, exp_id: str, parent_id: str) -> list[dict[str, Any]]:
+    """Per (method, seed): the test DSC fractions of its FINISHED train run (input of tables.summarize)."""
+    records = []
+    for run in children(c, exp_id, parent_id, phase="train", status="FINISHED"):
+        m = run.data.metrics
+        if all(f"test_dsc_{cls}" in m for cls in CLASSES):
+            records.append({"method": run.data.tags[T_METHOD], "seed": int(run.data.tags[T_SEED]),
+                            **{cls: m[f"test_dsc_{cls}"] for cls in CLASSES}})
+    return records
+
+
+def log_files(c, run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:
+    for p in paths:
+        c.log_artifact(run_id, str(p), artifact_path)

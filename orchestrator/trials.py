@@ -1,0 +1,153 @@
+"""Ray Tune trainables: a plain ``fn(config: dict)`` that calls the engine and reports to Tune and MLflow.
+
+One trial = one (method, seed) of an ablation: a NAS-SCAM search (when the stage asks for it) then the
+retrain, each phase a child MLflow run. Every epoch the engine's resumable ``last.pt`` goes into a Tune
+checkpoint, so a trial restored on another node (or after the driver died) continues where it stopped;
+a phase whose ``result.json`` exists is returned by the engine without running again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+from ray import tune
+
+from nas_core.engine import Callback, run_search, run_train
+from orchestrator import tracking
+from orchestrator.specs import AblationSpec, HpoSpec, build_config, get_method, run_name
+
+# files a finished search needs downstream; small, so they ride along in every later checkpoint
+_SEARCH_FILES = ("result.json", "genotype.json", "alpha_history.npz")
+
+
+class TuneMlflowCallback(Callback):
+    """Per epoch: metrics to the MLflow child run, then ``tune.report`` with the resumable state."""
+
+    def __init__(self, c, run_id: str, run_dir: Path, carry: tuple[Path, ...] = ()):
+        self.c, self.run_id, self.run_dir, self.carry = c, run_id, run_dir, carry
+
+    def on_run_start(self, phase, cfg, out_dir):
+        tracking.log_params(self.c, self.run_id, cfg.to_dict())
+
+    def on_epoch_end(self, phase, epoch, metrics, out_dir):
+        tracking.log_epoch(self.c, self.run_id, epoch, metrics)
+        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        report.update(phase=phase, run=self.run_dir.name)
+        with tempfile.TemporaryDirectory() as tmp:
+            _pack(Path(tmp), [(Path(out_dir), ("last.pt",))] + [(d, _SEARCH_FILES) for d in self.carry])
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _pack(dst: Path, sources: list[tuple[Path, tuple[str, ...]]]) -> None:
+    # hard links when possible: last.pt is tens of MB and Tune copies the folder into its storage anyway
+    for folder, names in sources:
+        for name in names:
+            src = folder / name
+            if src.exists():
+                (dst / folder.name).mkdir(exist_ok=True)
+                try:
+                    (dst / folder.name / name).hardlink_to(src)
+                except OSError:
+                    shutil.copy2(src, dst / folder.name / name)
+
+
+def _unpack(root: Path) -> None:
+    """Restore a Tune checkpoint's run folders under ``root`` where this node lacks them."""
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return
+    with ckpt.as_directory() as d:
+        for folder in Path(d).iterdir():
+            if not folder.is_dir():
+                continue
+            target = root / folder.name
+            for f in folder.iterdir():
+                if not (target / f.name).exists():
+                    target.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, target / f.name)
+
+
+def _phase(c, ctx: dict, method: str, seed: int, phase: str, cfg, out_dir: Path, carry=(), log_model=True):
+    """Run one engine phase inside its MLflow child run; a crash marks the run FAILED and re-raises."""
+    rid, status = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], method, seed, phase,
+                                     out_dir.name)
+    engine = run_search if phase == "search" else run_train
+    if status == "FINISHED":
+        # logged completely before; the engine only reads the stored result back
+        return engine(cfg, out_dir, resume=True)
+    if status != "RUNNING":
+        tracking.reopen(c, rid)
+    # which Ray node ran it (a retried trial may move)
+    c.set_tag(rid, "ray_node_id", ray.get_runtime_context().get_node_id())
+    try:
+        result = engine(cfg, out_dir, callbacks=[TuneMlflowCallback(c, rid, out_dir, carry)], resume=True)
+        if phase == "search":
+            tracking.log_search_result(c, rid, result)
+        else:
+            tracking.log_train_result(c, rid, result, log_model=log_model)
+    except Exception as exc:  # a Tune stop (ASHA) is not a failure: the driver marks those runs
+        tracking.mark_failed(c, rid, exc)
+        raise
+    tracking.finish(c, rid)
+    return result
+
+
+def ablation_trial(config: dict[str, Any]) -> None:
+    """Tune trainable. ``config``: method, seed, stage (full|search|train), spec (dict), ctx (paths/ids)."""
+    spec = AblationSpec.model_validate(config["spec"])
+    ctx = config["ctx"]
+    method, seed, stage = config["method"], int(config["seed"]), config["stage"]
+    root, data_root = Path(ctx["runs_dir"]), Path(ctx["data_root"])
+    c = tracking.client(ctx["tracking_uri"])
+    _unpack(root)
+
+    search_dir: Optional[Path] = None
+    if get_method(method).needs_search:
+        search_seed = seed if spec.repeat == "full" else spec.seed_list[0]
+        search_dir = root / run_name("search", method, search_seed)
+        if stage in ("full", "search"):
+            cfg = build_config(spec, method, search_seed, data_root=data_root)
+            _phase(c, ctx, method, search_seed, "search", cfg, search_dir)
+    if stage == "search":
+        return
+    genotype = search_dir / "genotype.json" if search_dir else None
+    cfg = build_config(spec, method, seed, data_root=data_root, genotype=genotype)
+    out_dir = root / run_name("train", method, seed)
+    carry = (search_dir,) if search_dir else ()
+    result = _phase(c, ctx, method, seed, "train", cfg, out_dir, carry, log_model=ctx.get("log_model", True))
+    # a final report: the trial's result row in Tune's table (test DSC in %)
+    tune.report({"phase": "done", "run": out_dir.name,
+                 **{f"test_{k}": 100 * v for k, v in result.test["dsc"].items()}})
+
+
+def hpo_trial(config: dict[str, Any]) -> None:
+    """Tune trainable for HPO: one retrain with sampled ``params`` (dotted RunConfig keys)."""
+    spec = HpoSpec.model_validate(config["spec"])
+    ctx = config["ctx"]
+    # Tune's search space uses "__" for the dots of RunConfig keys (see runner._space)
+    params = {k.replace("__", "."): v for k, v in config["params"].items()}
+    trial_id = tune.get_context().get_trial_id()
+    root, c = Path(ctx["runs_dir"]), tracking.client(ctx["tracking_uri"])
+    _unpack(root)
+    genotype = Path(spec.genotype) if spec.genotype else None
+    cfg = build_config(spec, spec.method, spec.seed, data_root=Path(ctx["data_root"]), genotype=genotype,
+                       extra=params)
+    out_dir = root / f"train__{spec.method}__{trial_id}"
+    rid, status = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], spec.method, spec.seed,
+                                     f"hpo-{trial_id}", out_dir.name)
+    if status == "FINISHED":
+        return
+    tracking.log_params(c, rid, {"hpo": params})
+    c.set_tag(rid, "hpo_params", json.dumps(params))
+    try:
+        result = run_train(cfg, out_dir, callbacks=[TuneMlflowCallback(c, rid, out_dir)], resume=True)
+        tracking.log_train_result(c, rid, result, log_model=False)
+    except Exception as exc:  # a Tune stop (ASHA) is not a failure: the driver marks those runs
+        tracking.mark_failed(c, rid, exc)
+        raise
+    tracking.finish(c, rid)

@@ -1,0 +1,200 @@
+"""`nas-scam ablate`: bad input stops before any trial; a real 2 x 2 smoke ablation; kill and resume."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.settings import get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# tiny but complete: crops 32, a 1-epoch search of 1 iteration, 2 retrain epochs of 2 iterations,
+# 6 synthetic images of 64 px (the supernet on CPU is the slow part)
+TINY = {
+    "name": "smoke2x2", "methods": ["unet", "nas-scam-p-sync"], "seeds": 2, "preset": "smoke",
+    "epochs": {"search": 1, "warmup": 0, "train": 2, "search_iters": 1, "train_iters": 2},
+    "data": {"synthetic_images": 6, "synthetic_size": 64, "crop_size": 32, "stride": 32},
+    "resources": {"cpu": 1},
+}
+EXPECTED_RUNS = {("unet", "0", "train"), ("unet", "1", "train"), ("nas-scam-p-sync", "0", "search"),
+                 ("nas-scam-p-sync", "1", "search"), ("nas-scam-p-sync", "0", "train"), ("nas-scam-p-sync", "1", "train")}
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAS_SCAM_HOME", str(tmp_path / "home"))
+    for var in ("NAS_SCAM_MLFLOW_TRACKING_URI", "NAS_SCAM_RAY_ADDRESS", "NAS_SCAM_RUNS_DIR", "NAS_SCAM_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    get_settings.cache_clear()
+    yield tmp_path / "home"
+    get_settings.cache_clear()
+
+
+def _spec(tmp_path, **changes) -> Path:
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump({**TINY, **changes}))
+    return p
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("extra, env, words", [
+    (["--methods", "unet,nas-scam-q"], {}, "unknown method 'nas-scam-q'"),
+    (["--seeds", "-2"], {}, "seeds: seed count must be >= 1, got -2"),
+    (["--data", "/nonexistent/monusac"], {}, "data folder /nonexistent/monusac does not exist"),
+    ([], {"NAS_SCAM_MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}, "http://127.0.0.1:{port} is unreachable"),
+    ([], {"NAS_SCAM_RAY_ADDRESS": "127.0.0.1:{port}"}, "Ray address 127.0.0.1:{port} is unreachable"),
+])
+def test_bad_input_is_reported_before_any_trial(home, tmp_path, monkeypatch, capsys, extra, env, words):
+    port = _free_port()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v.format(port=port))
+    get_settings.cache_clear()
+    rc = main(["ablate", str(_spec(tmp_path)), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and words.format(port=port) in err and "Traceback" not in err, err
+    assert not (home / "runs" / "smoke2x2").exists()  # no parent run, no Tune state: nothing started
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()
+
+
+def _cli(*args, env=None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "NAS_SCAM_PROGRESS": "0", "RAY_AUTH_MODE": "disabled", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        _kill_group(proc)
+    return out
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    # the driver's session holds the local Ray it started: end exactly that group
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _runs(home: Path, name: str):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{home}/mlflow/mlflow.db")
+    exp = c.get_experiment_by_name(name)
+    return c, exp, c.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
+    t0 = time.monotonic()
+    proc = _cli("ablate", str(_spec(tmp_path)), env={"NAS_SCAM_HOME": str(home)})
+    out = _finish(proc)
+    print(f"smoke 2x2 ablation wall time: {time.monotonic() - t0:.1f} s\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-5000:]
+    assert "Table 2" in out and "NAS-SCAM-P, synchronous search" in out and "65.01 ± 1.07" in out
+
+    c, exp, runs = _runs(home, "smoke2x2")
+    parents = [r for r in runs if r.data.tags.get("nas_scam_kind") == "ablation"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    keys = [(r.data.tags["method"], r.data.tags["seed"], r.data.tags["phase"]) for r in kids]
+    assert sorted(keys) == sorted(EXPECTED_RUNS)  # one child per (method, seed, phase), no duplicates
+    assert all(r.info.status == "FINISHED" for r in kids)
+    assert {a.path for a in c.list_artifacts(parent, "table2")} >= {"table2/table2.md", "table2/table2.png"}
+
+    for r in kids:
+        rid = r.info.run_id
+        assert r.data.params["seed"] == r.data.tags["seed"] and r.data.params["model.name"] in ("unet", "nas-scam-p")
+        steps = [m.step for m in c.get_metric_history(rid, "train_loss")]
+        assert steps == ([0] if r.data.tags["phase"] == "search" else [0, 1])
+        arts = {a.path for a in c.list_artifacts(rid)} | {a.path for a in c.list_artifacts(rid, "figures")}
+        if r.data.tags["phase"] == "search":
+            assert {"genotype.json", "alpha_history.npz", "figures/genotype_cells.png",
+                    "figures/alpha_evolution.png"} <= arts
+            geno = json.loads(Path(c.download_artifacts(rid, "genotype.json", str(tmp_path / rid))).read_text())
+            assert geno["combine"] == "parallel" and len(geno["sam"]) == 8
+        else:
+            for cls in ("Average", "Epithelial", "Lymphocyte", "Macrophage", "Neutrophil"):
+                assert 0.0 <= r.data.metrics[f"test_dsc_{cls}"] <= 1.0
+            assert "metrics.json" in arts
+    models = c.search_logged_models(experiment_ids=[exp.experiment_id])
+    train_ids = {r.info.run_id for r in kids if r.data.tags["phase"] == "train"}
+    assert {m.source_run_id for m in models} == train_ids
+
+    # the table rebuilt from MLflow alone matches the printed one
+    table_out = tmp_path / "rebuilt"
+    rebuilt = subprocess.run([sys.executable, "-m", "orchestrator.cli", "table", "smoke2x2", "--out", str(table_out)],
+                             cwd=ROOT, env={**os.environ, "NAS_SCAM_HOME": str(home)}, capture_output=True,
+                             text=True, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    printed = out[out.index("Table 2"):].splitlines()[2:8]
+    assert all(line in rebuilt.stdout for line in printed)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_killed_driver_resumes_without_rerunning_finished_trials(home, tmp_path):
+    spec = _spec(tmp_path, name="resume2x2")
+    env = {"NAS_SCAM_HOME": str(home)}
+    proc = _cli("ablate", str(spec), env=env)
+    finished = None
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1.0)
+            try:
+                c, exp, runs = _runs(home, "resume2x2")
+            except Exception:  # the store is being created
+                continue
+            done = [r for r in runs if r.data.tags.get("phase") == "train" and r.info.status == "FINISHED"]
+            if done:
+                finished = done[0]
+                break
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only
+        proc.wait(timeout=30)
+        time.sleep(3)
+        _kill_group(proc)
+    assert finished is not None, "no trial finished before the deadline"
+    c, exp, runs = _runs(home, "resume2x2")
+    assert not all(r.info.status == "FINISHED" for r in runs if r.data.tags.get("phase") == "train") or \
+        len([r for r in runs if r.data.tags.get("phase") == "train"]) < 4, "killed too late to test resume"
+    fid = finished.info.run_id
+    result_json = home / "runs" / "resume2x2" / finished.info.run_name / "result.json"
+    stamp = result_json.stat().st_mtime_ns
+    history = [(m.step, m.timestamp) for m in c.get_metric_history(fid, "train_loss")]
+
+    out = _finish(_cli("ablate", str(spec), "--resume", env=env))
+    assert "Table 2" in out, out[-5000:]
+    c, exp, runs = _runs(home, "resume2x2")
+    kids = [r for r in runs if "phase" in r.data.tags]
+    keys = sorted((r.data.tags["method"], r.data.tags["seed"], r.data.tags["phase"]) for r in kids)
+    assert keys == sorted(EXPECTED_RUNS)  # resumed trials reused their runs: still one per key
+    assert all(r.info.status == "FINISHED" for r in kids)
+    again = c.get_run(fid)
+    assert again.info.end_time == finished.info.end_time  # the finished trial's run was not touched
+    assert [(m.step, m.timestamp) for m in c.get_metric_history(fid, "train_loss")] == history
+    assert result_json.stat().st_mtime_ns == stamp  # nor its run folder
+    for r in kids:
+        if r.data.tags["phase"] == "train":  # every epoch logged exactly once, across the kill
+            assert [m.step for m in c.get_metric_history(r.info.run_id, "train_loss")] == [0, 1]
+    lines = out[out.index("Table 2"):].splitlines()
+    assert sum(1 for line in lines if " 2  ours " in line) == 2  # both methods with n = 2 seeds

@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.specs import (METHODS, AblationSpec, HpoSpec, RunSpec, SpecError, build_config, load_spec,
+                                parse_spec, run_name)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_specs_load():
+    t2 = load_spec(ROOT / "experiments" / "table2.yaml")
+    assert isinstance(t2, AblationSpec)
+    assert t2.methods == list(METHODS) and t2.seed_list == [0, 1, 2] and t2.repeat == "full"
+    hpo = load_spec(ROOT / "experiments" / "hpo.yaml", preset="smoke")
+    assert isinstance(hpo, HpoSpec)
+    assert set(hpo.space) == {"train.lr", "loss.name", "augment.strength", "train.per_class"}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_builds_its_config(method, tmp_path):
+    spec = parse_spec({"methods": [method], "preset": "smoke", "seeds": [4]})
+    geno = tmp_path / "g.json" if METHODS[method].needs_search else None
+    cfg = build_config(spec, method, 4, data_root=tmp_path, genotype=geno)
+    assert cfg.model.name == METHODS[method].model and cfg.seed == 4
+    assert cfg.data.cache_dir == str(tmp_path)
+    if METHODS[method].search:
+        assert cfg.model.search == METHODS[method].search and cfg.model.genotype == str(geno)
+
+
+def test_layers_preset_overrides_epochs_and_data(tmp_path):
+    spec = parse_spec({"preset": "smoke", "protocol": "code", "methods": ["unet"],
+                       "overrides": {"train.lr": "2e-3", "data": {"split_by": "patient"}},
+                       "epochs": {"train": 2, "train_iters": 3}, "data": {"crop_size": 32, "stride": 16}})
+    cfg = build_config(spec, "unet", 0)
+    assert cfg.protocol == "code" and cfg.train.lr == 2e-3  # "2e-3" from YAML is the float a user means
+    assert (cfg.train.epochs, cfg.train.iters_per_epoch) == (2, 3)
+    assert (cfg.data.crop_size, cfg.data.stride, cfg.data.split_by) == (32, 16, "patient")
+    assert cfg.data.synthetic_images == 10  # from the smoke preset
+    assert cfg.search.warmup_epochs == 1  # smoke preset beats the code protocol's 20
+
+
+def test_seed_count_and_explicit_seeds():
+    assert parse_spec({"seeds": 2}).seed_list == [0, 1]
+    assert parse_spec({"seeds": [3, 7]}).seed_list == [3, 7]
+    assert run_name("search", "nas-scam-p-sync", 1) == "search__nas-scam-p-sync__seed1"
+
+
+@pytest.mark.parametrize("data, field, words", [
+    ({"methods": ["unet", "nas-scam-x"]}, "methods", "unknown method 'nas-scam-x'"),
+    ({"seeds": -1}, "seeds", "seed count must be >= 1"),
+    ({"seeds": [1, 1]}, "seeds", "distinct"),
+    ({"bogus": 1}, "bogus", "Extra inputs are not permitted"),
+    ({"resources": {"gpu": -0.5}}, "resources.gpu", "greater than or equal to 0"),
+    ({"resources": {"cpus": 1}}, "resources.cpus", "Extra inputs"),
+    ({"repeat": "twice"}, "repeat", "'full' or 'retrain'"),
+    ({"epochs": {"train": 0}}, "epochs.train", "greater than or equal to 1"),
+    ({"overrides": {"train.lrr": 1}}, "train.lrr", "unknown config key"),
+    ({"preset": "huge"}, "preset", "unknown preset 'huge'"),
+    ({"kind": "train", "method": "nas-scam-p-sync"}, "genotype", "needs genotype"),
+    ({"kind": "search", "method": "unet"}, "search", "no search phase"),
+    ({"kind": "hpo", "space": {"model.name": {"type": "choice", "values": ["unet"]}}}, "model.name",
+     "only retraining keys"),
+    ({"kind": "hpo", "space": {"train.lr": {"type": "loguniform", "low": 0, "high": 1}}}, "train.lr", "low > 0"),
+])
+def test_validation_errors_name_the_field(data, field, words):
+    with pytest.raises(SpecError) as err:
+        parse_spec(data, "my.yaml")
+    msg = str(err.value)
+    assert msg.startswith("my.yaml: ") and field in msg and words in msg, msg
+
+
+def test_load_spec_updates_and_file_errors(tmp_path):
+    p = tmp_path / "a.yaml"
+    p.write_text(yaml.safe_dump({"name": "abl", "methods": ["unet"], "seeds": 3}))
+    spec = load_spec(p, seeds=1, preset="smoke", data={"source": "/x"})
+    assert spec.seed_list == [0] and spec.preset == "smoke" and spec.data.source == "/x"
+    with pytest.raises(SpecError, match="seeds: seed count must be >= 1"):
+        load_spec(p, seeds=-2)
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("methods: [unet\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+
+
+def test_run_spec_kinds():
+    assert isinstance(parse_spec({"kind": "pipeline", "method": "nas-scam-s-shared", "seed": 2}), RunSpec)
+    spec = parse_spec({"kind": "train", "method": "nas-scam-s-shared", "genotype": "g.json"})
+    assert spec.genotype == "g.json"
