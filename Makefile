@@ -29,8 +29,9 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# the main job on the embedded default: smoke Table 2 (local Ray, local MLflow, synthetic data)
 demo: install
-	$(BIN)/nas-scam demo
+	$(BIN)/nas-scam ablate experiments/table2.yaml --preset smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

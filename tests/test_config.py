@@ -19,7 +19,7 @@ def test_yaml_then_overrides(tmp_path):
     f.write_text("protocol: code\nsearch:\n  lr_w: 1e-2\n  epochs: 7\n")
     cfg = load_config(f, overrides=["search.epochs=9", "model.name=unet"], preset="smoke")
     assert cfg.search.lr_w == 0.01 and cfg.search.epochs == 9 and cfg.model.name == "unet"
-    assert cfg.data.crop_size == 64  # from the preset
+    assert cfg.data.crop_size == 32  # from the preset
 
 
 @pytest.mark.parametrize(

@@ -197,7 +197,8 @@ def test_retrain_learns_the_synthetic_classes(tmp_path):
     from nas_core.models import create_model
 
     cfg = load_config(preset="smoke", overrides=[
-        f"data.cache_dir={tmp_path / 'data'}", "model.name=unet", "train.epochs=6", "train.iters_per_epoch=25",
+        f"data.cache_dir={tmp_path / 'data'}", "data.synthetic_size=256", "data.synthetic_images=10",
+        "data.crop_size=64", "data.stride=32", "model.name=unet", "train.epochs=6", "train.iters_per_epoch=25",
         "train.lr=3e-3", "augment.pipeline=none"])
     res = run_train(cfg, tmp_path / "train")
     torch.manual_seed(0)
