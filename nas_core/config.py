@@ -256,6 +256,20 @@ def _fix_yaml_floats(data: Any) -> Any:
     return data
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file", error: type[Exception] = ConfigError) -> dict:
+    """A YAML file holding a mapping (``1e-3`` read as a float); errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {p} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise error(f"{what} {p} must hold a mapping at the top level")
+    return _fix_yaml_floats(loaded)
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -265,16 +279,7 @@ def load_config(
     """Build a RunConfig: protocol defaults < preset < YAML file < ``base`` < overrides."""
     layers: list[dict[str, Any]] = []
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        layers.append(_fix_yaml_floats(loaded))
+        layers.append(read_yaml_mapping(path))
     if base:
         layers.append(base)
     layers.extend(parse_override(o) for o in overrides)

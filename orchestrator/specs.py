@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from nas_core.config import ConfigError, RunConfig, load_config
+from nas_core.config import ConfigError, RunConfig, load_config, read_yaml_mapping
 
 
 @dataclass(frozen=True)
@@ -347,14 +346,7 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> Union[RunSpec, Abl
 def load_spec(path: str | Path, **updates: Any) -> Union[RunSpec, AblationSpec, HpoSpec]:
     """Read a YAML spec; ``updates`` (non-None) replace top-level fields before validation."""
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SpecError(f"spec file {p} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{p}: expected a mapping at the top level")
+    data = read_yaml_mapping(p, "spec file", SpecError)
     for key, value in updates.items():
         if value is None:
             continue

@@ -37,7 +37,7 @@ def test_layers_preset_overrides_epochs_and_data(tmp_path):
     assert cfg.protocol == "code" and cfg.train.lr == 2e-3  # "2e-3" from YAML is the float a user means
     assert (cfg.train.epochs, cfg.train.iters_per_epoch) == (2, 3)
     assert (cfg.data.crop_size, cfg.data.stride, cfg.data.split_by) == (32, 16, "patient")
-    assert cfg.data.synthetic_images == 10  # from the smoke preset
+    assert cfg.data.synthetic_images == 12  # from the smoke preset
     assert cfg.search.warmup_epochs == 1  # smoke preset beats the code protocol's 20
 
 

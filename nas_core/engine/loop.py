@@ -168,3 +168,27 @@ def progress(iterable, total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False, disable=os.environ.get("NAS_SCAM_PROGRESS") == "0")
+
+
+def resume_from_last(out_dir: Path, cfg: RunConfig, model: nn.Module, optimizers: dict,
+                     state: dict) -> tuple[dict, int]:
+    """Restore weights, optimisers, RNG and loop state from ``out_dir/last.pt`` if it exists.
+
+    Returns (state, first epoch to run). A last.pt written with another config is refused.
+    """
+    from nas_core.config import config_from_dict
+    from nas_core.engine.checkpoint import load_weights, read_checkpoint
+    from nas_core.engine.device import set_rng_state
+
+    last = out_dir / "last.pt"
+    if not last.exists():
+        return state, 0
+    payload = read_checkpoint(last)
+    if config_from_dict(payload["config"]) != cfg:
+        raise ConfigError(f"{last} was written with a different config; resume with the same config or another --out")
+    load_weights(model, payload, last)
+    for key, opt in optimizers.items():
+        opt.load_state_dict(payload["optimizers"][key])
+    set_rng_state(payload["rng"])
+    return payload["state"], payload["epoch"] + 1
+

@@ -18,15 +18,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nas_core.config import ConfigError, RunConfig, config_from_dict
+from nas_core.config import ConfigError, RunConfig
 from nas_core.engine.callbacks import Callback, CallbackList
-from nas_core.engine.checkpoint import load_weights, read_checkpoint, save_checkpoint
-from nas_core.engine.device import rng_state, set_rng_state
+from nas_core.engine.checkpoint import read_checkpoint, save_checkpoint
+from nas_core.engine.device import rng_state
 from nas_core.engine.evaluate import evaluate_split
 from nas_core.metrics import flatten_metrics
 from nas_core.engine.loop import (alpha_batches, batch_size, due, guard_out_dir, iterations,
-                                  optimisation_step, prepare_model, progress, setup_run, train_batches,
-                                  write_json, TrainingError)
+                                  optimisation_step, prepare_model, progress, resume_from_last, setup_run,
+                                  train_batches, write_json, TrainingError)
 
 SEARCHABLE = ("nas-scam-s", "nas-scam-p")
 
@@ -109,18 +109,10 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
     opts = _optimizers(model, cfg)
     state = {"best_score": None, "best_epoch": -1, "best_val": {}, "history": [], "alpha_epochs": [],
              "alpha": {}}
-    start = 0
     last = out_dir / "last.pt"
-    if resume and last.exists():
-        payload = read_checkpoint(last)
-        if config_from_dict(payload["config"]) != cfg:
-            raise ConfigError(f"{last} was written with a different config; resume with the same config or another --out")
-        load_weights(model, payload, last)
-        for k, o in opts.items():
-            o.load_state_dict(payload["optimizers"][k])
-        set_rng_state(payload["rng"])
-        state = payload["state"]
-        start = payload["epoch"] + 1
+    start = 0
+    if resume:
+        state, start = resume_from_last(out_dir, cfg, model, opts, state)
     cb.on_run_start("search", cfg, out_dir)
 
     s = cfg.search

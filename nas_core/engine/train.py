@@ -11,14 +11,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nas_core.config import ConfigError, RunConfig, config_from_dict
+from nas_core.config import ConfigError, RunConfig
 from nas_core.engine.callbacks import Callback, CallbackList
 from nas_core.engine.checkpoint import load_weights, read_checkpoint, save_checkpoint
-from nas_core.engine.device import rng_state, set_rng_state
+from nas_core.engine.device import rng_state
 from nas_core.engine.evaluate import evaluate_split
 from nas_core.metrics import flatten_metrics
 from nas_core.engine.loop import (due, guard_out_dir, iterations, optimisation_step, prepare_model, progress,
-                                  setup_run, train_batches, write_json)
+                                  resume_from_last, setup_run, train_batches, write_json)
 
 NAS_MODELS = ("nas-scam-s", "nas-scam-p")
 
@@ -69,17 +69,10 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
     t = cfg.train
     opt = torch.optim.Adam(model.parameters(), lr=t.lr)
     state = {"best_score": None, "best_epoch": -1, "best_val": {}, "history": []}
-    start = 0
     last = out_dir / "last.pt"
-    if resume and last.exists():
-        payload = read_checkpoint(last)
-        if config_from_dict(payload["config"]) != cfg:
-            raise ConfigError(f"{last} was written with a different config; resume with the same config or another --out")
-        load_weights(model, payload, last)
-        opt.load_state_dict(payload["optimizers"]["w"])
-        set_rng_state(payload["rng"])
-        state = payload["state"]
-        start = payload["epoch"] + 1
+    start = 0
+    if resume:
+        state, start = resume_from_last(out_dir, cfg, model, {"w": opt}, state)
     cb.on_run_start("train", cfg, out_dir)
     genotype = (getattr(model, "model_spec", None) or {}).get("options", {}).get("genotype")
 
