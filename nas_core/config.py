@@ -35,7 +35,7 @@ class ModelConfig:
     # Zero op on sigmoid edges: None follows the protocol (paper -> 0, code -> 0.5)
     zero_op: Optional[Literal["paper", "code"]] = None
     # supernet implementation: "reference" (one conv per op) or "stacked" (faster, same function)
-    impl: Literal["stacked", "reference"] = "reference"
+    impl: Literal["stacked", "reference"] = "stacked"
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,7 @@ def test_baseline_attention_handles_tiny_channel_counts(module_cls, channels):
         ("nas-scam-p", {"supernet": "async"}, ModelError, "supernet 'async'"),
         ("nas-scam-s", {"genotype": fixed_genotype("parallel")}, ModelError, "needs a serial genotype"),
         ("nas-scam-p", {"supernet": "shared", "zero_op": "half"}, ModelError, "zero_op 'half'"),
-        ("nas-scam-p", {"supernet": "shared", "impl": "stacked"}, ModelError, "impl 'stacked'"),
+        ("nas-scam-p", {"supernet": "shared", "impl": "fused"}, ModelError, "impl 'fused'"),
         ("nas-scam-p", {"genotype": {"format": 1}}, GenotypeError, "missing key 'combine'"),
         ("nas-scam-p", {"genotype": "/nonexistent/g.json"}, FileNotFoundError, "/nonexistent/g.json"),
     ],

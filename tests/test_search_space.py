@@ -148,8 +148,8 @@ def test_cell_rejects_bad_arguments():
         Cell(SAM_OPS, 3, 2, genotype=("conv1", "conv1", "conv9", "conv1", "conv1", "conv1"))
     with pytest.raises(ValueError, match="zero_op"):
         Cell(SAM_OPS, 3, 2, zero_op="release")
-    with pytest.raises(ValueError, match="stacked"):
-        Cell(SAM_OPS, 3, 2, impl="stacked")
+    with pytest.raises(ValueError, match="impl: 'fused' is not one of reference, stacked"):
+        Cell(SAM_OPS, 3, 2, impl="fused")
 
 
 # ---- genotype ----

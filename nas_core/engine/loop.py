@@ -70,6 +70,12 @@ def prepare_model(model: nn.Module, ctx: RunContext) -> nn.Module:
     return model
 
 
+def adam(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """Adam; the fused kernel on CPU/CUDA (one kernel over all tensors: the supernet has ~2,400 of
+    them, and the per-tensor loop cost about 4x more per step on CPU)."""
+    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
 def to_device(batch: dict, ctx: RunContext) -> dict:
     out = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
     if ctx.cfg.channels_last and ctx.device.type == "cuda":

@@ -24,7 +24,7 @@ from nas_core.engine.checkpoint import read_checkpoint, save_checkpoint
 from nas_core.engine.device import rng_state
 from nas_core.engine.evaluate import evaluate_split
 from nas_core.metrics import flatten_metrics
-from nas_core.engine.loop import (alpha_batches, batch_size, due, guard_out_dir, iterations,
+from nas_core.engine.loop import (adam, alpha_batches, batch_size, due, guard_out_dir, iterations,
                                   optimisation_step, prepare_model, progress, resume_from_last, setup_run,
                                   train_batches, write_json, TrainingError)
 
@@ -80,10 +80,10 @@ def frozen(params):
             p.requires_grad_(True)
 
 
-def _optimizers(model, cfg: RunConfig) -> dict:
+def _optimizers(model, cfg: RunConfig, device: torch.device) -> dict:
     return {
-        "w": torch.optim.Adam(model.weight_parameters(), lr=cfg.search.lr_w),
-        "alpha": torch.optim.Adam(model.arch_parameters(), lr=cfg.search.lr_alpha),
+        "w": adam(model.weight_parameters(), cfg.search.lr_w, device),
+        "alpha": adam(model.arch_parameters(), cfg.search.lr_alpha, device),
     }
 
 
@@ -106,7 +106,7 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
     ctx = setup_run(cfg, out_dir)
     model = create_model(cfg.model.name, supernet=cfg.model.search, zero_op=cfg.zero_op, impl=cfg.model.impl)
     model = prepare_model(model, ctx)
-    opts = _optimizers(model, cfg)
+    opts = _optimizers(model, cfg, ctx.device)
     state = {"best_score": None, "best_epoch": -1, "best_val": {}, "history": [], "alpha_epochs": [],
              "alpha": {}}
     last = out_dir / "last.pt"
@@ -120,7 +120,7 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
     bsize = batch_size(s.per_class, ctx.data)
     for epoch in range(start, s.epochs):
         if s.reset_optimizer_each_epoch:
-            opts = _optimizers(model, cfg)
+            opts = _optimizers(model, cfg, ctx.device)
         mode = epoch_mode(cfg, epoch)
         model.train()
         w_losses, a_losses = [], []

@@ -17,7 +17,7 @@ from nas_core.engine.checkpoint import load_weights, read_checkpoint, save_check
 from nas_core.engine.device import rng_state
 from nas_core.engine.evaluate import evaluate_split
 from nas_core.metrics import flatten_metrics
-from nas_core.engine.loop import (due, guard_out_dir, iterations, optimisation_step, prepare_model, progress,
+from nas_core.engine.loop import (adam, due, guard_out_dir, iterations, optimisation_step, prepare_model, progress,
                                   resume_from_last, setup_run, train_batches, write_json)
 
 NAS_MODELS = ("nas-scam-s", "nas-scam-p")
@@ -67,7 +67,7 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
     ctx = setup_run(cfg, out_dir)
     model = prepare_model(model, ctx)
     t = cfg.train
-    opt = torch.optim.Adam(model.parameters(), lr=t.lr)
+    opt = adam(model.parameters(), t.lr, ctx.device)
     state = {"best_score": None, "best_epoch": -1, "best_val": {}, "history": []}
     last = out_dir / "last.pt"
     start = 0

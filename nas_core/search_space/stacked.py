@@ -79,11 +79,11 @@ class StackedPlan:
             if fmt is not None:
                 inp = inp.contiguous(memory_format=fmt)
             relu_sum, sig_sum = self._source(cell, src, inp, weights, conv, conv_idx)
-            for e, d, (lo, hi) in zip(src.edges, src.dsts, src.bounds):
-                if d == self.out:
-                    continue
-                part = relu_sum[:, lo:hi]
-                acc[d] = part if d not in acc else acc[d] + part
+            hidden = [(d, hi - lo) for d, (lo, hi) in zip(src.dsts, src.bounds) if d != self.out]
+            if hidden:
+                parts = relu_sum.split([n for _, n in hidden], dim=1) if len(hidden) > 1 else (relu_sum,)
+                for (d, _), part in zip(hidden, parts):
+                    acc[d] = part if d not in acc else acc[d] + part
             if sig_sum is not None:
                 acc[self.out] = sig_sum if self.out not in acc else acc[self.out] + sig_sum
             if src.node + 1 < self.out:
@@ -94,6 +94,20 @@ class StackedPlan:
             sig_edges = [e for e, (_, d) in enumerate(cell.edges) if d == self.out]
             out = out + 0.5 * weights[sig_edges][:, list(self.zero_ops)].sum().to(out.dtype)
         return out / self.in_degree
+
+    def _groups(self, src: _Source, dim: int) -> list[tuple[tuple[int, ...], int, int]]:
+        """Conv groups for one source: (op positions in ``conv_names``, kernel, dilation).
+
+        Big stacks run one conv per op. A small stack (the 1-channel edge 2 -> 3, every 1-D CAM
+        signal) is launch-bound rather than FLOP-bound, so ops of one dilation share one conv: each
+        kernel is zero-padded (centred) to the group's largest, which leaves every output unchanged.
+        """
+        if dim == 2 and src.total > 4:
+            return [((k,), s.kernel, s.dilation) for k, s in enumerate(self.specs)]
+        groups: dict[int, list[int]] = {}
+        for k, s in enumerate(self.specs):
+            groups.setdefault(s.dilation, []).append(k)
+        return [(tuple(ks), max(self.specs[k].kernel for k in ks), d) for d, ks in groups.items()]
 
     def _source(self, cell: "Cell", src: _Source, inp: torch.Tensor, weights: torch.Tensor, conv, conv_idx):
         """Every op on every edge leaving ``src``: (sum_o relu part (B, n_relu, *S), sum of sigmoid part)."""
@@ -114,27 +128,48 @@ class StackedPlan:
         bn0 = bns[0]
         update = cell.training and bn0.track_running_stats
         training = cell.training or bn0.running_mean is None
-        if bn0.running_mean is not None:
+        has_stats = bn0.running_mean is not None
+        if has_stats:
             run_mean = torch.cat([bn.running_mean for bn in bns]).view(n_conv, src.total)
             run_var = torch.cat([bn.running_var for bn in bns]).view(n_conv, src.total)
         if update and bn0.momentum is None:
             raise ValueError("stacked cell: BatchNorm momentum=None (cumulative average) is not supported")
         relu_sum = sig_sum = None
-        for k, (spec, row) in enumerate(zip(self.specs, mods)):
-            w = torch.cat([m[0].weight for m in row])  # (C_tot, C_in, *kernel)
-            b = torch.cat([m[0].bias for m in row])
-            y = conv(inp, w, b, padding=spec.padding, dilation=spec.dilation)  # (B, C_tot, *S)
-            rm = run_mean[k] if bn0.running_mean is not None else None
-            rv = run_var[k] if bn0.running_mean is not None else None
-            z = F.batch_norm(y, rm, rv, gamma[k], beta[k], training, bn0.momentum or 0.0, bn0.eps)
-            if src.n_relu:
-                # relu over all channels keeps the big tensor dense; the sigmoid channels' relu is unused
-                r = F.relu(z)
-                relu_sum = r if relu_sum is None else relu_sum + r
-            if src.n_relu < src.total:
-                e_sig = src.edges[-1]
-                s = torch.sigmoid(z[:, src.n_relu:]) * weights[e_sig, conv_idx[k]].to(z.dtype)
-                sig_sum = s if sig_sum is None else sig_sum + s
+        e_sig = src.edges[-1]
+        cl = cell.dim == 2 and cell.channels_last
+        for ks, kernel, dilation in self._groups(src, cell.dim):
+            n_g = len(ks)
+            w = torch.cat([_pad_kernel(m[0].weight, kernel, cell.dim) for k in ks for m in mods[k]])
+            b = torch.cat([m[0].bias for k in ks for m in mods[k]])
+            # (B, n_g * C_tot, *S), channel = op-in-group * C_tot + stacked edge channel
+            y = conv(inp, w, b, padding=dilation * (kernel - 1) // 2, dilation=dilation)
+            sel = list(ks)
+            if has_stats:
+                # contiguous rows (the usual case) stay views, so batch_norm's update lands in run_*
+                rows = slice(ks[0], ks[-1] + 1) if sel == list(range(ks[0], ks[-1] + 1)) else None
+                rm = run_mean[rows].reshape(-1) if rows else run_mean[sel].reshape(-1)
+                rv = run_var[rows].reshape(-1) if rows else run_var[sel].reshape(-1)
+            else:
+                rm = rv = None
+            z = F.batch_norm(y, rm, rv, gamma[sel].reshape(-1), beta[sel].reshape(-1), training,
+                             bn0.momentum or 0.0, bn0.eps)
+            if has_stats and update and not rows:
+                with torch.no_grad():
+                    run_mean[sel], run_var[sel] = rm.view(n_g, -1), rv.view(n_g, -1)
+            # split, not slicing: its backward is one cat of the parts' gradients, where each slice
+            # would scatter into its own zero-filled full-size tensor
+            n_sig = src.total - src.n_relu
+            parts = z.split([src.n_relu, n_sig] * n_g if n_sig and src.n_relu else [src.total] * n_g, dim=1)
+            for j, k in enumerate(ks):
+                if src.n_relu:
+                    r = F.relu(parts[j * (2 if n_sig else 1)])
+                    relu_sum = r if relu_sum is None else relu_sum + r
+                if n_sig:
+                    zs = parts[j * 2 + 1] if src.n_relu else parts[j]
+                    if cl and src.n_relu:
+                        zs = _ChannelsLastGrad.apply(zs)
+                    s = torch.sigmoid(zs) * weights[e_sig, conv_idx[k]].to(z.dtype)
+                    sig_sum = s if sig_sum is None else sig_sum + s
         if update:
             with torch.no_grad():
                 flat_m, flat_v = run_mean.reshape(-1), run_var.reshape(-1)
@@ -142,6 +177,29 @@ class StackedPlan:
                 torch._foreach_copy_([bn.running_mean for bn in bns], list(flat_m.split(sizes)))
                 torch._foreach_copy_([bn.running_var for bn in bns], list(flat_v.split(sizes)))
                 torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
-        if relu_sum is not None and src.n_relu < src.total:
-            relu_sum = relu_sum[:, :src.n_relu]
         return relu_sum, sig_sum
+
+
+def _pad_kernel(w: torch.Tensor, kernel: int, dim: int) -> torch.Tensor:
+    """(C_out, C_in, *k) -> (C_out, C_in, *kernel), zeros around the centre (same output, same padding)."""
+    p = (kernel - w.shape[-1]) // 2
+    return F.pad(w, (p, p) * dim) if p else w
+
+
+class _ChannelsLastGrad(torch.autograd.Function):
+    """Identity whose backward hands on the gradient in channels_last strides.
+
+    The 1-channel sigmoid part of a stack gets its gradient from outside the cell in NCHW strides;
+    the split's backward then cats it with the channels_last ReLU part into an NCHW tensor, and
+    batch_norm's backward with a channels_last input and an NCHW gradient took 10x longer (CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        if grad.dim() != 4 or grad.stride(1) == 1:
+            return grad
+        return torch.empty_like(grad, memory_format=torch.channels_last).copy_(grad)

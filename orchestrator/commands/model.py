@@ -21,7 +21,7 @@ def add_parser(subparsers: Any) -> None:
     form.add_argument("--genotype", metavar="FILE", help="genotype JSON: the fixed NAS-SCAM net (nas-scam-* only)")
     form.add_argument("--supernet", choices=["synchronous", "shared"], help="the search form (nas-scam-* only)")
     info.add_argument("--zero-op", choices=["paper", "code"], help="Zero op on sigmoid edges (nas-scam-* only)")
-    info.add_argument("--impl", help="supernet implementation (nas-scam-* only; 'reference' for now)")
+    info.add_argument("--impl", help="supernet implementation (nas-scam-* only): stacked (default) or reference")
     info.add_argument("--size", type=int, default=256, help="input side for FLOPs and the output shape (default 256)")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     info.set_defaults(func=run_info)

@@ -1,0 +1,160 @@
+"""The stacked supernet computes the reference function: outputs, gradients and BN statistics."""
+
+import pytest
+import torch
+
+from nas_core.models import create_model
+from nas_core.models.perf import maybe_compile
+from nas_core.search_space import CAM_OPS, SAM_OPS, Cell
+
+# (table, dim, c_in, input shape) for the two cell kinds
+KINDS = {"sam": (SAM_OPS, 2, 5, (2, 5, 7, 9)), "cam": (CAM_OPS, 1, 1, (3, 1, 24))}
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    # default BN init (gamma 1, beta 0, stats 0/1) would hide a permuted affine or a lost stats update
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+
+
+def _pair(kind: str, zero_op: str, channels_last: bool = True):
+    ops, dim, c_in, _ = KINDS[kind]
+    ref = Cell(ops, c_in, dim, zero_op=zero_op)
+    _randomise(ref)
+    fast = Cell(ops, c_in, dim, zero_op=zero_op, impl="stacked")
+    fast.channels_last = channels_last
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _run_cell(cell: Cell, x: torch.Tensor, alpha: torch.Tensor, grad: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    a = alpha.clone().requires_grad_(True)
+    cell.zero_grad(set_to_none=True)
+    y = cell(x, torch.softmax(a, dim=-1))
+    (y * grad).sum().backward()
+    return y.detach(), x.grad, a.grad, {n: p.grad for n, p in cell.named_parameters()}
+
+
+@pytest.mark.parametrize("zero_op", ["paper", "code"])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_stacked_cell_matches_reference(kind, zero_op, channels_last):
+    ref, fast = _pair(kind, zero_op, channels_last)
+    g = torch.Generator().manual_seed(1)
+    shape = KINDS[kind][3]
+    n_ops = len(KINDS[kind][0])
+    x = torch.randn(shape, generator=g)
+    alpha = torch.randn(6, n_ops, generator=g)
+    out_grad = torch.randn(shape[0], 1, *shape[2:], generator=g)
+    for step in range(2):  # train mode twice: the second forward reads BN stats the first updated
+        y0, gx0, ga0, gp0 = _run_cell(ref.train(), x, alpha, out_grad)
+        y1, gx1, ga1, gp1 = _run_cell(fast.train(), x, alpha, out_grad)
+        torch.testing.assert_close(y1, y0, **TOL)
+        torch.testing.assert_close(gx1, gx0, **TOL)
+        torch.testing.assert_close(ga1, ga0, **TOL)
+        assert gp1.keys() == gp0.keys()
+        for name in gp0:
+            torch.testing.assert_close(gp1[name], gp0[name], **TOL, msg=lambda m: f"{name}: {m}")
+        for (name, b0), (_, b1) in zip(ref.named_buffers(), fast.named_buffers()):
+            torch.testing.assert_close(b1, b0, **TOL, msg=lambda m: f"{name}: {m}")
+    y0, gx0, ga0, _ = _run_cell(ref.eval(), x, alpha, out_grad)
+    y1, gx1, ga1, _ = _run_cell(fast.eval(), x, alpha, out_grad)
+    torch.testing.assert_close(y1, y0, **TOL)
+    torch.testing.assert_close(gx1, gx0, **TOL)
+    torch.testing.assert_close(ga1, ga0, **TOL)
+
+
+def test_state_dicts_are_interchangeable():
+    ref, fast = _pair("sam", "paper")
+    assert list(ref.state_dict()) == list(fast.state_dict())
+    back = Cell(SAM_OPS, 5, 2)
+    back.load_state_dict(fast.state_dict())  # stacked -> reference, strict
+    for (k, v0), v1 in zip(ref.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(v0, v1), k
+
+
+def test_fixed_cell_ignores_impl():
+    geno = ("conv3", "zero", "atrous5", "conv1", "zero", "conv5")
+    ref = Cell(SAM_OPS, 4, 2, genotype=geno)
+    _randomise(ref)
+    fast = Cell(SAM_OPS, 4, 2, genotype=geno, impl="stacked")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(fast(x), ref(x))
+
+
+def _supernet_pair(name: str, search: str, zero_op: str):
+    ref = create_model(name, supernet=search, zero_op=zero_op, impl="reference")
+    _randomise(ref, seed=3)
+    fast = create_model(name, supernet=search, zero_op=zero_op, impl="stacked")
+    fast.load_state_dict(ref.state_dict())
+    assert fast.model_spec["options"]["impl"] == "stacked"
+    return ref, fast
+
+
+def _supernet_step(model, x, target, freeze_weights: bool):
+    torch.manual_seed(7)  # the backbone's dropout draws the same masks in both forms
+    model.zero_grad(set_to_none=True)
+    frozen = model.weight_parameters() if freeze_weights else model.arch_parameters()
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        probs = model(x)
+        loss = ((probs - target) ** 2).mean()
+        loss.backward()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return probs.detach(), grads
+
+
+@pytest.mark.parametrize("zero_op", ["paper", "code"])
+@pytest.mark.parametrize("search", ["synchronous", "shared"])
+@pytest.mark.parametrize("name", ["nas-scam-p", "nas-scam-s"])
+def test_stacked_supernet_matches_reference(name, search, zero_op):
+    ref, fast = _supernet_pair(name, search, zero_op)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 16, 16, generator=g)  # the smallest size the 4-level U-Net takes
+    target = torch.rand(2, 4, 16, 16, generator=g)
+    # a w step (alpha frozen), then an alpha step (weights frozen), as in the paper's search iteration
+    for freeze_weights in (False, True):
+        p0, g0 = _supernet_step(ref.train(), x, target, freeze_weights)
+        p1, g1 = _supernet_step(fast.train(), x, target, freeze_weights)
+        torch.testing.assert_close(p1, p0, **TOL)
+        assert g1.keys() == g0.keys() and g0
+        if freeze_weights:
+            assert set(g0) == {"alpha_sam", "alpha_cam"}
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-3, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    for (k, b0), b1 in zip(ref.state_dict().items(), fast.state_dict().values()):
+        torch.testing.assert_close(b1, b0, **TOL, msg=lambda m: f"{k}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), ref.eval()(x), **TOL)
+
+
+def test_output_sigmoid_is_float32_under_bf16_autocast():
+    model = create_model("unet")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = model(x)
+    assert probs.dtype == torch.float32
+    # a logit of 8 is 0.99966 in float32 but exactly 1.0 in bf16: the float32 head keeps it below 1
+    assert torch.sigmoid(torch.tensor(8.0, dtype=torch.bfloat16)).item() == 1.0
+    assert torch.sigmoid(torch.tensor(8.0, dtype=torch.bfloat16).float()).item() < 1.0
+
+
+def test_maybe_compile_disabled_returns_the_model():
+    model = create_model("unet")
+    assert maybe_compile(model, enabled=False) is model
+    with pytest.raises(ValueError, match="mode"):
+        maybe_compile(model, enabled=True, mode="fastest")
