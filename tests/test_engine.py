@@ -209,3 +209,26 @@ def test_retrain_learns_the_synthetic_classes(tmp_path):
     assert trained["Epithelial"] > 0.5, trained
     for cls in ("Epithelial", "Lymphocyte", "Macrophage", "Neutrophil"):
         assert trained[cls] > untrained["dsc"][cls], (cls, trained, untrained["dsc"])
+
+
+def test_predict_cli_writes_masks_overlays_and_geojson(tmp_path, shared_data):
+    import cv2
+
+    from nas_core.engine.checkpoint import save_checkpoint
+    from nas_core.models import create_model
+    from orchestrator.cli import main
+
+    torch.manual_seed(0)
+    cfg = load_config(overrides=["model.name=unet", "data.crop_size=64", "data.stride=32"])
+    ckpt = save_checkpoint(tmp_path / "u.pt", model=create_model("unet"), config=cfg.to_dict(), phase="train",
+                           epoch=0)
+    image = shared_data / "he_samples" / "histo.jpg"
+    assert main(["predict", "--checkpoint", str(ckpt), str(image), "--out", str(tmp_path / "pred")]) == 0
+    labels = cv2.imread(str(tmp_path / "pred" / "histo_labels.png"), cv2.IMREAD_UNCHANGED)
+    overlay = cv2.imread(str(tmp_path / "pred" / "histo_overlay.png"))
+    assert labels.shape == (300, 500) and overlay.shape == (300, 500, 3)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3, 4}
+    geo = json.loads((tmp_path / "pred" / "histo.geojson").read_text())
+    assert len(geo["features"]) == len(to_geojson(labels)["features"])
+    # a missing input names the file and exits 2
+    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "nope.png"), "--out", str(tmp_path)]) == 2

@@ -75,7 +75,7 @@ def to_geojson(labels: np.ndarray, min_area: int = 4) -> dict:
 def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
                   device: str = "auto", stride: int | None = None) -> list[dict]:
     """Predict every input image with a checkpoint; write NAME_labels.png, NAME_overlay.png, NAME.geojson."""
-    from nas_core.data.readers import read_image
+    from nas_core.data.readers import read_image_file
     from nas_core.engine.checkpoint import load_checkpoint
     from nas_core.engine.device import resolve_device
     from nas_core.engine.evaluate import predict_probs
@@ -91,7 +91,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
     written = []
     for path in inputs:
         path = Path(path)
-        image = read_image(path)  # uint8 (H, W, 3) RGB; errors name the file
+        image = read_image_file(path)  # uint8 (H, W, 3) RGB; errors name the file
         probs = predict_probs(model, image, tile=tile, stride=stride, device=dev,
                               amp=meta["config"].get("amp", True) and dev.type == "cuda", binary=False)
         labels = label_map(probs)
