@@ -82,10 +82,14 @@ def _prepare_data(spec, settings: Settings, seeds: list[int]) -> None:
     # generate/prepare the dataset once in the driver: parallel trials must not race to create it
     from nas_core.data import ensure_dataset
 
+    # the engine seeds data and split with data.seed (not the run seed): one dataset serves every seed
     method = spec.methods[0] if isinstance(spec, AblationSpec) else spec.method
+    done = set()
     for seed in seeds:
         cfg = build_config(spec, method, seed, data_root=settings.data_root)
-        ensure_dataset(cfg.data, settings.data_root, seed)
+        if cfg.data not in done:
+            ensure_dataset(cfg.data, settings.data_root, cfg.data.seed)
+            done.add(cfg.data)
 
 
 # ---------------------------------------------------------------- ablation

@@ -94,8 +94,15 @@ def test_resume_gives_the_same_genotype_and_metrics(data_root, tmp_path):
 
 
 def test_a_fresh_run_never_overwrites_a_finished_one(data_root, tmp_path):
-    cfg = tiny_cfg(data_root, "model.name=unet", "train.epochs=1", "train.iters_per_epoch=1")
-    run_train(cfg, tmp_path / "t")
+    # run seed 3, data seed 0: evaluate must re-open the data by data.seed
+    cfg = tiny_cfg(data_root, "model.name=unet", "train.epochs=1", "train.iters_per_epoch=1", "seed=3")
+    res = run_train(cfg, tmp_path / "t")
+    # `nas-scam evaluate` on the checkpoint alone finds the same data and split, so the same numbers
+    from orchestrator.cli import main
+
+    assert main(["evaluate", "--checkpoint", str(res.checkpoint_path), "--out", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics_test.json").read_text())
+    assert again["dsc"] == pytest.approx(res.test["dsc"], nan_ok=True)
     before = (tmp_path / "t" / "best.pt").read_bytes()
     with pytest.raises(ConfigError, match="already holds"):
         run_train(cfg, tmp_path / "t", resume=False)

@@ -64,7 +64,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         import dataclasses
 
         data_cfg = dataclasses.replace(data_cfg, source=str(Path(args.data).resolve()))
-    data = ensure_dataset(data_cfg, Path(data_cfg.cache_dir), cfg.seed)
+    data = ensure_dataset(data_cfg, Path(data_cfg.cache_dir), data_cfg.seed)
     device = resolve_device(args.device)
     metrics = evaluate_split(model.to(device), data, args.split, tile=data_cfg.crop_size,
                              stride=data_cfg.stride, device=device)
