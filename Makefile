@@ -16,8 +16,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned, so the project's looser range does not pull a CUDA build.
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	# torch first, pinned, so the project's looser range does not pull a CUDA build; a torch already
+	# in the venv (a GPU user's own build) is kept.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
