@@ -16,6 +16,18 @@ from nas_core.search_space.ops import N_NODES, OP_TABLES, edge_list
 SLOT_NAMES = ("down1", "down2", "down3", "down4", "up1", "up2", "up3", "up4")
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _plt():
     import matplotlib
 
@@ -71,12 +83,7 @@ def genotype_figure(genotype: Mapping[str, Any], path: Path) -> Path:
             _draw_cell(axes[r][s], list(ops), f"{kind.upper()} slot {s} ({name})")
     fig.suptitle(f"genotype: {genotype.get('combine', '?')} combine, {genotype.get('search', '?')} search",
                  fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)
 
 
 def alpha_figure(npz_path: Path, path: Path) -> Path:
@@ -110,9 +117,4 @@ def alpha_figure(npz_path: Path, path: Path) -> Path:
         axes[r][-1].legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for ax in axes[-1]:
         ax.set_xlabel("epoch", fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -12,6 +12,7 @@ from typing import Iterable, Mapping, Optional
 
 import pandas as pd
 
+from orchestrator.figures import save_figure
 from orchestrator.specs import METHODS
 
 # the paper's column order (method.md section 1)
@@ -126,12 +127,7 @@ def bar_chart(table: pd.DataFrame, path: Path) -> Path:
         ax.set_ylim(0, 100)
     axes[0].set_ylabel("DSC (%)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_all(table: pd.DataFrame, out_dir: Path, title: str = "Table 2") -> dict[str, Path]:

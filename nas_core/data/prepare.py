@@ -153,16 +153,26 @@ def prepare(source: str | Path, cache_root: str | Path, *, layout: str = "auto",
         from .readers import read_image_file
         normalizer.fit(read_image_file(Path(stain_target)))
     final = cache_root / f"{layout}-{cache_key(source, options)}"
-    if (final / "manifest.json").is_file():
+    return publish_atomically(final, "manifest.json",
+                              lambda tmp: _build(tmp, source, refs, options, normalizer, tqdm, progress))
+
+
+def publish_atomically(final: Path, marker: str, build) -> Path:
+    """Build a folder in a temp sibling, then rename it into place; ``marker`` marks a complete one.
+
+    An interrupted build leaves the previous folder (or nothing); a concurrent twin that finished
+    first wins and our copy is discarded.
+    """
+    if (final / marker).is_file():
         return final
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = cache_root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     try:
-        _build(tmp, source, refs, options, normalizer, tqdm, progress)
+        build(tmp)
         try:
             os.replace(tmp, final)
         except OSError:
-            if not (final / "manifest.json").is_file():  # not a concurrent twin: a real failure
+            if not (final / marker).is_file():  # not a concurrent twin: a real failure
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
@@ -272,23 +282,12 @@ def ensure_synthetic(root: str | Path, n_images: int, size: int, seed: int) -> P
 
     key = hashlib.sha256(json.dumps([SYNTHETIC_VERSION, n_images, size, seed]).encode()).hexdigest()[:12]
     final = Path(root) / "synthetic" / f"n{n_images}-s{size}-seed{seed}-{key}"
-    if (final / ".complete").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def build(tmp: Path) -> None:
         write_synthetic(tmp, n_images, size, seed)
         (tmp / ".complete").write_text("ok\n")
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / ".complete").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    return publish_atomically(final, ".complete", build)
 
 
 def default_data_root() -> Path:
