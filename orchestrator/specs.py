@@ -193,6 +193,10 @@ class RunSpec(_ConfigSpec):
         return self
 
 
+# a grid is methods x seeds trials; more seeds than this is a typo, not a study
+MAX_SEEDS = 1000
+
+
 class AblationSpec(_ConfigSpec):
     """Methods x seeds: the Table 2 grid."""
 
@@ -218,8 +222,8 @@ class AblationSpec(_ConfigSpec):
     @field_validator("seeds")
     @classmethod
     def _valid_seeds(cls, v: Union[int, list[int]]) -> Union[int, list[int]]:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"seed count must be >= 1, got {v}")
+        if isinstance(v, int) and not 1 <= v <= MAX_SEEDS:
+            raise ValueError(f"seed count must be between 1 and {MAX_SEEDS}, got {v}")
         if isinstance(v, list):
             if not v or any(s < 0 for s in v) or len(set(v)) != len(v):
                 raise ValueError(f"explicit seeds must be distinct integers >= 0, got {v}")
@@ -227,7 +231,8 @@ class AblationSpec(_ConfigSpec):
 
     @model_validator(mode="after")
     def _check(self) -> "AblationSpec":
-        _check_configs(self, self.methods, self.seed_list[:1])
+        first = [0] if isinstance(self.seeds, int) else self.seeds[:1]
+        _check_configs(self, self.methods, first)
         return self
 
     @property

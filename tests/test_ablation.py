@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("extra, env, words", [
     (["--methods", "unet,nas-scam-q"], {}, "unknown method 'nas-scam-q'"),
-    (["--seeds", "-2"], {}, "seeds: seed count must be >= 1, got -2"),
+    (["--seeds", "-2"], {}, "seeds: seed count must be between 1 and 1000, got -2"),
     (["--data", "/nonexistent/monusac"], {}, "data folder /nonexistent/monusac does not exist"),
     ([], {"NAS_SCAM_MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}, "http://127.0.0.1:{port} is unreachable"),
     ([], {"NAS_SCAM_RAY_ADDRESS": "127.0.0.1:{port}"}, "Ray address 127.0.0.1:{port} is unreachable"),

@@ -49,7 +49,7 @@ def test_seed_count_and_explicit_seeds():
 
 @pytest.mark.parametrize("data, field, words", [
     ({"methods": ["unet", "nas-scam-x"]}, "methods", "unknown method 'nas-scam-x'"),
-    ({"seeds": -1}, "seeds", "seed count must be >= 1"),
+    ({"seeds": -1}, "seeds", "seed count must be between 1 and 1000"),
     ({"seeds": [1, 1]}, "seeds", "distinct"),
     ({"bogus": 1}, "bogus", "Extra inputs are not permitted"),
     ({"resources": {"gpu": -0.5}}, "resources.gpu", "greater than or equal to 0"),
@@ -76,7 +76,7 @@ def test_load_spec_updates_and_file_errors(tmp_path):
     p.write_text(yaml.safe_dump({"name": "abl", "methods": ["unet"], "seeds": 3}))
     spec = load_spec(p, seeds=1, preset="smoke", data={"source": "/x"})
     assert spec.seed_list == [0] and spec.preset == "smoke" and spec.data.source == "/x"
-    with pytest.raises(SpecError, match="seeds: seed count must be >= 1"):
+    with pytest.raises(SpecError, match="seeds: seed count must be between 1 and 1000"):
         load_spec(p, seeds=-2)
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(tmp_path / "missing.yaml")
@@ -89,3 +89,9 @@ def test_run_spec_kinds():
     assert isinstance(parse_spec({"kind": "pipeline", "method": "nas-scam-s-shared", "seed": 2}), RunSpec)
     spec = parse_spec({"kind": "train", "method": "nas-scam-s-shared", "genotype": "g.json"})
     assert spec.genotype == "g.json"
+
+
+def test_a_huge_seed_count_is_refused_without_building_the_list():
+    with pytest.raises(SpecError, match="seed count"):
+        parse_spec({"seeds": 10**12})
+
