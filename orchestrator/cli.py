@@ -23,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"orchestrator.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"orchestrator.commands.{name}":
-                continue  # area not built yet
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"orchestrator.commands.{name}").add_parser(sub)
     return parser
 
 

@@ -83,7 +83,7 @@ def reopen(c, run_id: str) -> None:
 def log_params(c, run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
-    flat = _flatten(params)
+    flat = flatten_dotted(params)
     items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
     existing = c.get_run(run_id).data.params
     items = [p for p in items if p.key not in existing]  # params are write-once; a resumed run has them
@@ -91,12 +91,13 @@ def log_params(c, run_id: str, params: Mapping[str, Any]) -> None:
         c.log_batch(run_id, params=items[i:i + 100])
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {"a.b.c": value} (MLflow params, spec overrides)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_dotted(v, key + "."))
         else:
             out[key] = v
     return out
@@ -137,7 +138,7 @@ def log_search_result(c, run_id: str, result: Any) -> None:
             c.log_artifact(run_id, str(result.alpha_history_path))
             c.log_artifact(run_id, str(alpha_figure(result.alpha_history_path, Path(tmp) / "alpha_evolution.png")),
                            "figures")
-    _log_flat(c, run_id, {"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in _flatten(result.best_val).items()}})
+    _log_flat(c, run_id, {"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in flatten_dotted(result.best_val).items()}})
 
 
 def log_train_result(c, run_id: str, result: Any, log_model: bool = True) -> None:

@@ -21,6 +21,7 @@ from api.schemas import (ErrorOut, GenotypeOut, LogsOut, MetricsOut, RunCreated,
                          RunStatus, TableOut, links, run_out)
 from orchestrator.settings import Settings
 from orchestrator.specs import SpecError, parse_spec
+from orchestrator.tracking import flatten_dotted
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
@@ -37,17 +38,6 @@ def _errors(*codes: int) -> dict[int, dict[str, Any]]:
             422: "invalid spec or parameter (the message names the field)", 429: "too many active runs",
             503: "Ray or MLflow unreachable"}
     return {c: {"model": ErrorOut, "description": text[c]} for c in (401, 422, *codes)}
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def check_path(field: str, value: Any, settings: Settings) -> None:
@@ -97,7 +87,7 @@ def parse_body(raw: bytes, settings: Settings):
     paths = [("data.source", spec.data.source)]
     if getattr(spec, "genotype", None):
         paths.append(("genotype", spec.genotype))
-    flat = _flatten(spec.overrides)
+    flat = flatten_dotted(spec.overrides)
     paths += [(f"overrides.{k}", v) for k, v in flat.items() if k in PATH_KEYS and v is not None]
     for key, rng in (getattr(spec, "space", None) or {}).items():
         if key in PATH_KEYS:

@@ -290,18 +290,14 @@ def ensure_synthetic(root: str | Path, n_images: int, size: int, seed: int) -> P
     return publish_atomically(final, ".complete", build)
 
 
-def default_data_root() -> Path:
-    return Path(os.environ.get("NAS_SCAM_DATA_CACHE", Path.home() / ".cache" / "nas-scam" / "data"))
-
-
-def ensure_dataset(data_cfg, root: Optional[Path], seed: int, progress: bool = True):
+def ensure_dataset(data_cfg, root: Path, seed: int, progress: bool = True):
     """Config -> opened :class:`PreparedData`. ``data_cfg``: nas_core.config.DataConfig. With
     ``source`` None the synthetic dataset (``synthetic_images`` x ``synthetic_size``, generated with
-    ``seed``) is used. ``seed`` also drives the split. ``root`` None -> $NAS_SCAM_DATA_CACHE or
-    ~/.cache/nas-scam/data."""
+    ``seed``) is used. ``seed`` also drives the split. ``root`` is the data root the caller's settings
+    name (synthetic data under root/synthetic, caches under root/cache)."""
     from .dataset import PreparedData
 
-    root = Path(root) if root is not None else default_data_root()
+    root = Path(root)
     if data_cfg.source is None:
         source, layout = ensure_synthetic(root, data_cfg.synthetic_images, data_cfg.synthetic_size, seed), "monusac"
     else:
