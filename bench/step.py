@@ -54,7 +54,7 @@ def machine(device) -> str:
             f"torch {torch.__version__}; device {device}")
 
 
-def build(kind: str, device, channels_last: bool):
+def build(kind: str, device, channels_last: bool, compile_mode: str = "off"):
     """(model, optimisers) for one row; the supernet's optimisers split weights and alpha like the engine."""
     import torch
 
@@ -71,6 +71,10 @@ def build(kind: str, device, channels_last: bool):
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile_mode != "off":
+        from nas_core.models.perf import maybe_compile
+
+        maybe_compile(model, enabled=True, mode=compile_mode)
     if kind == "supernet straightforward":
         # the textbook loop: per-tensor Adam (torch's CPU default)
         make = lambda params, lr: torch.optim.Adam(params, lr=lr, foreach=False)  # noqa: E731
@@ -98,9 +102,9 @@ def make_batch(b: int, size: int, device, channels_last: bool, seed: int) -> dic
 class Runner:
     """One timed unit of work: a train step (w step) or a paper search iteration (w + alpha step)."""
 
-    def __init__(self, kind: str, what: str, b: int, size: int, ctx, channels_last: bool):
+    def __init__(self, kind: str, what: str, b: int, size: int, ctx, channels_last: bool, compile_mode: str = "off"):
         self.kind, self.what, self.b, self.size, self.ctx = kind, what, b, size, ctx
-        self.model, self.opts = build(kind, ctx.device, channels_last)
+        self.model, self.opts = build(kind, ctx.device, channels_last, compile_mode)
         self.model.train()
         self.w_batch = make_batch(b, size, ctx.device, channels_last, seed=1)
         self.a_batch = make_batch(b, size, ctx.device, channels_last, seed=2)
@@ -222,6 +226,12 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                     help="whole-model channels_last (auto: on for CUDA, off on CPU as the engine does)")
+    from typing import get_args
+
+    from nas_core.config import CompileMode  # no torch import: threads are set below
+
+    ap.add_argument("--compile", default="off", choices=get_args(CompileMode),
+                    help="torch.compile every timed model (reduce-overhead = CUDA graphs); FLOPs are counted eagerly")
     ap.add_argument("--rows", nargs="+", default=["train", "search"], choices=["train", "search"])
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--threads", type=int, default=None,
@@ -250,17 +260,17 @@ def main(argv=None) -> None:
     print(machine(device) + f"; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
           f"ONEDNN_PRIMITIVE_CACHE_CAPACITY={os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']}")
     print(f"size {args.size}x{args.size}, batches {args.batches}, {args.reps} interleaved reps (median), "
-          f"model channels_last={cl}, bf16 autocast={ctx.amp}")
+          f"model channels_last={cl}, bf16 autocast={ctx.amp}, compile={args.compile}")
 
     torch.manual_seed(0)
     runs: list[Runner] = []
     for b in args.batches:
         if "train" in args.rows:
             for kind in ("unet", "nas-scam-p fixed", "supernet reference", "supernet stacked"):
-                runs.append(Runner(kind, "train", b, args.size, ctx, cl))
+                runs.append(Runner(kind, "train", b, args.size, ctx, cl, args.compile))
         if "search" in args.rows:
             for kind in ("supernet straightforward", "supernet reference", "supernet stacked"):
-                runs.append(Runner(kind, "search", b, args.size, ctx, cl))
+                runs.append(Runner(kind, "search", b, args.size, ctx, cl, args.compile))
     for r in runs:  # warm-up (allocator, oneDNN primitive caches); peak memory from this pass
         r.peak_mb = float("nan") if args.no_memory else peak_memory_mb(r)
         r.flops = count_flops(r)

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, get_args, get_origin
 import yaml
 
 Protocol = Literal["paper", "code"]
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,9 @@ class RunConfig:
     # bf16 autocast on CUDA; ignored on CPU
     amp: bool = True
     channels_last: bool = True
+    # torch.compile of the model's forward: "off", or a torch.compile mode ("reduce-overhead" = CUDA
+    # graphs on a GPU, for the launch-bound small-batch steps). Same function, same state_dict keys.
+    compile: CompileMode = "off"
     out_dir: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

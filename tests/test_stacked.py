@@ -1,8 +1,12 @@
 """The stacked supernet computes the reference function: outputs, gradients and BN statistics."""
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
+from nas_core.config import ConfigError
 from nas_core.models import create_model
 from nas_core.models.perf import maybe_compile
 from nas_core.search_space import CAM_OPS, SAM_OPS, Cell
@@ -158,3 +162,41 @@ def test_maybe_compile_disabled_returns_the_model():
     assert maybe_compile(model, enabled=False) is model
     with pytest.raises(ValueError, match="mode"):
         maybe_compile(model, enabled=True, mode="fastest")
+
+
+def test_compile_setting_is_checked_and_off_by_default():
+    from nas_core.config import load_config
+
+    assert load_config().compile == "off"
+    assert load_config(overrides=["compile=reduce-overhead"]).compile == "reduce-overhead"
+    with pytest.raises(ConfigError, match="compile: 'fast' is not one of"):
+        load_config(overrides=["compile=fast"])
+
+
+@pytest.mark.slow
+def test_prepare_model_compiles_when_asked_and_computes_the_same_function(tmp_path):
+    """cfg.compile reaches torch.compile through the engine's prepare_model (a tiny net: compiling a
+    whole supernet takes many minutes on a CPU); forward, gradients and state_dict keys are unchanged."""
+    from pathlib import Path
+
+    from nas_core.config import load_config
+    from nas_core.engine.loop import RunContext, prepare_model
+
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    twin = copy.deepcopy(eager)
+    ctx = RunContext(cfg=load_config(overrides=["compile=default"]), out_dir=Path(tmp_path),
+                     device=torch.device("cpu"), data=None, loss_fn=None)
+    compiled = prepare_model(twin, ctx)
+    assert compiled is twin and twin._compiled_call_impl is not None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    out_e, out_c = eager(x), compiled(x)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    out_e.square().sum().backward()
+    out_c.square().sum().backward()
+    for (name, pe), pc in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=name)
+    off = prepare_model(copy.deepcopy(eager), RunContext(cfg=load_config(), out_dir=Path(tmp_path),
+                                                          device=torch.device("cpu"), data=None, loss_fn=None))
+    assert off._compiled_call_impl is None

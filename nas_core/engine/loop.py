@@ -64,10 +64,14 @@ def setup_run(cfg: RunConfig, out_dir: Path) -> RunContext:
 
 
 def prepare_model(model: nn.Module, ctx: RunContext) -> nn.Module:
+    """Device, channels_last (CUDA) and, when ``cfg.compile`` is not "off", torch.compile in place."""
+    from nas_core.models.perf import maybe_compile
+
     model = model.to(ctx.device)
     if ctx.cfg.channels_last and ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return model
+    mode = ctx.cfg.compile
+    return maybe_compile(model, enabled=mode != "off", mode="default" if mode == "off" else mode)
 
 
 def adam(params, lr: float, device: torch.device) -> torch.optim.Optimizer:

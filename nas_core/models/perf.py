@@ -9,10 +9,15 @@ The engine decides when to use them (device, config); these helpers only apply t
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torch import nn
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+from nas_core.config import CompileMode
+
+# torch.compile modes; the config type (RunConfig.compile) adds "off"
+COMPILE_MODES = tuple(m for m in get_args(CompileMode) if m != "off")
 
 
 def maybe_compile(model: nn.Module, enabled: bool, mode: str = "default", dynamic: bool | None = False) -> nn.Module:
