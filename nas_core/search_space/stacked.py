@@ -134,10 +134,9 @@ class StackedPlan:
             run_var = torch.cat([bn.running_var for bn in bns]).view(n_conv, src.total)
         if update and bn0.momentum is None:
             raise ValueError("stacked cell: BatchNorm momentum=None (cumulative average) is not supported")
-        relu_sum = sig_sum = None
-        e_sig = src.edges[-1]
-        cl = cell.dim == 2 and cell.channels_last
-        for ks, kernel, dilation in self._groups(src, cell.dim):
+        zs = []  # per conv op: BN output (B, C_tot, *S)
+        groups = self._groups(src, cell.dim)
+        for ks, kernel, dilation in groups:
             n_g = len(ks)
             w = torch.cat([_pad_kernel(m[0].weight, kernel, cell.dim) for k in ks for m in mods[k]])
             b = torch.cat([m[0].bias for k in ks for m in mods[k]])
@@ -156,20 +155,10 @@ class StackedPlan:
             if has_stats and update and not rows:
                 with torch.no_grad():
                     run_mean[sel], run_var[sel] = rm.view(n_g, -1), rv.view(n_g, -1)
-            # split, not slicing: its backward is one cat of the parts' gradients, where each slice
-            # would scatter into its own zero-filled full-size tensor
-            n_sig = src.total - src.n_relu
-            parts = z.split([src.n_relu, n_sig] * n_g if n_sig and src.n_relu else [src.total] * n_g, dim=1)
-            for j, k in enumerate(ks):
-                if src.n_relu:
-                    r = F.relu(parts[j * (2 if n_sig else 1)])
-                    relu_sum = r if relu_sum is None else relu_sum + r
-                if n_sig:
-                    zs = parts[j * 2 + 1] if src.n_relu else parts[j]
-                    if cl and src.n_relu:
-                        zs = _ChannelsLastGrad.apply(zs)
-                    s = torch.sigmoid(zs) * weights[e_sig, conv_idx[k]].to(z.dtype)
-                    sig_sum = s if sig_sum is None else sig_sum + s
+            zs.extend(z.split(src.total, dim=1) if n_g > 1 else (z,))
+        order = [k for ks, _, _ in groups for k in ks]
+        w_sig = weights[src.edges[-1], [conv_idx[k] for k in order]]  # (n_conv,) op weights of the sigmoid edge
+        out = act_sum(zs, src.n_relu, w_sig)
         if update:
             with torch.no_grad():
                 flat_m, flat_v = run_mean.reshape(-1), run_var.reshape(-1)
@@ -177,7 +166,7 @@ class StackedPlan:
                 torch._foreach_copy_([bn.running_mean for bn in bns], list(flat_m.split(sizes)))
                 torch._foreach_copy_([bn.running_var for bn in bns], list(flat_v.split(sizes)))
                 torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
-        return relu_sum, sig_sum
+        return out
 
 
 def _pad_kernel(w: torch.Tensor, kernel: int, dim: int) -> torch.Tensor:
@@ -186,20 +175,66 @@ def _pad_kernel(w: torch.Tensor, kernel: int, dim: int) -> torch.Tensor:
     return F.pad(w, (p, p) * dim) if p else w
 
 
-class _ChannelsLastGrad(torch.autograd.Function):
-    """Identity whose backward hands on the gradient in channels_last strides.
+def act_sum(zs: list[torch.Tensor], n_relu: int, w_sig: torch.Tensor):
+    """(sum_k relu(z_k[:, :n_relu]), sum_k w_sig[k] * sigmoid(z_k[:, n_relu:])); either is None when empty.
 
-    The 1-channel sigmoid part of a stack gets its gradient from outside the cell in NCHW strides;
-    the split's backward then cats it with the channels_last ReLU part into an NCHW tensor, and
-    batch_norm's backward with a channels_last input and an NCHW gradient took 10x longer (CPU).
+    zs: BN outputs of one source's conv ops, each (B, C_tot, *S); w_sig: (len(zs),). One autograd node
+    for all ops: the backward writes each op's ReLU and sigmoid gradients straight into one (B, C_tot, *S)
+    tensor in the layout of z, where per-op relu/sigmoid/split nodes would each allocate an output,
+    and the split's backward would copy both parts again into a new tensor (a full pass per op).
     """
+    n_sig = zs[0].shape[1] - n_relu
+    if n_relu == 0:  # only the output edge leaves this node: 1-channel, cheap, plain autograd
+        return None, sum(torch.sigmoid(z) * w.to(z.dtype) for z, w in zip(zs, w_sig))
+    relu_sum, sig_sum = _ActSum.apply(n_relu, w_sig, *zs)
+    return relu_sum, (sig_sum if n_sig else None)
+
+
+class _ActSum(torch.autograd.Function):
+    """See ``act_sum``. First-order only (the search is first-order DARTS): no double backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+    def forward(ctx, n_relu: int, w_sig: torch.Tensor, *zs: torch.Tensor):
+        relu_sum = zs[0][:, :n_relu].clamp_min(0)
+        tmp = torch.empty_like(relu_sum) if len(zs) > 1 else None
+        for z in zs[1:]:
+            relu_sum.add_(torch.clamp_min(z[:, :n_relu], 0, out=tmp))
+        n_sig = zs[0].shape[1] - n_relu
+        sig_sum, sigs = None, []
+        if n_sig:
+            w = w_sig.to(zs[0].dtype)
+            for k, z in enumerate(zs):
+                sigs.append(torch.sigmoid(z[:, n_relu:]))  # (B, 1, *S), kept for the backward
+                sig_sum = sigs[-1] * w[k] if sig_sum is None else sig_sum.addcmul_(sigs[-1], w[k])
+        else:
+            sig_sum = relu_sum.new_zeros(())  # placeholder output (an autograd output must be a tensor)
+        ctx.n_relu, ctx.n_ops = n_relu, len(zs)
+        ctx.save_for_backward(w_sig, *zs, *sigs)
+        return relu_sum, sig_sum
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        if grad.dim() != 4 or grad.stride(1) == 1:
-            return grad
-        return torch.empty_like(grad, memory_format=torch.channels_last).copy_(grad)
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_relu: torch.Tensor | None, g_sig: torch.Tensor | None):
+        w_sig, *saved = ctx.saved_tensors
+        zs, sigs = saved[:ctx.n_ops], saved[ctx.n_ops:]
+        nr = ctx.n_relu
+        grads = []
+        g_w = torch.zeros_like(w_sig) if ctx.needs_input_grad[1] else None
+        w = w_sig.to(zs[0].dtype)
+        for k, z in enumerate(zs):
+            gz = torch.empty_like(z)  # the layout of z (channels_last where the conv ran so)
+            if g_relu is None:
+                gz[:, :nr].zero_()
+            else:  # relu'(z) = [z > 0], as autograd's ReLU backward (taken on its output)
+                torch.ops.aten.threshold_backward.grad_input(g_relu, z[:, :nr], 0.0, grad_input=gz[:, :nr])
+            if sigs:
+                if g_sig is None:
+                    gz[:, nr:].zero_()
+                else:  # d/dz w sigmoid(z) = w s (1 - s); d/dw = s
+                    s = sigs[k]
+                    gs = g_sig * s
+                    torch.mul(gs - gs * s, w[k], out=gz[:, nr:])
+                    if g_w is not None:
+                        g_w[k] = gs.sum().to(g_w.dtype)
+            grads.append(gz)
+        return None, g_w, *grads
