@@ -14,7 +14,7 @@ import torch
 from nas_core.config import ConfigError, RunConfig
 from nas_core.engine.callbacks import Callback, CallbackList
 from nas_core.engine.checkpoint import load_weights, read_checkpoint, save_checkpoint
-from nas_core.engine.device import rng_state
+from nas_core.engine.device import rng_state, seed_everything
 from nas_core.engine.evaluate import evaluate_split
 from nas_core.metrics import flatten_metrics
 from nas_core.engine.loop import (adam, due, guard_out_dir, iterations, optimisation_step, prepare_model, progress,
@@ -63,6 +63,8 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
     if resume and (out_dir / "result.json").exists():
         return TrainResult.from_dict(json.loads((out_dir / "result.json").read_text()))
     guard_out_dir(out_dir, resume, "train")
+    # seeded first: the initial weights depend on cfg.seed only, not on what the process drew before
+    seed_everything(cfg.seed, cfg.deterministic)
     model = build_model(cfg)  # before any data work: a bad genotype fails fast
     ctx = setup_run(cfg, out_dir)
     model = prepare_model(model, ctx)
