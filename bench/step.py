@@ -272,7 +272,11 @@ def main(argv=None) -> None:
             for kind in ("supernet straightforward", "supernet reference", "supernet stacked"):
                 runs.append(Runner(kind, "search", b, args.size, ctx, cl, args.compile))
     for r in runs:  # warm-up (allocator, oneDNN primitive caches); peak memory from this pass
-        r.peak_mb = float("nan") if args.no_memory else peak_memory_mb(r)
+        if args.no_memory:
+            r()
+            r.peak_mb = float("nan")
+        else:
+            r.peak_mb = peak_memory_mb(r)
         r.flops = count_flops(r)
     limit, limit_layout = big_conv_flops(device, args.reps)
     for _ in range(args.reps):
