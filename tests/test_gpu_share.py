@@ -1,0 +1,64 @@
+"""Fractional GPU resources pack several trials on one GPU: the path `resources: {gpu: 0.5}` takes.
+
+The local Ray declares one GPU (Ray schedules by declared resources; none is used: the trainable only
+records when it ran and which GPU Ray handed it), and trials go through the orchestrator's own
+`_tuner`, as an ablation's do.
+"""
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+HOLD_S = 4.0  # long against the few 100 ms that separate two trial actors' starts
+
+
+def _make_record(hold_s: float):
+    # a closure is pickled by value: Ray workers cannot import this test module
+    def record(config):
+        import ray
+        from ray import tune
+
+        start = time.time()
+        time.sleep(hold_s)
+        tune.report({"start": start, "end": time.time(), "gpu_ids": ",".join(map(str, ray.get_gpu_ids()))})
+
+    return record
+
+
+def _run(tmp_path, gpu: float) -> list[dict]:
+    from ray import tune
+
+    from orchestrator.runner import _tuner
+
+    tc = tune.TuneConfig(max_concurrent_trials=2)
+    grid = _tuner(_make_record(HOLD_S), f"share-{gpu}", tmp_path, {"i": tune.grid_search([0, 1])}, tc,
+                  {"cpu": 1, "gpu": gpu}, 0, False).fit()
+    assert not grid.errors, grid.errors
+    return [r.metrics for r in grid]
+
+
+def _overlap(a: dict, b: dict) -> float:
+    return min(a["end"], b["end"]) - max(a["start"], b["start"])
+
+
+def test_half_a_gpu_per_trial_runs_two_trials_at_once_on_one_gpu(tmp_path):
+    import ray
+
+    from orchestrator import ray_env
+
+    ray_env.prepare(local=True)  # loopback, no auth token, short socket paths (as start_ray)
+    ray_env.LOCAL_TMPDIR.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _temp_dir=str(ray_env.LOCAL_TMPDIR),
+             log_to_driver=False)
+    try:
+        shared = _run(tmp_path / "tune", 0.5)
+        whole = _run(tmp_path / "tune", 1.0)
+    finally:
+        ray.shutdown()
+    assert [m["gpu_ids"] for m in shared] == ["0", "0"]
+    # both trials held the GPU at the same time for most of their run
+    assert _overlap(*shared) > HOLD_S / 2
+    # a whole GPU per trial: one after the other
+    assert [m["gpu_ids"] for m in whole] == ["0", "0"]
+    assert _overlap(*whole) <= 0
