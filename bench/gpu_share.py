@@ -2,10 +2,14 @@
 
     .venv/bin/python bench/gpu_share.py --device cuda --size 256 --batch 4 --seconds 30
     .venv/bin/python bench/gpu_share.py --quick          # CPU smoke: 32x32, 4 s per point
+    .venv/bin/python bench/gpu_share.py --quick --ray    # the same points as Ray Tune trials, gpu = 1/n each
 
 Each trial is a separate process (as Ray trials with fractional GPUs are) that builds its own model
 and optimiser, warms up, waits at a barrier, then runs w steps for ``--seconds``; the table reports
-the summed crops/s of all trials and the speed-up over one trial. Prints numbers, never passes or
+the summed crops/s of all trials and the speed-up over one trial. With ``--ray`` the trials are Ray Tune
+trials scheduled by the orchestrator's own tuner with ``{"cpu": 1, "gpu": 1/n}`` (a local Ray; on a
+machine without a GPU it declares one, so the scheduling is the same and the work runs on the CPU);
+they start together at a wall-clock time instead of a barrier. Prints numbers, never passes or
 fails. On a CPU the processes share the cores (1 torch thread each), so this is only a smoke test of
 the script: the figures that matter need a GPU (Ray: ``resources_per_trial={"gpu": 1 / n}``).
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +65,57 @@ def measure(n: int, args: dict) -> float:
     return sum(crops / wall for crops, wall in out)
 
 
+def _ray_trainable(args: dict, bench_dir: str):
+    """A Tune trainable (a closure: Ray workers pickle it by value) that runs ``args["seconds"]`` of
+    steps from the wall-clock time ``config["t0"]`` on and reports crops and seconds."""
+
+    def trainable(config):
+        import torch
+        from ray import tune
+
+        torch.set_num_threads(1)
+        sys.path.insert(0, bench_dir)
+        from step import Runner
+
+        from nas_core.config import RunConfig
+        from nas_core.engine.device import resolve_device
+        from nas_core.engine.loop import RunContext
+        from nas_core.losses import create_loss
+
+        device = resolve_device(args["device"])
+        ctx = RunContext(cfg=RunConfig(), out_dir=Path("."), device=device, data=None,
+                         loss_fn=create_loss("exp_log"))
+        run = Runner(args["model"], "train", args["batch"], args["size"], ctx, device.type == "cuda")
+        run()  # warm-up
+        late = time.time() - config["t0"]
+        time.sleep(max(0.0, -late))
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args["seconds"]:
+            run()
+            steps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tune.report({"crops": steps * args["batch"], "wall": time.perf_counter() - start, "late_s": max(0.0, late)})
+
+    return trainable
+
+
+def measure_ray(n: int, args: dict, lead_s: float) -> tuple[float, float]:
+    """(summed crops/s, latest start after t0 in s) of ``n`` Tune trials sharing one GPU."""
+    from ray import tune
+
+    from orchestrator.runner import _tuner
+
+    with tempfile.TemporaryDirectory() as tmp:
+        space = {"i": tune.grid_search(list(range(n))), "t0": time.time() + lead_s}
+        grid = _tuner(_ray_trainable(args, str(Path(__file__).resolve().parent)), f"share-{n}", Path(tmp), space,
+                      tune.TuneConfig(max_concurrent_trials=n), {"cpu": 1, "gpu": 1 / n}, 0, False).fit()
+        if grid.errors:
+            raise SystemExit(f"{n} trials: {grid.errors[0]}")
+        metrics = [r.metrics for r in grid]
+    return sum(m["crops"] / m["wall"] for m in metrics), max(m["late_s"] for m in metrics)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto")
@@ -70,6 +126,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--trials", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--quick", action="store_true", help="32x32, 4 s per point, trials 1 2 4 8")
+    ap.add_argument("--ray", action="store_true", help="run the trials as Ray Tune trials with gpu = 1/n each")
+    ap.add_argument("--lead", type=float, default=30.0,
+                    help="--ray: seconds from submitting the trials to their common start (start-up and warm-up)")
     a = ap.parse_args(argv)
     if a.quick:
         a.size, a.seconds, a.model = 32, 4.0, "unet"
@@ -82,11 +141,33 @@ def main(argv=None) -> None:
     print(f"device {device}: {name}; torch {torch.__version__}; model {a.model}, {a.size}x{a.size}, batch {a.batch}")
     args = {"device": str(device), "model": a.model, "size": a.size, "batch": a.batch, "seconds": a.seconds}
     base = None
-    print(f"{'trials':>6s} {'crops/s (sum)':>14s} {'vs 1 trial':>10s}")
-    for n in a.trials:
-        rate = measure(n, args)
-        base = base or rate
-        print(f"{n:6d} {rate:14.2f} {rate / base:9.2f}x", flush=True)
+    if a.ray:
+        import ray
+
+        from orchestrator import ray_env
+
+        ray_env.prepare(local=True)
+        ray_env.LOCAL_TMPDIR.mkdir(parents=True, exist_ok=True)
+        gpus = torch.cuda.device_count() or 1  # no GPU: declare one, the scheduling is what is shown
+        ray.init(num_cpus=max(a.trials), num_gpus=gpus, include_dashboard=False,
+                 _temp_dir=str(ray_env.LOCAL_TMPDIR), log_to_driver=False)
+        print(f"Ray Tune trials, {{'cpu': 1, 'gpu': 1/n}} each, local Ray with {gpus} GPU(s) "
+              f"({'real' if torch.cuda.device_count() else 'declared'}), common start {a.lead:.0f} s after submission")
+    print(f"{'trials':>6s} {'crops/s (sum)':>14s} {'vs 1 trial':>10s}" + ("  latest start after t0" if a.ray else ""))
+    try:
+        for n in a.trials:
+            if a.ray:
+                rate, late = measure_ray(n, args, a.lead)
+            else:
+                rate, late = measure(n, args), None
+            base = base or rate
+            extra = "" if late is None else f"  {late:.1f} s" + ("  (late: raise --lead)" if late > 0.5 else "")
+            print(f"{n:6d} {rate:14.2f} {rate / base:9.2f}x{extra}", flush=True)
+    finally:
+        if a.ray:
+            import ray
+
+            ray.shutdown()
 
 
 if __name__ == "__main__":
