@@ -26,11 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _trial(args: dict, barrier, results) -> None:
+def timed_steps(args: dict, wait) -> tuple[int, float]:
+    """Build the step, warm up, ``wait()`` for the common start, run ``args["seconds"]`` of steps:
+    (crops, seconds). Shared by the process and the Ray trials."""
     import torch
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from step import Runner  # bench/step.py: the same step the step benchmark times
 
     from nas_core.config import RunConfig
@@ -43,14 +45,18 @@ def _trial(args: dict, barrier, results) -> None:
                      loss_fn=create_loss("exp_log"))
     run = Runner(args["model"], "train", args["batch"], args["size"], ctx, device.type == "cuda")
     run()  # warm-up: allocator, cuDNN/oneDNN kernels
-    barrier.wait()
+    wait()
     steps, start = 0, time.perf_counter()
     while time.perf_counter() - start < args["seconds"]:
         run()
         steps += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    results.put((steps * args["batch"], time.perf_counter() - start))
+    return steps * args["batch"], time.perf_counter() - start
+
+
+def _trial(args: dict, barrier, results) -> None:
+    results.put(timed_steps(args, barrier.wait))
 
 
 def measure(n: int, args: dict) -> float:
@@ -66,36 +72,23 @@ def measure(n: int, args: dict) -> float:
 
 
 def _ray_trainable(args: dict, bench_dir: str):
-    """A Tune trainable (a closure: Ray workers pickle it by value) that runs ``args["seconds"]`` of
-    steps from the wall-clock time ``config["t0"]`` on and reports crops and seconds."""
+    """A Tune trainable (a closure: Ray workers pickle it by value and cannot import this script) that
+    runs ``timed_steps`` from the wall-clock time ``config["t0"]`` on."""
 
     def trainable(config):
-        import torch
         from ray import tune
 
-        torch.set_num_threads(1)
         sys.path.insert(0, bench_dir)
-        from step import Runner
+        from gpu_share import timed_steps
 
-        from nas_core.config import RunConfig
-        from nas_core.engine.device import resolve_device
-        from nas_core.engine.loop import RunContext
-        from nas_core.losses import create_loss
+        late = []
 
-        device = resolve_device(args["device"])
-        ctx = RunContext(cfg=RunConfig(), out_dir=Path("."), device=device, data=None,
-                         loss_fn=create_loss("exp_log"))
-        run = Runner(args["model"], "train", args["batch"], args["size"], ctx, device.type == "cuda")
-        run()  # warm-up
-        late = time.time() - config["t0"]
-        time.sleep(max(0.0, -late))
-        steps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < args["seconds"]:
-            run()
-            steps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        tune.report({"crops": steps * args["batch"], "wall": time.perf_counter() - start, "late_s": max(0.0, late)})
+        def wait():
+            late.append(time.time() - config["t0"])
+            time.sleep(max(0.0, -late[0]))
+
+        crops, wall = timed_steps(args, wait)
+        tune.report({"crops": crops, "wall": wall, "late_s": max(0.0, late[0])})
 
     return trainable
 

@@ -70,8 +70,9 @@ def prepare_model(model: nn.Module, ctx: RunContext) -> nn.Module:
     model = model.to(ctx.device)
     if ctx.cfg.channels_last and ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    mode = ctx.cfg.compile
-    return maybe_compile(model, enabled=mode != "off", mode="default" if mode == "off" else mode)
+    if ctx.cfg.compile != "off":
+        maybe_compile(model, enabled=True, mode=ctx.cfg.compile)
+    return model
 
 
 def adam(params, lr: float, device: torch.device) -> torch.optim.Optimizer:

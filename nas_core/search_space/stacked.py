@@ -62,6 +62,7 @@ class StackedPlan:
                 bounds.append((start, start + cell.channels[d]))
                 start += cell.channels[d]
             n_relu = sum(cell.channels[d] for _, d in leaving if d != cell.n_nodes)
+            assert start - n_relu == 1  # internal invariant: every node has one edge into the 1-channel output
             self.sources.append(_Source(node, tuple(e for e, _ in leaving), tuple(d for _, d in leaving),
                                         tuple(bounds), n_relu, start))
         self.in_degree = sum(1 for _, d in cell.edges if d == cell.n_nodes)
@@ -176,22 +177,22 @@ def _pad_kernel(w: torch.Tensor, kernel: int, dim: int) -> torch.Tensor:
 
 
 def act_sum(zs: list[torch.Tensor], n_relu: int, w_sig: torch.Tensor):
-    """(sum_k relu(z_k[:, :n_relu]), sum_k w_sig[k] * sigmoid(z_k[:, n_relu:])); either is None when empty.
+    """(sum_k relu(z_k[:, :n_relu]) or None when n_relu is 0, sum_k w_sig[k] * sigmoid(z_k[:, n_relu:])).
 
-    zs: BN outputs of one source's conv ops, each (B, C_tot, *S); w_sig: (len(zs),). One autograd node
-    for all ops: the backward writes each op's ReLU and sigmoid gradients straight into one (B, C_tot, *S)
-    tensor in the layout of z, where per-op relu/sigmoid/split nodes would each allocate an output,
-    and the split's backward would copy both parts again into a new tensor (a full pass per op).
+    zs: BN outputs of one source's conv ops, each (B, C_tot, *S), whose last channel feeds the output
+    node (every node has an edge into it); w_sig: (len(zs),). One autograd node for all ops: the
+    backward writes each op's ReLU and sigmoid gradients straight into one (B, C_tot, *S) tensor in the
+    layout of z, where per-op relu/sigmoid/split nodes would each allocate an output, and the split's
+    backward would copy both parts again into a new tensor (a full pass per op).
     """
-    n_sig = zs[0].shape[1] - n_relu
     if n_relu == 0:  # only the output edge leaves this node: 1-channel, cheap, plain autograd
         return None, sum(torch.sigmoid(z) * w.to(z.dtype) for z, w in zip(zs, w_sig))
-    relu_sum, sig_sum = _ActSum.apply(n_relu, w_sig, *zs)
-    return relu_sum, (sig_sum if n_sig else None)
+    return _ActSum.apply(n_relu, w_sig, *zs)
 
 
 class _ActSum(torch.autograd.Function):
-    """See ``act_sum``. First-order only (the search is first-order DARTS): no double backward."""
+    """See ``act_sum``. First-order only (the search is first-order DARTS): no double backward.
+    Unused outputs get zero gradients (autograd's default ``materialize_grads``), never None."""
 
     @staticmethod
     def forward(ctx, n_relu: int, w_sig: torch.Tensor, *zs: torch.Tensor):
@@ -199,42 +200,32 @@ class _ActSum(torch.autograd.Function):
         tmp = torch.empty_like(relu_sum) if len(zs) > 1 else None
         for z in zs[1:]:
             relu_sum.add_(torch.clamp_min(z[:, :n_relu], 0, out=tmp))
-        n_sig = zs[0].shape[1] - n_relu
-        sig_sum, sigs = None, []
-        if n_sig:
-            w = w_sig.to(zs[0].dtype)
-            for k, z in enumerate(zs):
-                sigs.append(torch.sigmoid(z[:, n_relu:]))  # (B, 1, *S), kept for the backward
-                sig_sum = sigs[-1] * w[k] if sig_sum is None else sig_sum.addcmul_(sigs[-1], w[k])
-        else:
-            sig_sum = relu_sum.new_zeros(())  # placeholder output (an autograd output must be a tensor)
+        w = w_sig.to(zs[0].dtype)
+        sigs = [torch.sigmoid(z[:, n_relu:]) for z in zs]  # (B, 1, *S) each, kept for the backward
+        sig_sum = sigs[0] * w[0]
+        for k in range(1, len(zs)):
+            sig_sum.addcmul_(sigs[k], w[k])
         ctx.n_relu, ctx.n_ops = n_relu, len(zs)
         ctx.save_for_backward(w_sig, *zs, *sigs)
         return relu_sum, sig_sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_relu: torch.Tensor | None, g_sig: torch.Tensor | None):
+    def backward(ctx, g_relu: torch.Tensor, g_sig: torch.Tensor):
         w_sig, *saved = ctx.saved_tensors
         zs, sigs = saved[:ctx.n_ops], saved[ctx.n_ops:]
         nr = ctx.n_relu
-        grads = []
         g_w = torch.zeros_like(w_sig) if ctx.needs_input_grad[1] else None
         w = w_sig.to(zs[0].dtype)
-        for k, z in enumerate(zs):
+        grads = []
+        for k, (z, s) in enumerate(zip(zs, sigs)):
             gz = torch.empty_like(z)  # the layout of z (channels_last where the conv ran so)
-            if g_relu is None:
-                gz[:, :nr].zero_()
-            else:  # relu'(z) = [z > 0], as autograd's ReLU backward (taken on its output)
-                torch.ops.aten.threshold_backward.grad_input(g_relu, z[:, :nr], 0.0, grad_input=gz[:, :nr])
-            if sigs:
-                if g_sig is None:
-                    gz[:, nr:].zero_()
-                else:  # d/dz w sigmoid(z) = w s (1 - s); d/dw = s
-                    s = sigs[k]
-                    gs = g_sig * s
-                    torch.mul(gs - gs * s, w[k], out=gz[:, nr:])
-                    if g_w is not None:
-                        g_w[k] = gs.sum().to(g_w.dtype)
+            # relu'(z) = [z > 0], as autograd's ReLU backward (taken on its output)
+            torch.ops.aten.threshold_backward.grad_input(g_relu, z[:, :nr], 0.0, grad_input=gz[:, :nr])
+            # d/dz w sigmoid(z) = w s (1 - s); d/dw = s
+            gs = g_sig * s
+            torch.mul(gs - gs * s, w[k], out=gz[:, nr:])
+            if g_w is not None:
+                g_w[k] = gs.sum().to(g_w.dtype)
             grads.append(gz)
         return None, g_w, *grads
