@@ -139,11 +139,8 @@ def main(argv=None) -> None:
 
         from orchestrator import ray_env
 
-        ray_env.prepare(local=True)
-        ray_env.LOCAL_TMPDIR.mkdir(parents=True, exist_ok=True)
         gpus = torch.cuda.device_count() or 1  # no GPU: declare one, the scheduling is what is shown
-        ray.init(num_cpus=max(a.trials), num_gpus=gpus, include_dashboard=False,
-                 _temp_dir=str(ray_env.LOCAL_TMPDIR), log_to_driver=False)
+        ray_env.init_local(max(a.trials), num_gpus=gpus, log_to_driver=False)
         print(f"Ray Tune trials, {{'cpu': 1, 'gpu': 1/n}} each, local Ray with {gpus} GPU(s) "
               f"({'real' if torch.cuda.device_count() else 'declared'}), common start {a.lead:.0f} s after submission")
     print(f"{'trials':>6s} {'crops/s (sum)':>14s} {'vs 1 trial':>10s}" + ("  latest start after t0" if a.ray else ""))

@@ -42,6 +42,21 @@ def prepare(local: bool) -> None:
         os.environ.setdefault("RAY_TMPDIR", str(LOCAL_TMPDIR))
 
 
+def init_local(num_cpus: float, num_gpus: Optional[float] = None, log_to_driver: bool = True) -> None:
+    """Start a Ray of our own on 127.0.0.1, never joining another one on the machine.
+
+    ``address="local"`` matters: without it ``ray.init`` reads the "current cluster" file that any
+    ``ray start --head`` leaves in the temp folder and joins (or fails against) that cluster.
+    """
+    prepare(local=True)
+    import ray
+
+    LOCAL_TMPDIR.mkdir(parents=True, exist_ok=True)
+    kwargs = {} if num_gpus is None else {"num_gpus": num_gpus}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(LOCAL_TMPDIR),
+             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, **kwargs)
+
+
 def _host_port(address: str) -> tuple[str, int]:
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
     if not parsed.hostname or not parsed.port:

@@ -65,9 +65,7 @@ def start_ray(settings: Settings, cpu: float, gpu: float) -> bool:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray_env.LOCAL_TMPDIR.mkdir(parents=True, exist_ok=True)
-            ray.init(num_cpus=settings.ray_num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                     _temp_dir=str(ray_env.LOCAL_TMPDIR), log_to_driver=True)
+            ray_env.init_local(settings.ray_num_cpus or os.cpu_count() or 1)
             started = True
     total = ray.cluster_resources()
     if cpu > total.get("CPU", 0) or gpu > total.get("GPU", 0):

@@ -47,10 +47,7 @@ def test_half_a_gpu_per_trial_runs_two_trials_at_once_on_one_gpu(tmp_path):
 
     from orchestrator import ray_env
 
-    ray_env.prepare(local=True)  # loopback, no auth token, short socket paths (as start_ray)
-    ray_env.LOCAL_TMPDIR.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _temp_dir=str(ray_env.LOCAL_TMPDIR),
-             log_to_driver=False)
+    ray_env.init_local(2, num_gpus=1, log_to_driver=False)  # our own Ray on loopback, as start_ray
     try:
         shared = _run(tmp_path / "tune", 0.5)
         whole = _run(tmp_path / "tune", 1.0)
