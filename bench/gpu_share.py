@@ -122,6 +122,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ray", action="store_true", help="run the trials as Ray Tune trials with gpu = 1/n each")
     ap.add_argument("--lead", type=float, default=30.0,
                     help="--ray: seconds from submitting the trials to their common start (start-up and warm-up)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the points to this JSON file")
     a = ap.parse_args(argv)
     if a.quick:
         a.size, a.seconds, a.model = 32, 4.0, "unet"
@@ -134,6 +135,7 @@ def main(argv=None) -> None:
     print(f"device {device}: {name}; torch {torch.__version__}; model {a.model}, {a.size}x{a.size}, batch {a.batch}")
     args = {"device": str(device), "model": a.model, "size": a.size, "batch": a.batch, "seconds": a.seconds}
     base = None
+    points = []
     if a.ray:
         import ray
 
@@ -153,6 +155,14 @@ def main(argv=None) -> None:
             base = base or rate
             extra = "" if late is None else f"  {late:.1f} s" + ("  (late: raise --lead)" if late > 0.5 else "")
             print(f"{n:6d} {rate:14.2f} {rate / base:9.2f}x{extra}", flush=True)
+            points.append({"trials": n, "crops_per_s": rate, "vs_1": rate / base, "late_s": late})
+            if a.json:  # after every point, so a run cut short still leaves the points it measured
+                import json
+
+                a.json.parent.mkdir(parents=True, exist_ok=True)
+                a.json.write_text(json.dumps({"device": str(device), "gpu": name, "torch": torch.__version__,
+                                              "model": a.model, "size": a.size, "batch": a.batch,
+                                              "seconds": a.seconds, "ray": a.ray, "points": points}, indent=1))
     finally:
         if a.ray:
             import ray

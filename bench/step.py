@@ -3,17 +3,23 @@
     .venv/bin/python bench/step.py --quick            # 64x64, batches 4 and 8, 3 reps (a few minutes)
     .venv/bin/python bench/step.py                    # 256x256, batches 4 and 8, 3 reps (long on a CPU)
     .venv/bin/python bench/step.py --size 128 --batches 4 --reps 5 --device cuda
+    .venv/bin/python bench/step.py --size 32 --batches 2 --reps 1 --json /tmp/step.json   # smoke + JSON
 
 Prints numbers and ratios, never passes or fails. Every configuration is built once; repetitions are
 interleaved (rep 1 of every config, then rep 2, ...) and the median is reported, so a noisy shared
 machine slows all of them alike. Rows:
 - train step (one Adam step on all weights; the supernets' w step, alpha frozen as in the engine):
-  plain U-Net, fixed NAS-SCAM-P (a uniform genotype), synchronous supernet reference and stacked;
+  plain U-Net, fixed NAS-SCAM-P (a uniform genotype) as the release builds it ("release-style fixed",
+  bench/release_style.py) and as we do, synchronous supernet reference and stacked;
 - search iteration of the ``paper`` protocol: a w step then an alpha step, with the engine's own
-  ``optimisation_step``. "straightforward" = the per-op reference cell, backward into every
-  parameter in both steps, per-tensor Adam (the baseline the performance goal is measured against);
-  "reference" / "stacked" = the engine's loop (alpha steps without weight gradients, fused Adam) with
-  either cell.
+  ``optimisation_step``. "release-style" = what the authors' release does per iteration
+  (bench/release_style.py: per-op conv -> BN -> act on every edge, Zero ops as real 1x1 convs times 0,
+  per-tensor Adam, the other parameter group's requires_grad off in each step): the baseline every speed
+  figure is a ratio against. "straightforward" = the per-op reference cell, backward into every
+  parameter in both steps, per-tensor Adam (a second reference); "reference" / "stacked" = the engine's
+  loop (alpha steps without weight gradients, fused Adam) with either cell.
+All rows run at the same precision (``--amp``: bf16 autocast on CUDA, or float32; ``--tf32``), so a
+ratio isolates the implementation; the release itself ran float32.
 FLOPs come from torch.utils.flop_counter (convs and matmuls; elementwise and norms are not counted),
 counted at two small sizes and extrapolated exactly (conv FLOPs are affine in H*W); both supernet
 forms are credited with the reference's FLOPs (the useful work of the same function). Peak memory:
@@ -32,6 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # release_style, also when imported
 # oneDNN keeps 1024 conv primitives by default; the dozen models of one run need more than that, and
 # evicting each other's primitives (re-JIT every step) slowed the many-conv reference form by up to
 # 1.5x. A large cache makes each model run as it would alone in a training process.
@@ -61,10 +68,16 @@ def build(kind: str, device, channels_last: bool, compile_mode: str = "off"):
     from nas_core.models import create_model
     from nas_core.search_space import Genotype
 
+    import release_style
+
     if kind == "unet":
         model = create_model("unet")
+    elif kind == "release-style fixed":
+        model = release_style.ReleaseFixedNet(FIXED_GENOTYPE())
+    elif kind == "supernet release-style":
+        model = release_style.ReleaseSupernet("parallel")
     elif kind == "nas-scam-p fixed":
-        model = create_model("nas-scam-p", genotype=Genotype.uniform("parallel", "synchronous", "conv3", "conv9"))
+        model = create_model("nas-scam-p", genotype=FIXED_GENOTYPE())
     else:
         impl = "reference" if kind == "supernet straightforward" else kind.split()[-1]
         model = create_model("nas-scam-p", supernet="synchronous", impl=impl)
@@ -78,6 +91,8 @@ def build(kind: str, device, channels_last: bool, compile_mode: str = "off"):
     if kind == "supernet straightforward":
         # the textbook loop: per-tensor Adam (torch's CPU default)
         make = lambda params, lr: torch.optim.Adam(params, lr=lr, foreach=False)  # noqa: E731
+    elif kind.startswith("release-style") or kind.endswith("release-style"):
+        make = release_style.release_adam
     else:
         from nas_core.engine.loop import adam
 
@@ -86,6 +101,17 @@ def build(kind: str, device, channels_last: bool, compile_mode: str = "off"):
     if model.arch_parameters():
         opts["alpha"] = make(model.arch_parameters(), 1e-3)
     return model, opts
+
+
+def FIXED_GENOTYPE():  # noqa: N802 - a constant, built on demand (torch-free import of this module)
+    from nas_core.search_space import Genotype
+
+    return Genotype.uniform("parallel", "synchronous", "conv3", "conv9")
+
+
+# row kinds, in print order; the first of each is the baseline the others are ratios against
+TRAIN_KINDS = ("release-style fixed", "unet", "nas-scam-p fixed", "supernet reference", "supernet stacked")
+SEARCH_KINDS = ("supernet release-style", "supernet straightforward", "supernet reference", "supernet stacked")
 
 
 def make_batch(b: int, size: int, device, channels_last: bool, seed: int) -> dict:
@@ -111,6 +137,7 @@ class Runner:
         self.times: list[float] = []
         self.peak_mb = float("nan")
         self.flops = float("nan")
+        self.first_s = float("nan")  # the first call: eager warm-up, or compile + warm-up
 
     def __call__(self) -> None:
         from nas_core.engine.loop import optimisation_step
@@ -181,9 +208,12 @@ def count_flops(run: Runner) -> float:
     counts = []
     # the stacked form pads small kernels with zero taps: count the useful FLOPs, i.e. the reference's
     kind = "supernet reference" if run.kind == "supernet stacked" else run.kind
+    if run.kind == "supernet release-style":  # the Zero convs are no useful work either
+        kind = "supernet reference"
+    elif run.kind == "release-style fixed":
+        kind = "nas-scam-p fixed"
     for s in (32, 64):
         probe = Runner(kind, run.what, run.b, s, run.ctx, channels_last=False)
-        probe.model.load_state_dict(run.model.state_dict())
         with FlopCounterMode(display=False) as fc:
             probe()
         counts.append(fc.get_total_flops())
@@ -217,7 +247,7 @@ def big_conv_flops(device, reps: int) -> tuple[float, str]:
     return best, label
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="64x64, batches 4 and 8, 3 reps")
     ap.add_argument("--size", type=int, default=256)
@@ -232,8 +262,15 @@ def main(argv=None) -> None:
 
     ap.add_argument("--compile", default="off", choices=get_args(CompileMode),
                     help="torch.compile every timed model (reduce-overhead = CUDA graphs); FLOPs are counted eagerly")
+    ap.add_argument("--amp", choices=["on", "off"], default="on",
+                    help="bf16 autocast on CUDA (the engine's default); off = float32 (the release's precision)")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convs on CUDA (float32 rows)")
     ap.add_argument("--rows", nargs="+", default=["train", "search"], choices=["train", "search"])
+    ap.add_argument("--kinds", nargs="+", default=None, choices=sorted(set(TRAIN_KINDS + SEARCH_KINDS)),
+                    help="only these row kinds (default: all)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (it builds two probes per row)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows and ratios to this JSON file")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's). On a CPU shared with other jobs use 1, or set "
                          "OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads that wait for a descheduled peer made "
@@ -243,6 +280,9 @@ def main(argv=None) -> None:
         args.size, args.batches, args.reps = 64, [4, 8], 3
     if args.size % 16 or args.size < 32:
         raise SystemExit(f"--size must be a multiple of 16 and >= 32, got {args.size}")
+
+    import dataclasses
+    import json
 
     import torch
 
@@ -254,30 +294,35 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
     cl = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
-    cfg = RunConfig()
+    cfg = RunConfig(amp=args.amp == "on")
     ctx = RunContext(cfg=cfg, out_dir=Path("."), device=device, data=None, loss_fn=create_loss("exp_log"))
     print(machine(device) + f"; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
           f"ONEDNN_PRIMITIVE_CACHE_CAPACITY={os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']}")
     print(f"size {args.size}x{args.size}, batches {args.batches}, {args.reps} interleaved reps (median), "
-          f"model channels_last={cl}, bf16 autocast={ctx.amp}, compile={args.compile}")
+          f"model channels_last={cl}, bf16 autocast={ctx.amp}, tf32={args.tf32 and device.type == 'cuda'}, "
+          f"compile={args.compile}", flush=True)
 
     torch.manual_seed(0)
     runs: list[Runner] = []
     for b in args.batches:
-        if "train" in args.rows:
-            for kind in ("unet", "nas-scam-p fixed", "supernet reference", "supernet stacked"):
-                runs.append(Runner(kind, "train", b, args.size, ctx, cl, args.compile))
-        if "search" in args.rows:
-            for kind in ("supernet straightforward", "supernet reference", "supernet stacked"):
-                runs.append(Runner(kind, "search", b, args.size, ctx, cl, args.compile))
-    for r in runs:  # warm-up (allocator, oneDNN primitive caches); peak memory from this pass
-        if args.no_memory:
-            r()
-            r.peak_mb = float("nan")
-        else:
-            r.peak_mb = peak_memory_mb(r)
-        r.flops = count_flops(r)
+        for what, kinds in (("train", TRAIN_KINDS), ("search", SEARCH_KINDS)):
+            if what in args.rows:
+                for kind in kinds:
+                    if args.kinds is None or kind in args.kinds:
+                        runs.append(Runner(kind, what, b, args.size, ctx, cl, args.compile))
+    for r in runs:  # warm-up (allocator, oneDNN primitive caches, compilation); peak memory from this pass
+        sync(device)
+        t = time.perf_counter()
+        r()
+        sync(device)
+        r.first_s = time.perf_counter() - t
+        r.peak_mb = float("nan") if args.no_memory else peak_memory_mb(r)
+        r.flops = float("nan") if args.no_flops else count_flops(r)
+        print(f"  built and warmed up {r.label.strip()}: first call {r.first_s:.2f} s", flush=True)
     limit, limit_layout = big_conv_flops(device, args.reps)
     for _ in range(args.reps):
         for r in runs:
@@ -285,31 +330,55 @@ def main(argv=None) -> None:
 
     print(f"\nreference: one large conv (64->64 3x3, 8x64x128x128, fwd+bwd, {limit_layout}): "
           f"{limit / 1e9:.1f} GFLOP/s")
-    print(f"\n{'row':44s} {'median s':>9s} {'crops/s':>8s} {'peak MB':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
-          f"{'% conv':>7s}")
+    print(f"\n{'row':48s} {'median s':>9s} {'crops/s':>8s} {'peak MB':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
+          f"{'% conv':>7s} {'1st call s':>10s}")
+    rows = []
     for r in runs:
         t = statistics.median(r.times)
         rate = r.flops / t
-        print(f"{r.label:44s} {t:9.3f} {r.b / t:8.2f} {r.peak_mb:8.0f} {r.flops / 1e9:8.1f} "
-              f"{rate / 1e9:8.1f} {100 * rate / limit:6.0f}%")
-    print("\nsearch loop, the engine (stacked cell, alpha steps without weight gradients, fused Adam) vs the"
-          "\nstraightforward implementation (per-op cell, every gradient in both steps, per-tensor Adam):")
+        print(f"{r.label:48s} {t:9.3f} {r.b / t:8.2f} {r.peak_mb:8.0f} {r.flops / 1e9:8.1f} "
+              f"{rate / 1e9:8.1f} {100 * rate / limit:6.0f}% {r.first_s:10.2f}")
+        rows.append({"what": r.what, "kind": r.kind, "batch": r.b, "median_s": t, "times_s": r.times,
+                     "crops_per_s": r.b / t, "peak_mb": r.peak_mb, "gflop": r.flops / 1e9,
+                     "first_call_s": r.first_s, "compile_s": r.first_s - t if args.compile != "off" else None})
+    ratios = speedups(runs, args)
+    out = {"machine": machine(device), "device": str(device),
+           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+           "torch": torch.__version__, "cuda": torch.version.cuda, "size": args.size, "batches": args.batches,
+           "reps": args.reps, "amp": ctx.amp, "tf32": bool(args.tf32 and device.type == "cuda"),
+           "compile": args.compile, "channels_last": cl, "conv_limit_gflops": limit / 1e9,
+           "rows": rows, "ratios": ratios, "config": {"loss": "exp_log", **{k: v for k, v in
+                                                      dataclasses.asdict(cfg).items() if k in ("amp",)}}}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1, default=float))
+    return out
+
+
+def speedups(runs: list[Runner], args) -> list[dict]:
+    """Median time of the baseline row / median time of each row (> 1 = faster than the baseline).
+
+    Baselines: the release-style rows (train: its fixed network; search: its SearchNet iteration) and, for
+    search, the straightforward loop as a second reference."""
+    out = []
+    print("\nspeed-up over the baselines (median time baseline / row; > 1 = faster), per-rep ratios in ():")
     for b in args.batches:
-        pair = {r.kind: r for r in runs if r.b == b and r.what == "search"}
-        base, fast = pair.get("supernet straightforward"), pair.get("supernet stacked")
-        if base and fast:
-            ratio = statistics.median(base.times) / statistics.median(fast.times)
-            spread = [a / c for a, c in zip(base.times, fast.times)]
-            print(f"  search b={b}: {ratio:.2f}x  (per-rep ratios {', '.join(f'{x:.2f}' for x in spread)})")
-    print("\nratios (median time reference / stacked; > 1 = stacked faster):")
-    for b in args.batches:
-        for what in args.rows:
+        for what, kinds in (("train", TRAIN_KINDS), ("search", SEARCH_KINDS)):
             pair = {r.kind: r for r in runs if r.b == b and r.what == what}
-            ref, st = pair.get("supernet reference"), pair.get("supernet stacked")
-            if ref and st:
-                ratio = statistics.median(ref.times) / statistics.median(st.times)
-                spread = [a / c for a, c in zip(ref.times, st.times)]
-                print(f"  {what:6s} b={b}: {ratio:.2f}x  (per-rep ratios {', '.join(f'{x:.2f}' for x in spread)})")
+            bases = [k for k in (kinds[0], "supernet straightforward" if what == "search" else None) if k in pair]
+            for base_kind in bases:
+                base = pair[base_kind]
+                for kind in kinds:
+                    if kind == base_kind or kind not in pair:
+                        continue
+                    r = pair[kind]
+                    ratio = statistics.median(base.times) / statistics.median(r.times)
+                    spread = [a / c for a, c in zip(base.times, r.times)]
+                    print(f"  {what:6s} b={b} {kind:24s} vs {base_kind:24s}: {ratio:5.2f}x  "
+                          f"({', '.join(f'{x:.2f}' for x in spread)})")
+                    out.append({"what": what, "batch": b, "kind": kind, "baseline": base_kind, "speedup": ratio,
+                                "per_rep": spread})
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""bench/step.py's release-style baseline computes our models' function at the release's cost, and the
+benchmark runs end to end at a tiny size (numbers only: no timing is asserted)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import release_style  # noqa: E402
+
+from nas_core.models import create_model  # noqa: E402
+from nas_core.search_space import Genotype  # noqa: E402
+
+
+def _load_into_release(ours: torch.nn.Module, release: torch.nn.Module) -> None:
+    missing, unexpected = release.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected
+    # everything but the release's Zero convs (1x1 convs whose output is multiplied by 0) is shared
+    assert missing and all(".zero." in k for k in missing), missing
+
+
+@pytest.mark.parametrize("zero_op", ["paper", "code"])
+def test_release_supernet_is_the_reference_supernet(zero_op):
+    torch.manual_seed(0)
+    ours = create_model("nas-scam-p", supernet="synchronous", impl="reference", zero_op=zero_op).double().eval()
+    release = release_style.ReleaseSupernet("parallel", zero_op=zero_op).double().eval()
+    with torch.no_grad():  # alpha far from uniform, so a column mix-up would show
+        ours.alpha_sam.copy_(torch.randn_like(ours.alpha_sam))
+        ours.alpha_cam.copy_(torch.randn_like(ours.alpha_cam))
+    _load_into_release(ours, release)
+    n_zero = sum(1 for k in release.state_dict() if ".zero." in k and k.endswith("weight"))
+    assert n_zero == 8 * 2 * 6  # every slot, both cells, every edge holds a real Zero conv
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = release(x), ours(x)
+    assert got.shape == (2, 4, 32, 32)
+    assert float(got.min()) > 0 and float(got.max()) < 1
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_release_zero_conv_is_back_propagated_to_zero_gradient():
+    torch.manual_seed(1)
+    net = release_style.ReleaseSupernet("parallel").eval()
+    net(torch.rand(1, 3, 32, 32)).mean().backward()
+    zero_conv = net.attention["down1"].sam.cell.ops[0]["zero"]
+    # computed and back-propagated (a gradient tensor exists), contributing nothing (all zero)
+    assert zero_conv.weight.grad is not None and float(zero_conv.weight.grad.abs().max()) == 0.0
+    assert float(net.alpha_sam.grad.abs().max()) > 0
+
+
+def test_release_fixed_net_is_our_fixed_net():
+    torch.manual_seed(2)
+    geno = Genotype.uniform("parallel", "synchronous", "conv3", "conv9")
+    ours = create_model("nas-scam-p", genotype=geno).double().eval()
+    release = release_style.ReleaseFixedNet(geno).double().eval()
+    assert release.load_state_dict(ours.state_dict())  # no Zero edge: the same parameters, strictly
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(release(x), ours(x), rtol=1e-10, atol=1e-12)
+
+
+def test_release_adam_is_per_tensor():
+    opt = release_style.release_adam([torch.nn.Parameter(torch.zeros(2))], 1e-3)
+    assert opt.defaults["foreach"] is False and opt.defaults["fused"] is False
+
+
+@pytest.mark.slow  # half a minute on a shared CPU
+def test_step_bench_runs_tiny_and_reports_ratios_against_the_release(tmp_path):
+    import step
+
+    out_json = tmp_path / "step.json"
+    out = step.main(["--size", "32", "--batches", "2", "--reps", "1", "--threads", "1", "--no-flops",
+                     "--no-memory", "--kinds", "release-style fixed", "unet", "supernet release-style",
+                     "supernet straightforward", "supernet stacked", "--json", str(out_json)])
+    saved = json.loads(out_json.read_text())
+    assert saved["size"] == 32 and saved["amp"] is False  # CPU: no autocast
+    kinds = {(r["what"], r["kind"]) for r in saved["rows"]}
+    assert kinds == {("train", "release-style fixed"), ("train", "unet"), ("train", "supernet stacked"),
+                     ("search", "supernet release-style"), ("search", "supernet straightforward"),
+                     ("search", "supernet stacked")}
+    assert all(r["median_s"] > 0 and r["crops_per_s"] > 0 for r in saved["rows"])
+    pairs = {(r["kind"], r["baseline"]) for r in saved["ratios"]}
+    assert ("supernet stacked", "supernet release-style") in pairs
+    assert ("supernet stacked", "supernet straightforward") in pairs
+    assert ("unet", "release-style fixed") in pairs
+    for r in saved["ratios"]:
+        rows = {(x["kind"], x["batch"]): x for x in saved["rows"] if x["what"] == r["what"]}
+        expect = rows[(r["baseline"], 2)]["median_s"] / rows[(r["kind"], 2)]["median_s"]
+        assert r["speedup"] == pytest.approx(expect)
+    assert len(out["rows"]) == 6
