@@ -18,11 +18,14 @@ ABSENT_ON_GPU = ("albumentations", "imagecodecs", "pydantic", "pydantic_settings
 def test_gpu_suite_dry_run_writes_the_summary(tmp_path):
     out = tmp_path / "suite"
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run", "--out", str(out)],
+    work = tmp_path / "parts"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run", "--out", str(out), "--work",
+                           str(work)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert {"env", "dry_run", "size", "batch", "budget_s", "elapsed_s", "parts", "rows", "share"} <= set(summary)
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "summary.md"]  # the part files go to --work
     assert summary["dry_run"] is True and {"gpu", "torch", "cuda", "python"} <= set(summary["env"])
     parts = {p["name"]: p for p in summary["parts"]}
     for name in ("step_eager_bf16", "step_eager_fp32", "step_eager_tf32", "gpu_share"):
@@ -45,7 +48,7 @@ def test_gpu_suite_dry_run_writes_the_summary(tmp_path):
         assert heading in md
     assert "| train | unet | 2 | bf16 | off |" in md
     for part in ("step_eager_bf16", "gpu_share"):
-        assert (out / f"{part}.log").stat().st_size > 0
+        assert (work / f"{part}.log").stat().st_size > 0 and parts[part]["log_tail"]
 
 
 def test_measuring_parts_import_without_the_packages_the_gpu_machine_lacks():
