@@ -3,8 +3,7 @@
 Flow of ``run_ablation``: checks (tracking URI, Ray address, data folder, resources) -> MLflow
 experiment + parent run (tagged with its repeat scope and std, the plan attached) -> one Tune stage per
 repeat scope -> Table 2 from the MLflow children -> printed, written (md/csv/tex/png) and attached to
-the parent run. Ray is imported inside functions so
-``nas-scam table`` and ``--help`` never start it.
+the parent run. Ray is imported inside functions so ``nas-scam table`` and ``--help`` never start it.
 """
 
 from __future__ import annotations

@@ -119,3 +119,25 @@ def test_every_table2_trial_is_its_protocol_table_as_in_method_md(protocol, tmp_
         assert cfg.model.name == METHODS[method].model and cfg.seed == seed
     # retrain repeats (the release): 4 searches on seed 0, then 8 methods x 3 seeds retrains
     assert n == 4 + 8 * 3
+
+
+def test_protocols_train_in_float32_with_tf32_and_amp_is_opt_in():
+    import torch
+
+    from nas_core.engine.device import set_float32_precision
+
+    for protocol in PROTOCOLS:
+        cfg = load_config(overrides=[f"protocol={protocol}"])
+        assert (cfg.amp, cfg.tf32) == (False, True)
+    if not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("torch < 2.9 has no fp32_precision switches")
+    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    try:
+        set_float32_precision(torch.device("cpu"), False)  # CPU: untouched
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == before
+        set_float32_precision(torch.device("cuda"), True)  # the flags are process-wide, set without a GPU too
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+        set_float32_precision(torch.device("cuda"), False)
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee", "ieee")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
