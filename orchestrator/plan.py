@@ -131,6 +131,7 @@ def _trial(cfg: RunConfig, phase: str, method: str, seed: int, lengths: dict, da
 def _protocol_lines(cfg: RunConfig, spec: AblationSpec) -> list[dict]:
     """The protocol's choices as resolved (after every override), each with its method.md source."""
     d, s, t = cfg.data, cfg.search, cfg.train
+    adam = "rebuilt every epoch" if s.reset_optimizer_each_epoch else "built once"
     precision = ("bf16 autocast (opt-in, a deviation)" if cfg.amp else "float32") + \
         (", TF32 on CUDA" if cfg.tf32 and not cfg.amp else "")
     lines = [
@@ -142,8 +143,7 @@ def _protocol_lines(cfg: RunConfig, spec: AblationSpec) -> list[dict]:
         ("loss", f"{cfg.loss_name}: {LOSS.get(cfg.loss_name, cfg.loss_name)}", "5"),
         ("zero op", f"{cfg.zero_op} ({'0' if cfg.zero_op == 'paper' else '0.5'} on sigmoid edges)", "3, 5"),
         ("search", f"{s.epochs} epochs, w-only warm-up {s.warmup_epochs}, alternation per {s.alternation}, "
-         f"lr w {s.lr_w:g} / alpha {s.lr_alpha:g}, Adam {'rebuilt every epoch' if s.reset_optimizer_each_epoch else 'built once'}, "
-         f"validation every {s.val_every}", "5, 5a"),
+         f"lr w {s.lr_w:g} / alpha {s.lr_alpha:g}, Adam {adam}, validation every {s.val_every}", "5, 5a"),
         ("retrain", f"{t.epochs} epochs, lr {t.lr:g}, validation every {t.val_every}, best-validation checkpoint",
          "5, 5a"),
         ("batch", f"{s.per_class} crop per class bucket (class-balanced)", "5"),
@@ -212,6 +212,8 @@ def build_plan(spec: AblationSpec, settings: Settings, rate: Optional[dict] = No
             "this machine; small-batch steps are partly launch-bound and run slower, Ray workers elsewhere "
             "run at their own rate.",
             "Crops per epoch: train = the crops in the class buckets, alpha = the validation images' crops.",
+            "(max): a NAS-SCAM retrain is planned before its search, so its genotype is unknown; it is costed "
+            "with the costliest op on every edge (an upper bound).",
         ],
     }
 
