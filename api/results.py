@@ -129,4 +129,5 @@ def table(settings: Settings, rec: RunRecord):
         raise ApiError(503, "mlflow_unavailable", f"MLflow query failed: {str(exc)[:300]}") from None
     if not records:
         return None
-    return tables.compare(tables.summarize(records))
+    # a spec stored before the std field existed was summarised with the sample std
+    return tables.compare(tables.summarize(records, rec.spec.get("std", "sample")))

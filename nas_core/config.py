@@ -1,8 +1,11 @@
 """Typed, frozen run configuration: loaded from YAML, overridable with ``key=value``, saved everywhere.
 
-The tree mirrors method.md: a ``protocol`` (``paper`` default, or ``code``) picks the defaults of
-section 5; any field can then be overridden by a YAML file or ``--set a.b=c``. Unknown or ill-typed
-keys are errors that name the dotted key and what was expected.
+The tree mirrors method.md. ``PROTOCOLS`` holds the one complete table of values of each protocol
+(``paper``, default, and ``code``): every field of ``RunConfig``, nothing left to a dataclass default.
+``load_config`` starts from the table of the chosen protocol; presets, YAML files and ``--set a.b=c``
+only override it. The dataclass defaults below serve direct construction (``DataConfig(...)`` in a
+test) and old saved configs that lack a newer field; they are never what a protocol means. Unknown or
+ill-typed keys are errors that name the dotted key and what was expected.
 """
 
 from __future__ import annotations
@@ -61,14 +64,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    # None follows the protocol: paper -> rotate/flip/blur/median/elastic, code -> Gaussian blur p=0.2
+    # paper -> rotate/flip/blur/median/elastic, code -> Gaussian blur p=0.2; None follows the protocol
     pipeline: Optional[Literal["paper", "code", "none"]] = None
     strength: float = 1.0
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    # None follows the protocol: paper -> exp_log (Wong et al.), code -> exp_log_dice
+    # paper -> exp_log (Wong et al.), code -> exp_log_dice; None follows the protocol
     name: Optional[str] = None
 
 
@@ -102,8 +105,11 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     deterministic: bool = False
-    # bf16 autocast on CUDA; ignored on CPU
-    amp: bool = True
+    # bf16 autocast on CUDA, an opt-in speed option (the paper and the release train in float32);
+    # ignored on CPU
+    amp: bool = False
+    # TF32 tensor cores for float32 convs and matmuls on CUDA (Ampere or newer); False = strict float32
+    tf32: bool = True
     channels_last: bool = True
     # torch.compile of the model's forward: "off", or a torch.compile mode ("reduce-overhead" = CUDA
     # graphs on a GPU, for the launch-bound small-batch steps). Same function, same state_dict keys.
@@ -136,22 +142,75 @@ class RunConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-# method.md section 5: what each protocol changes relative to the dataclass defaults (= paper)
-PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "paper": {},
+# method.md sections 5, 5a and 6: the complete table of each protocol, one line per section. Every
+# RunConfig field appears in both (a test checks it against the dataclasses and against method.md's
+# table); a field added to a dataclass is added here, in both tables.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "protocol": "paper", "seed": 0, "device": "auto", "deterministic": False,
+        "amp": False, "tf32": True, "channels_last": True, "compile": "off", "out_dir": None,
+        "model": {"name": "nas-scam-p", "search": "synchronous", "genotype": None, "zero_op": "paper",
+                  "impl": "stacked"},
+        # 209 = MoNuSAC's training release, so the synthetic stand-in splits 120 / 39 / 50 as the paper
+        "data": {"source": None, "layout": "auto", "synthetic_images": 209, "synthetic_size": 512,
+                 "cache_dir": None, "stain": "macenko", "split": "120,39,50", "split_by": "image",
+                 "crop_size": 256, "stride": 128, "workers": 0, "seed": 0},
+        "augment": {"pipeline": "paper", "strength": 1.0},
+        "loss": {"name": "exp_log"},
+        "search": {"epochs": 120, "warmup_epochs": 40, "alternation": "iteration", "lr_w": 1e-4, "lr_alpha": 1e-3,
+                   "reset_optimizer_each_epoch": False, "iters_per_epoch": None, "val_every": 3, "per_class": 1},
+        "train": {"epochs": 300, "lr": 1e-4, "iters_per_epoch": None, "val_every": 3, "per_class": 1},
+    },
     "code": {
-        "search": {"warmup_epochs": 20, "alternation": "epoch", "lr_w": 1e-3, "lr_alpha": 1e-3,
-                   "reset_optimizer_each_epoch": True, "val_every": 3},
-        "train": {"lr": 1e-3, "val_every": 3},
+        "protocol": "code", "seed": 0, "device": "auto", "deterministic": False,
+        "amp": False, "tf32": True, "channels_last": True, "compile": "off", "out_dir": None,
+        "model": {"name": "nas-scam-p", "search": "synchronous", "genotype": None, "zero_op": "code",
+                  "impl": "stacked"},
+        # the release hard-codes 41 validation and 48 test images; its arrays came pre-normalised
+        "data": {"source": None, "layout": "auto", "synthetic_images": 209, "synthetic_size": 512,
+                 "cache_dir": None, "stain": "none", "split": "120,41,48", "split_by": "image",
+                 "crop_size": 256, "stride": 128, "workers": 0, "seed": 0},
+        "augment": {"pipeline": "code", "strength": 1.0},
+        "loss": {"name": "exp_log_dice"},
+        "search": {"epochs": 120, "warmup_epochs": 20, "alternation": "epoch", "lr_w": 1e-3, "lr_alpha": 1e-3,
+                   "reset_optimizer_each_epoch": True, "iters_per_epoch": None, "val_every": 3, "per_class": 1},
+        "train": {"epochs": 300, "lr": 1e-3, "iters_per_epoch": None, "val_every": 3, "per_class": 1},
     },
 }
+
+
+def protocol_table(protocol: str) -> dict[str, Any]:
+    """A copy of the complete table of ``protocol`` (nested like ``RunConfig.to_dict()``)."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol: {protocol!r} is not one of {', '.join(map(repr, PROTOCOLS))}")
+    return json.loads(json.dumps(PROTOCOLS[protocol]))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> ``{"search.lr_w": 1e-4, ...}``."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def diff_from_protocol(cfg: "RunConfig") -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (protocol value, config value)}`` for every field where ``cfg`` leaves its table."""
+    table, mine = flatten(protocol_table(cfg.protocol)), flatten(cfg.to_dict())
+    return {k: (table.get(k), v) for k, v in mine.items() if k not in table or table[k] != v}
+
 
 # The CPU smoke preset: shrinks crops, data, steps and epochs, never the architecture.
 PRESETS: dict[str, dict[str, Any]] = {
     # sized so that the 8 x 3 smoke Table 2 runs in minutes on 2 CPU cores (the supernet is ~4x the
     # U-Net's FLOPs): 32 px crops of 128 px synthetic images, a few iterations per epoch
     "smoke": {
-        "data": {"synthetic_images": 12, "synthetic_size": 128, "crop_size": 32, "stride": 16},
+        # fractions: a count split (120,39,50) needs exactly that many images
+        "data": {"synthetic_images": 12, "synthetic_size": 128, "crop_size": 32, "stride": 16,
+                 "split": "0.6,0.2,0.2"},
         "search": {"epochs": 3, "warmup_epochs": 1, "iters_per_epoch": 4},
         "train": {"epochs": 4, "iters_per_epoch": 8},
     },
@@ -280,7 +339,7 @@ def load_config(
     preset: str | None = None,
     base: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Build a RunConfig: protocol defaults < preset < YAML file < ``base`` < overrides."""
+    """Build a RunConfig: protocol table < preset < YAML file < ``base`` < overrides."""
     layers: list[dict[str, Any]] = []
     if path is not None:
         layers.append(read_yaml_mapping(path))
@@ -290,10 +349,7 @@ def load_config(
     user: dict[str, Any] = {}
     for layer in layers:
         user = _deep_merge(user, layer)
-    protocol = user.get("protocol", "paper")
-    if protocol not in PROTOCOL_DEFAULTS:
-        raise ConfigError(f"protocol: {protocol!r} is not one of 'paper', 'code'")
-    merged = dict(PROTOCOL_DEFAULTS[protocol])
+    merged = protocol_table(user.get("protocol", "paper"))
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
@@ -305,7 +361,7 @@ def load_config(
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a saved config exactly (no protocol defaults re-applied)."""
+    """Rebuild a saved config exactly (no protocol table re-applied)."""
     cfg = _build(RunConfig, data)
     _validate(cfg)
     return cfg

@@ -1,9 +1,9 @@
 """The only Tuner / grid code: ablations (methods x seeds), HPO (Optuna + ASHA), job submission.
 
 Flow of ``run_ablation``: checks (tracking URI, Ray address, data folder, resources) -> MLflow
-experiment + parent run -> one Tune stage per repeat scope -> Table 2 from the MLflow children ->
-printed, written (md/csv/tex/png) and attached to the parent run. Ray is imported inside functions so
-``nas-scam table`` and ``--help`` never start it.
+experiment + parent run (tagged with its repeat scope and std, the plan attached) -> one Tune stage per
+repeat scope -> Table 2 from the MLflow children -> printed, written (md/csv/tex/png) and attached to
+the parent run. Ray is imported inside functions so ``nas-scam table`` and ``--help`` never start it.
 """
 
 from __future__ import annotations
@@ -91,7 +91,21 @@ def _prepare_data(spec, settings: Settings, seeds: list[int]) -> None:
 
 
 # ---------------------------------------------------------------- ablation
+def _log_plan(c, parent: str, spec: AblationSpec, settings: Settings) -> None:
+    """The ``--plan`` of this ablation as parent-run artifacts (plan.json, plan.md) and its repeat
+    scope and std as tags, before any trial starts."""
+    from orchestrator import plan
+
+    c.set_tag(parent, "repeat", spec.repeat)
+    c.set_tag(parent, "std", spec.std)
+    p = plan.build_plan(spec, settings)
+    c.log_text(parent, json.dumps(p, indent=2), "plan.json")
+    c.log_text(parent, plan.to_markdown(p), "plan.md")
+
+
 def _stages(spec: AblationSpec) -> list[tuple[str, list[str], list[int]]]:
+    """(stage, methods, seeds) per Tune grid: ``full`` is one grid of search + retrain per seed;
+    ``retrain`` (the default) a grid of searches on the first seed, then one of retrains per seed."""
     seeds = spec.seed_list
     if spec.repeat == "full":
         return [("full", spec.methods, seeds)]
@@ -159,6 +173,7 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
     failures: list[dict[str, Any]] = []
     try:
         _prepare_data(spec, settings, spec.seed_list)
+        _log_plan(c, parent, spec, settings)
         ctx = {"tracking_uri": settings.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent,
                "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model}
         resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
@@ -179,7 +194,8 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
             import ray
 
             ray.shutdown()
-    outcome = publish_table(c, exp_id, parent, root / "table2", title=f"Table 2 ({spec.name}, repeat={spec.repeat})")
+    outcome = publish_table(c, exp_id, parent, root / "table2", title=f"Table 2 ({spec.name})", std=spec.std,
+                            repeat=spec.repeat)
     outcome.failures = failures
     c.set_tag(parent, "failed_trials", json.dumps(failures)[:5000])
     tracking.finish(c, parent)
@@ -187,14 +203,22 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
 
 
 def publish_table(c, exp_id: str, parent: str, out_dir: Path, title: str = "Table 2",
-                  log_to_parent: bool = True) -> AblationOutcome:
-    """Table 2 from the parent's FINISHED train children: printed text, files, parent-run artifacts."""
+                  log_to_parent: bool = True, std: Optional[str] = None,
+                  repeat: Optional[str] = None) -> AblationOutcome:
+    """Table 2 from the parent's FINISHED train children: printed text, files, parent-run artifacts.
+
+    ``std`` / ``repeat`` None: read from the parent run's spec params (a parent logged before ``std``
+    existed printed the sample std)."""
+    if std is None or repeat is None:
+        params = c.get_run(parent).data.params
+        std = std or params.get("std", "sample")
+        repeat = repeat or params.get("repeat")
     records = tracking.collect_records(c, exp_id, parent)
-    table = tables.compare(tables.summarize(records))
-    paths = tables.write_all(table, out_dir, title) if records else {}
+    table = tables.compare(tables.summarize(records, std))
+    paths = tables.write_all(table, out_dir, title, std, repeat) if records else {}
     if records and log_to_parent:
         tracking.log_files(c, parent, paths.values(), "table2")
-    text = tables.to_text(table, title) if records else f"{title}: no finished train runs under parent {parent}"
+    text = tables.to_text(table, title, std, repeat) if records else f"{title}: no finished train runs under parent {parent}"
     return AblationOutcome(parent_run_id=parent, experiment_id=exp_id, table=table, paths=paths, text=text)
 
 

@@ -129,6 +129,9 @@ class _ConfigSpec(_Spec):
 
     def base_layer(self) -> dict[str, Any]:
         layer = _nest(self.overrides)
+        if layer.get("protocol", self.protocol) != self.protocol:
+            raise ConfigError(f"overrides.protocol {layer['protocol']!r}: the spec's protocol: field "
+                              f"({self.protocol!r}) picks the protocol table; set it there")
         layer["protocol"] = self.protocol
         data = {k: v for k, v in self.data.model_dump().items() if v is not None}
         if data:
@@ -205,8 +208,11 @@ class AblationSpec(_ConfigSpec):
     methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1)
     # a count N (seeds 0..N-1) or explicit seeds
     seeds: Union[int, list[int]] = 3
-    # full: search + retrain per seed; retrain: one search per method (first seed), a retrain per seed
-    repeat: Literal["full", "retrain"] = "full"
+    # retrain (default, the release's): one search per NAS method (first seed), every seed retrains
+    # that genotype; full: a search and a retrain per seed
+    repeat: Literal["full", "retrain"] = "retrain"
+    # the "+-" over seeds: population std (default, ddof=0, the release's np.std) or sample (ddof=1)
+    std: Literal["population", "sample"] = "population"
     max_failures: int = Field(1, ge=0)
     max_concurrent: Optional[int] = Field(None, ge=1)
 

@@ -1,7 +1,11 @@
-"""Table 2: per-seed test DSC -> mean +- sample std (ddof=1) per method and class, beside the paper.
+"""Table 2: per-seed test DSC -> mean +- std per method and class, beside the paper.
 
-Input records are one dict per (method, seed) with DSC fractions in [0, 1] (the engine's
-``test["dsc"]``); every rendering is in percent. Pure pandas/matplotlib: no Ray, no MLflow.
+The spread is the population std (``std="population"``, ddof=0, the release's ``np.std``) by default
+or the sample std (``"sample"``, ddof=1); every rendering (text, md, csv, tex, png) states which, and
+how the seeds were repeated (``repeat``: ``retrain`` = one search per NAS method, a retrain per seed;
+``full`` = search + retrain per seed). Input records are one dict per (method, seed) with DSC fractions
+in [0, 1] (the engine's ``test["dsc"]``); every rendering is in percent. Pure pandas/matplotlib: no
+Ray, no MLflow.
 """
 
 from __future__ import annotations
@@ -18,20 +22,39 @@ from orchestrator.specs import METHODS
 # the paper's column order (method.md section 1)
 CLASSES = ("Average", "Epithelial", "Lymphocyte", "Macrophage", "Neutrophil")
 REFERENCE_CSV = Path(__file__).resolve().parents[1] / "experiments" / "reference_table2.csv"
-STD_NOTE = "mean +- sample std (ddof=1) over n seeds, DSC in %, global over the test set"
+DDOF = {"population": 0, "sample": 1}
+REPEATS = {"retrain": "one search per NAS method, a retrain per seed",
+           "full": "a search and a retrain per seed"}
 
 
-def summarize(records: Iterable[Mapping]) -> pd.DataFrame:
+def note(std: str = "population", repeat: Optional[str] = None) -> str:
+    """What the numbers are: ``mean +- population std (ddof=0) over n seeds ...; repeat=retrain (...)``."""
+    if std not in DDOF:
+        raise ValueError(f"std: {std!r} is not one of {', '.join(DDOF)}")
+    text = f"mean +- {std} std (ddof={DDOF[std]}) over n seeds, DSC in %, global over the test set"
+    if repeat is not None:
+        if repeat not in REPEATS:
+            raise ValueError(f"repeat: {repeat!r} is not one of {', '.join(REPEATS)}")
+        text += f"; repeat={repeat} ({REPEATS[repeat]})"
+    return text
+
+
+def summarize(records: Iterable[Mapping], std: str = "population") -> pd.DataFrame:
     """Records ``{"method", "seed", <class>: fraction}`` -> long frame (method, class, mean, std, n) in %.
 
-    ``std`` is the sample standard deviation (ddof=1); NaN when a method has a single seed.
+    ``std``: "population" (ddof=0) or "sample" (ddof=1). NaN when a method has a single seed in both
+    cases: one run has no spread to report, and a printed 0 would claim one.
     """
+    if std not in DDOF:
+        raise ValueError(f"std: {std!r} is not one of {', '.join(DDOF)}")
+    ddof = DDOF[std]
     rows = [{"method": r["method"], "seed": int(r["seed"]), "class": c, "dsc": 100.0 * float(r[c])}
             for r in records for c in CLASSES]
     if not rows:
         return pd.DataFrame(columns=["method", "class", "mean", "std", "n"])
     df = pd.DataFrame(rows).drop_duplicates(["method", "seed", "class"], keep="last")
-    out = df.groupby(["method", "class"], sort=False)["dsc"].agg(mean="mean", std=lambda s: s.std(ddof=1), n="count")
+    out = df.groupby(["method", "class"], sort=False)["dsc"].agg(
+        mean="mean", std=lambda s: s.std(ddof=ddof) if len(s) > 1 else float("nan"), n="count")
     out = out.reset_index()
     order = {m: i for i, m in enumerate(METHODS)}
     out["_m"] = out["method"].map(lambda m: order.get(m, len(order)))
@@ -76,11 +99,12 @@ def _grid(table: pd.DataFrame) -> list[list[str]]:
 HEADER = ["Method", "n", "", *CLASSES]
 
 
-def to_text(table: pd.DataFrame, title: str = "Table 2") -> str:
+def to_text(table: pd.DataFrame, title: str = "Table 2", std: str = "population",
+            repeat: Optional[str] = None) -> str:
     """A fixed-width console table."""
     rows = [HEADER, *_grid(table)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    lines = [f"{title} ({STD_NOTE})"]
+    lines = [f"{title} ({note(std, repeat)})"]
     for i, r in enumerate(rows):
         lines.append("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
@@ -88,14 +112,16 @@ def to_text(table: pd.DataFrame, title: str = "Table 2") -> str:
     return "\n".join(lines)
 
 
-def to_markdown(table: pd.DataFrame, title: str = "Table 2") -> str:
-    lines = [f"**{title}** ({STD_NOTE}; paper: 3 runs, authors' split)", "",
+def to_markdown(table: pd.DataFrame, title: str = "Table 2", std: str = "population",
+                repeat: Optional[str] = None) -> str:
+    lines = [f"**{title}** ({note(std, repeat)}; paper: 3 runs, authors' split)", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in _grid(table)]
     return "\n".join(lines) + "\n"
 
 
-def to_latex(table: pd.DataFrame, caption: str = "Table 2") -> str:
+def to_latex(table: pd.DataFrame, caption: str = "Table 2", std: str = "population",
+             repeat: Optional[str] = None) -> str:
     def esc(s: str) -> str:
         return s.replace("±", r"$\pm$").replace("_", r"\_").replace("%", r"\%")
 
@@ -103,12 +129,13 @@ def to_latex(table: pd.DataFrame, caption: str = "Table 2") -> str:
              " & ".join(HEADER) + r" \\", r"\hline"]
     for r in _grid(table):
         lines.append(" & ".join(esc(c) for c in r) + r" \\")
-    lines += [r"\hline", r"\end{tabular}", rf"\caption{{{esc(caption)}: {esc(STD_NOTE)}}}", r"\end{table}"]
+    lines += [r"\hline", r"\end{tabular}", rf"\caption{{{esc(caption)}: {esc(note(std, repeat))}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(table: pd.DataFrame, path: Path) -> Path:
-    """Grouped bars per class: ours (error bar = sample std) and the paper's, one pair per method."""
+def bar_chart(table: pd.DataFrame, path: Path, title: str = "Table 2", std: str = "population",
+              repeat: Optional[str] = None) -> Path:
+    """Grouped bars per class: ours (error bar = the std named in the title) and the paper's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,17 +154,21 @@ def bar_chart(table: pd.DataFrame, path: Path) -> Path:
         ax.set_ylim(0, 100)
     axes[0].set_ylabel("DSC (%)")
     axes[0].legend(fontsize=7)
+    fig.suptitle(f"{title}: {note(std, repeat)}", fontsize=8)
     return save_figure(fig, path, dpi=110)
 
 
-def write_all(table: pd.DataFrame, out_dir: Path, title: str = "Table 2") -> dict[str, Path]:
-    """table2.md, table2.csv (long form), table2.tex, table2.png under ``out_dir``."""
+def write_all(table: pd.DataFrame, out_dir: Path, title: str = "Table 2", std: str = "population",
+              repeat: Optional[str] = None) -> dict[str, Path]:
+    """table2.md, table2.csv (long form, with ``std_kind`` and ``repeat`` columns), table2.tex,
+    table2.png under ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "table2.md", "csv": out_dir / "table2.csv", "tex": out_dir / "table2.tex",
              "png": out_dir / "table2.png"}
-    paths["md"].write_text(to_markdown(table, title))
-    table.to_csv(paths["csv"], index=False, float_format="%.4f")
-    paths["tex"].write_text(to_latex(table, title))
-    bar_chart(table, paths["png"])
+    paths["md"].write_text(to_markdown(table, title, std, repeat))
+    table.assign(std_kind=f"{std} (ddof={DDOF[std]})", repeat=repeat or "").to_csv(
+        paths["csv"], index=False, float_format="%.4f")
+    paths["tex"].write_text(to_latex(table, title, std, repeat))
+    bar_chart(table, paths["png"], title, std, repeat)
     return paths

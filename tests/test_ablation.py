@@ -24,8 +24,9 @@ TINY = {
     "data": {"synthetic_images": 6, "synthetic_size": 64, "crop_size": 32, "stride": 32},
     "resources": {"cpu": 1},
 }
+# repeat: retrain (the default, the release's): one search, then both seeds retrain its genotype
 EXPECTED_RUNS = {("unet", "0", "train"), ("unet", "1", "train"), ("nas-scam-p-sync", "0", "search"),
-                 ("nas-scam-p-sync", "1", "search"), ("nas-scam-p-sync", "0", "train"), ("nas-scam-p-sync", "1", "train")}
+                 ("nas-scam-p-sync", "0", "train"), ("nas-scam-p-sync", "1", "train")}
 
 
 @pytest.fixture()
@@ -119,6 +120,12 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
     assert sorted(keys) == sorted(EXPECTED_RUNS)  # one child per (method, seed, phase), no duplicates
     assert all(r.info.status == "FINISHED" for r in kids)
     assert {a.path for a in c.list_artifacts(parent, "table2")} >= {"table2/table2.md", "table2/table2.png"}
+    # the parent states its repeat scope and spread, and holds the plan made before the trials ran
+    assert (parents[0].data.tags["repeat"], parents[0].data.tags["std"]) == ("retrain", "population")
+    assert {"plan.json", "plan.md"} <= {a.path for a in c.list_artifacts(parent)}
+    plan = json.loads(Path(c.download_artifacts(parent, "plan.json", str(tmp_path / "plan"))).read_text())
+    assert sorted((t["method"], str(t["seed"]), t["phase"]) for t in plan["trials"]) == sorted(EXPECTED_RUNS)
+    assert "population std (ddof=0)" in out and "repeat=retrain" in out
 
     for r in kids:
         rid = r.info.run_id

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_specs_load():
     t2 = load_spec(ROOT / "experiments" / "table2.yaml")
     assert isinstance(t2, AblationSpec)
-    assert t2.methods == list(METHODS) and t2.seed_list == [0, 1, 2] and t2.repeat == "full"
+    assert t2.methods == list(METHODS) and t2.seed_list == [0, 1, 2]
+    assert (t2.repeat, t2.std) == ("retrain", "population")
     hpo = load_spec(ROOT / "experiments" / "hpo.yaml", preset="smoke")
     assert isinstance(hpo, HpoSpec)
     assert set(hpo.space) == {"train.lr", "loss.name", "augment.strength", "train.per_class"}
@@ -41,6 +42,14 @@ def test_layers_preset_overrides_epochs_and_data(tmp_path):
     assert cfg.search.warmup_epochs == 1  # smoke preset beats the code protocol's 20
 
 
+def test_repeats_default_to_the_release():
+    """One search per NAS method and the population std, as the release; the other two are named options."""
+    spec = parse_spec({})
+    assert (spec.repeat, spec.std) == ("retrain", "population")
+    spec = parse_spec({"repeat": "full", "std": "sample"})
+    assert (spec.repeat, spec.std) == ("full", "sample")
+
+
 def test_seed_count_and_explicit_seeds():
     assert parse_spec({"seeds": 2}).seed_list == [0, 1]
     assert parse_spec({"seeds": [3, 7]}).seed_list == [3, 7]
@@ -55,6 +64,8 @@ def test_seed_count_and_explicit_seeds():
     ({"resources": {"gpu": -0.5}}, "resources.gpu", "greater than or equal to 0"),
     ({"resources": {"cpus": 1}}, "resources.cpus", "Extra inputs"),
     ({"repeat": "twice"}, "repeat", "'full' or 'retrain'"),
+    ({"std": "ddof1"}, "std", "'population' or 'sample'"),
+    ({"overrides": {"protocol": "code"}}, "overrides.protocol", "set it there"),
     ({"epochs": {"train": 0}}, "epochs.train", "greater than or equal to 1"),
     ({"overrides": {"train.lrr": 1}}, "train.lrr", "unknown config key"),
     ({"preset": "huge"}, "preset", "unknown preset 'huge'"),

@@ -97,6 +97,11 @@ def test_table_rebuilt_from_mlflow_alone(store, tmp_path):
     assert t.loc[("unet", "Average"), "std"] == pytest.approx(14.1421356, rel=1e-6)
     assert t.loc[("cbam", "Average"), "n"] == 1
     assert "60.00 ± 14.14" in out.text and (tmp_path / "t" / "table2.md").exists()
+    assert "sample std (ddof=1)" in out.text  # a parent without a std param predates it: sample std
+    # an ablation's parent holds its spec as params: the rebuilt table uses its std and says so
+    tracking.log_params(c, parent, {"std": "population", "repeat": "retrain"})
+    out = table_from_mlflow("abl", s, out_dir=tmp_path / "t2")
+    assert "60.00 ± 10.00" in out.text and "population std (ddof=0)" in out.text and "repeat=retrain" in out.text
     # the parent holds the Table 2 artifacts when published by the ablation
     publish_table(c, exp, parent, tmp_path / "p")
     names = {a.path for a in c.list_artifacts(parent, "table2")}

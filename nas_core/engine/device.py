@@ -36,8 +36,23 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def set_float32_precision(device: torch.device, tf32: bool) -> None:
+    """Float32 convs and matmuls on CUDA: TF32 tensor cores when ``tf32`` (Ampere or newer), else IEEE
+    float32. Runs train in float32 as the paper and the release did; TF32 keeps float32 storage and
+    accumulation with a 10-bit mantissa in the products. A no-op on CPU."""
+    if device.type != "cuda":
+        return
+    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: the fp32_precision API (do not mix the two)
+        mode = "tf32" if tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA (no loss scaling needed); a no-op context on CPU."""
+    """bf16 autocast on CUDA (opt-in ``amp``; no loss scaling needed); a no-op context on CPU."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

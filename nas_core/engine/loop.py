@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nas_core.config import ConfigError, RunConfig
-from nas_core.engine.device import autocast, resolve_device, seed_everything
+from nas_core.engine.device import autocast, resolve_device, seed_everything, set_float32_precision
 
 
 class TrainingError(RuntimeError):
@@ -58,6 +58,7 @@ def setup_run(cfg: RunConfig, out_dir: Path) -> RunContext:
         raise ConfigError("data.cache_dir must name the data root (synthetic data and caches live there)")
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
+    set_float32_precision(device, cfg.tf32)
     data = ensure_dataset(cfg.data, Path(cfg.data.cache_dir), cfg.data.seed, progress=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     return RunContext(cfg=cfg, out_dir=out_dir, device=device, data=data, loss_fn=create_loss(cfg.loss_name))
@@ -116,6 +117,23 @@ def iterations(per_epoch: int | None, data: Any, per_class: int) -> int:
         return per_epoch
     n = sum(len(v) for v in data.buckets.values())
     return max(1, math.ceil(n / batch_size(per_class, data)))
+
+
+def epoch_lengths(cfg: RunConfig, data: Any) -> dict:
+    """PROVISIONAL (today's rule, kept until the release's epoch composition lands): iterations per
+    epoch and the crops each epoch draws from.
+
+    Returns ``{"w": int, "alpha": int, "train": int, "crops": {"train": int, "alpha": int}}``:
+    ``w`` = iterations of a search w-epoch (also of an alternating epoch), ``alpha`` = of an alpha-epoch
+    (today the same as ``w``), ``train`` = of a retrain epoch; ``crops`` = the crops in the class
+    buckets (train) and the alpha-update crops (the validation images'). The iteration counts follow
+    :func:`iterations`: ``iters_per_epoch`` when set, else one pass over the bucketed training crops.
+    """
+    s, t = cfg.search, cfg.train
+    w = iterations(s.iters_per_epoch, data, s.per_class)
+    return {"w": w, "alpha": w, "train": iterations(t.iters_per_epoch, data, t.per_class),
+            "crops": {"train": int(sum(len(v) for v in data.buckets.values())),
+                      "alpha": int(len(data.crops("alpha")))}}
 
 
 def train_batches(ctx: RunContext, per_class: int, n_batches: int, epoch: int) -> Iterator[dict]:

@@ -18,6 +18,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", type=int, help="number of seeds (overrides the spec's seeds:)")
     p.add_argument("--methods", help="comma-separated method ids (overrides the spec's methods:)")
     p.add_argument("--no-model", action="store_true", help="skip mlflow.pytorch.log_model (checkpoints are still logged)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the command would do (trials, config diffs against the protocol, crops and "
+                        "iterations per epoch, FLOPs and time estimates) and exit: no Ray, no MLflow run")
+    p.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON object")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("table", help="rebuild Table 2 from the MLflow store alone")
@@ -65,6 +69,8 @@ def _load(args, kind: str):
         extra: dict = {}
         for item in args.set:
             extra = _merge(extra, parse_override(item))
+        if "protocol" in extra:  # not a RunConfig override: the spec's protocol picks the table
+            updates["protocol"] = extra.pop("protocol")
         spec = load_spec(args.spec, **updates, overrides=_merge(dict(spec.overrides), extra))
     if spec.kind != kind:
         raise ValueError(f"{args.spec}: kind: {spec.kind} is not an {kind} spec")
@@ -103,6 +109,17 @@ def cmd_ablate(args) -> int:
     from orchestrator.settings import get_settings
 
     spec = _load(args, "ablation")  # validated here too: a bad spec never reaches the cluster
+    if args.json and not args.plan:
+        raise ValueError("--json goes with --plan (the ablation itself prints Table 2)")
+    if args.plan:
+        import json
+
+        from orchestrator import plan
+
+        # the data may be prepared now (crops are counted from it); its progress goes to stderr
+        p = plan.build_plan(spec, get_settings(), progress=not args.json)
+        print(json.dumps(p, indent=2) if args.json else plan.to_text(p), end="\n" if args.json else "")
+        return 0
     if args.submit:
         return _submit(args, _tail(args))
     outcome = run_ablation(spec, get_settings(), resume=args.resume, log_model=not args.no_model)
