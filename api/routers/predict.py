@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from api import results
 from api.deps import LauncherDep, SettingsDep
 from api.errors import ApiError
-from api.routers.runs import _errors, check_path
+from api.routers.runs import _errors
+from api.validation import check_path
 from orchestrator.launcher import Launcher, RunNotFound
 from orchestrator.settings import Settings
 
