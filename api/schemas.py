@@ -167,7 +167,7 @@ class HealthOut(_Out):
 
 class ReadyOut(_Out):
     status: Literal["ready", "unavailable"]
-    checks: dict[str, str]
+    checks: Optional[dict[str, str]] = Field(None, description="each check's result; only with a valid X-API-Key")
 
 
 def _ts(value: Optional[float]) -> Optional[datetime]:
