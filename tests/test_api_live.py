@@ -161,7 +161,7 @@ def test_parser_bombs_get_422_on_a_kept_connection(server):
     """Issue 15: a 5,000-deep JSON body and a 100k-character path were 500s with the connection reset."""
     deep = '{"kind": "ablation", "overrides": ' + '{"a": ' * 5000 + "1" + "}" * 5001
     with server.client() as c:
-        for body in (deep, json.dumps({**SMOKE, "data": {"source": "/" + "a" * 100_000}})):
+        for body in (deep, json.dumps({**SMOKE, "data": {"source": f"{server.home}/data/" + "a" * 100_000}})):
             resp = c.post("/v1/runs", content=body, headers={"Content-Type": "application/json"})
             assert resp.status_code == 422 and resp.json()["error"]["code"] == "validation_error", resp.text
             assert c.get("/healthz").status_code == 200  # same client, same pool: the server still answers
