@@ -33,7 +33,7 @@ SMOKE = {"kind": "ablation", "name": "smoke", "preset": "smoke", "methods": ["un
 SEARCH = {"kind": "search", "name": "smoke-search", "method": "nas-scam-p-sync", "preset": "smoke",
           "resources": {"cpu": 1}}
 # long enough to be caught running; cancelled long before it ends
-LONG = {"kind": "train", "name": "long", "method": "unet", "preset": "smoke", "epochs": {"train": 5000},
+LONG = {"kind": "train", "name": "long", "method": "unet", "preset": "smoke", "epochs": {"train": 1000},
         "resources": {"cpu": 1}}
 TERMINAL = {"succeeded", "failed", "cancelled", "lost"}
 
@@ -277,7 +277,7 @@ def test_serve_starts_and_stops_its_own_ray_head(tmp_path):
     server = Server(tmp_path, dashboard)
     try:
         server.start(local_ray=True, RAY_TMPDIR=str(tmp), NAS_SCAM_RAY_NUM_CPUS="1")
-        ready = httpx.get(server.url + "/readyz", timeout=30).json()
+        ready = httpx.get(server.url + "/readyz", headers=HEADERS, timeout=30).json()
         assert ready["checks"]["ray"] == "ok", ready
         assert httpx.get(dashboard + "/api/version", timeout=5).status_code == 200
     finally:
@@ -324,7 +324,7 @@ def test_fuzz_openapi_finds_no_server_errors(home):
             run()
         print("fuzzed (operation, status): count", dict(sorted(seen.items())))
         assert not failures, "\n".join(failures[:10])
-        assert sum(seen.values()) >= 100 and len({op for op, _ in seen}) == 12
+        assert sum(seen.values()) >= 100 and len({op for op, _ in seen}) == 13
         assert "unhandled error" not in server.logs()
     finally:
         server.stop()
