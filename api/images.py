@@ -66,7 +66,8 @@ def _tiff(raw: bytes) -> Optional[tuple[int, int]]:
         tag, kind = struct.unpack(order + "HH", entry[:4])
         if tag in (_TIFF_WIDTH, _TIFF_HEIGHT):
             # SHORT (3) sits in the first two bytes of the value field, LONG (4) fills it
-            found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), entry[8:10] if kind == 3 else entry[8:12])[0]
+            fmt, value = ("H", entry[8:10]) if kind == 3 else ("I", entry[8:12])
+            found[tag] = struct.unpack(order + fmt, value)[0]
     if len(found) < 2:
         return None
     return found[_TIFF_WIDTH], found[_TIFF_HEIGHT]
@@ -91,7 +92,8 @@ def decode_image(raw: bytes, max_pixels: int):
     import numpy as np
 
     if not raw:
-        raise ApiError(422, "validation_error", "body: empty; send the image file", [{"field": "(body)", "message": "empty"}])
+        raise ApiError(422, "validation_error", "body: empty; send the image file",
+                       [{"field": "(body)", "message": "empty"}])
     header = image_size(raw)
     if header is None:
         raise ApiError(422, "bad_image", "body: not a PNG, JPEG or TIFF image (or its header is damaged)")

@@ -81,7 +81,7 @@ class Inference:
 
     def _timeout(self) -> ApiError:
         return ApiError(503, "predict_timeout", f"prediction did not finish within {self.timeout_s:g} s "
-                                                f"(NAS_SCAM_API_PREDICT_TIMEOUT_S); send a smaller image or retry later",
+                                                f"(NAS_SCAM_API_PREDICT_TIMEOUT_S); send a smaller image or retry",
                         headers={"Retry-After": "5"})
 
     def _start(self) -> None:

@@ -1,7 +1,8 @@
 """/v1/runs: launch a spec as a Ray job, list and follow runs, read what they produced.
 
-A spec is validated here (the orchestrator's pydantic models), its paths must lie under the data roots
-(403 otherwise) and its resources and grid within the server's bounds (422), before anything reaches Ray.
+A spec is validated by api.validation (the orchestrator's pydantic models, then every trial config it
+expands into): its paths must lie under the data roots (403 otherwise) and its sizes within the server's
+bounds (422), before anything reaches Ray. A lost, failed or cancelled run can be resumed.
 """
 
 from __future__ import annotations
