@@ -113,13 +113,15 @@ class Inference:
             if self._proc is None or not self._proc.is_alive():
                 self.stop()
                 self._start()
-            self._conn.send((str(path), image))
-            if not self._conn.poll(max(0.0, deadline - time.monotonic())):
-                self.stop()
-                raise self._timeout()
             try:
+                # the worker is idle in recv() here (one image at a time), so the send waits at most for
+                # a fresh worker's start-up
+                self._conn.send((str(path), image))
+                if not self._conn.poll(max(0.0, deadline - time.monotonic())):
+                    self.stop()
+                    raise self._timeout()
                 reply = self._conn.recv()
-            except EOFError:
+            except (EOFError, OSError):  # the worker died under us (killed, out of memory)
                 self.stop()
                 raise ApiError(503, "predict_failed", "the inference process ended unexpectedly; retry") from None
         finally:
