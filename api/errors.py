@@ -2,8 +2,9 @@
 
 Status codes: 401 missing/wrong API key, 403 a path outside the data roots, 404 unknown run/resource,
 409 wrong state (cancel a finished run, a table before any train run finished), 413 body or image too
-large, 422 invalid spec or parameter (the message names the field), 429 too many active runs,
-503 Ray or MLflow unreachable, 500 anything else (details only in the server log).
+large, 422 invalid spec or parameter (the message names the field), 429 too many active runs or
+predictions, 503 Ray or MLflow unreachable or a prediction past its time limit, 500 anything else
+(details only in the server log).
 """
 
 from __future__ import annotations

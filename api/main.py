@@ -5,6 +5,7 @@ Routes: unversioned /healthz and /readyz; everything else under /v1 behind the X
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from typing import Optional
 
 from fastapi import Depends, FastAPI
@@ -12,6 +13,7 @@ from pydantic import TypeAdapter
 
 from api.deps import require_api_key
 from api.errors import BodyLimitMiddleware, install_handlers
+from api.inference import Inference
 from api.routers import experiments, health, predict, runs
 from api.schemas import SPEC_EXAMPLES
 from orchestrator.launcher import Launcher
@@ -24,16 +26,23 @@ read their metrics, genotypes and Table 2; segment images with a trained model.
 Every `/v1` route needs the `X-API-Key` header (keys from `NAS_SCAM_API_KEYS`). Errors always have the
 shape `{"error": {"code", "message", "details"}}`: 401 bad key, 403 a path outside the data roots,
 404 unknown, 409 wrong state, 413 too large, 422 invalid (the message names the field), 429 too many
-active runs, 503 Ray or MLflow unreachable."""
+active runs or predictions, 503 Ray or MLflow unreachable or a prediction past its time limit."""
 
 
 def create_app(settings: Optional[Settings] = None, launcher: Optional[Launcher] = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="nas-scam API", version="1", description=DESCRIPTION,
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        app.state.inference.stop()
+
+    app = FastAPI(title="nas-scam API", version="1", description=DESCRIPTION, lifespan=lifespan,
                   openapi_tags=[{"name": "runs", "description": "run specs as Ray jobs"},
                                 {"name": "experiments"}, {"name": "predict"}, {"name": "health"}])
     app.state.settings = settings
     app.state.launcher = launcher or Launcher(settings)
+    app.state.inference = Inference(settings.api_max_predictions, settings.api_predict_timeout_s)
     install_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.include_router(health.router)

@@ -51,6 +51,7 @@ class Links(_Out):
     self: str
     logs: str
     cancel: str
+    resume: str
     metrics: str
     genotype: str
     table: str
@@ -166,7 +167,7 @@ class HealthOut(_Out):
 
 class ReadyOut(_Out):
     status: Literal["ready", "unavailable"]
-    checks: dict[str, str]
+    checks: Optional[dict[str, str]] = Field(None, description="each check's result; only with a valid X-API-Key")
 
 
 def _ts(value: Optional[float]) -> Optional[datetime]:
@@ -175,7 +176,7 @@ def _ts(value: Optional[float]) -> Optional[datetime]:
 
 def links(run_id: str) -> Links:
     base = f"/v1/runs/{run_id}"
-    return Links(self=base, logs=f"{base}/logs", cancel=f"{base}/cancel", metrics=f"{base}/metrics",
+    return Links(self=base, logs=f"{base}/logs", cancel=f"{base}/cancel", resume=f"{base}/resume", metrics=f"{base}/metrics",
                  genotype=f"{base}/genotype", table=f"{base}/table?format=json")
 
 

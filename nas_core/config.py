@@ -378,6 +378,7 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
         (cfg.data.crop_size % 16 == 0 and cfg.data.crop_size >= 16, "data.crop_size", "must be a multiple of 16"),
         (0 < cfg.data.stride <= cfg.data.crop_size, "data.stride", "must be in (0, crop_size]"),
+        (cfg.data.workers >= 0, "data.workers", "must be >= 0 (0 loads data in the main process)"),
         (cfg.search.per_class >= 1 and cfg.train.per_class >= 1, "per_class", "must be >= 1"),
         (cfg.seed >= 0, "seed", "must be >= 0"),
         (cfg.search.val_every >= 1 and cfg.train.val_every >= 1, "val_every", "must be >= 1"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import sqlite3
 import sys
 import threading
@@ -29,6 +30,10 @@ from orchestrator.settings import Settings
 
 ACTIVE = ("queued", "running", "cancelling")
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
+# what POST /runs/{id}/resume continues: the job's resume path picks up finished phases and checkpoints
+RESUMABLE = ("lost", "failed", "cancelled")
+# the message of a record whose Ray job is being submitted
+SUBMITTING = "submitting to Ray"
 STATUSES = ACTIVE + TERMINAL
 _RAY_STATUS = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
                "STOPPED": "cancelled"}
@@ -114,17 +119,57 @@ class RunStore:
         d["cancel_requested"] = bool(d["cancel_requested"])
         return RunRecord(**d)
 
-    def insert(self, rec: RunRecord) -> None:
+    def _insert_sql(self, rec: RunRecord) -> tuple[str, list]:
         values = {c: getattr(rec, c) for c in _COLUMNS}
         values["spec"] = json.dumps(rec.spec)
-        with self._lock, self._db:
-            self._db.execute(f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                             [values[c] for c in _COLUMNS])
+        return (f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                [values[c] for c in _COLUMNS])
 
-    def update(self, run_id: str, **values: Any) -> None:
+    def insert(self, rec: RunRecord) -> None:
+        with self._lock, self._db:
+            self._db.execute(*self._insert_sql(rec))
+
+    def _if_room(self, limit: int, sql: str, args: list) -> bool:
+        """Run ``sql`` only while fewer than ``limit`` runs are active: count and write in one IMMEDIATE
+        transaction, so concurrent requests (threads here, or another API process on the same file)
+        cannot all pass the count."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                active = self._db.execute(f"SELECT COUNT(*) FROM runs WHERE status IN ({', '.join('?' * len(ACTIVE))})",
+                                          ACTIVE).fetchone()[0]
+                if active >= limit:
+                    self._db.rollback()
+                    return False
+                self._db.execute(sql, args)
+                self._db.commit()
+                return True
+            except BaseException:
+                self._db.rollback()
+                raise
+
+    def insert_if_room(self, rec: RunRecord, limit: int) -> bool:
+        """Insert ``rec`` (an active run) unless ``limit`` runs are active already."""
+        return self._if_room(limit, *self._insert_sql(rec))
+
+    def update_if_room(self, run_id: str, limit: int, **values: Any) -> bool:
+        """Update a terminal run into an active one unless ``limit`` runs are active already."""
+        self._check_columns(values)
+        return self._if_room(limit, f"UPDATE runs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?",
+                             [*values.values(), run_id])
+
+    def delete(self, run_id: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+    @staticmethod
+    def _check_columns(values: dict[str, Any]) -> None:
         unknown = set(values) - set(_COLUMNS)
         if unknown:
             raise KeyError(f"unknown run columns {sorted(unknown)}")
+
+    def update(self, run_id: str, **values: Any) -> None:
+        self._check_columns(values)
         with self._lock, self._db:
             self._db.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?",
                              [*values.values(), run_id])
@@ -180,13 +225,20 @@ def job_env(settings: Settings, run_dir: Path) -> dict[str, str]:
 class Launcher:
     """Submit, list, follow and stop runs; reads Ray through ``JobSubmissionClient``."""
 
-    def __init__(self, settings: Settings, store: Optional[RunStore] = None):
+    def __init__(self, settings: Settings, store: Optional[RunStore] = None, jobs: Any = None):
+        """``jobs``: a JobSubmissionClient-like object to use instead of connecting (tests)."""
         self.settings = settings
         self.store = store or RunStore(settings.api_home / "runs.db")
-        self._client = None
+        self._fixed_client = jobs
+        self._client = jobs
         self._client_lock = threading.Lock()
+        self._submitting: set[str] = set()  # run ids between their record and Ray's answer: not lost
 
     # ------------------------------------------------------------ Ray
+    def _forget_client(self) -> None:
+        with self._client_lock:
+            self._client = self._fixed_client  # reconnect next time: the head may have moved or restarted
+
     def _jobs(self):
         with self._client_lock:
             if self._client is None:
@@ -210,8 +262,7 @@ class Launcher:
             text = str(exc)
             if "does not exist" in text or "not found" in text.lower():
                 raise RunNotFound(text.splitlines()[0][:300]) from None
-            with self._client_lock:
-                self._client = None  # reconnect next time: the head may have moved or restarted
+            self._forget_client()
             raise ClusterUnavailable(f"Ray job API at {self.settings.ray_dashboard} failed on {fn}: "
                                      f"{text.splitlines()[0][:300] if text else type(exc).__name__}") from None
 
@@ -220,39 +271,94 @@ class Launcher:
         return {"dashboard": self.settings.ray_dashboard, "jobs": len(self._call("list_jobs"))}
 
     # ------------------------------------------------------------ submit
+    def _too_many(self) -> TooManyRuns:
+        return TooManyRuns(f"{self.settings.api_max_active_runs} runs are queued or running "
+                           f"(NAS_SCAM_API_MAX_ACTIVE_RUNS); wait or cancel one")
+
     def submit(self, spec) -> RunRecord:
-        """Write the spec under ``<runs>/api/<id>``, submit the Ray job, record it (status ``queued``)."""
-        if self.store.count_active() >= self.settings.api_max_active_runs:
-            raise TooManyRuns(f"{self.settings.api_max_active_runs} runs are queued or running "
-                              f"(NAS_SCAM_API_MAX_ACTIVE_RUNS); wait or cancel one")
-        client = self._jobs()
+        """Write the spec under ``<runs>/api/<id>``, submit the Ray job, record it (status ``queued``).
+
+        The record is inserted first, only if fewer than ``api_max_active_runs`` runs are active (one
+        transaction), and removed again when Ray refuses the job."""
         run_id = uuid.uuid4().hex[:16]
         run_dir = (self.settings.runs_root / "api" / run_id).resolve()
-        run_dir.mkdir(parents=True, exist_ok=True)
         spec_dict = spec.model_dump(mode="json")
-        spec_path = run_dir / "spec.json"
-        spec_path.write_text(json.dumps(spec_dict, indent=2))
+        rec = RunRecord(id=run_id, kind=spec.kind, experiment=spec.name, spec=spec_dict, status="queued",
+                        submission_id=f"nas-scam-{run_id}", run_dir=str(run_dir), created_at=time.time(),
+                        message=SUBMITTING)
+        if not self.store.insert_if_room(rec, self.settings.api_max_active_runs):
+            raise self._too_many()
+        self._submitting.add(run_id)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "spec.json").write_text(json.dumps(spec_dict, indent=2))
+            self._submit_job(rec)
+        except BaseException:
+            self.store.delete(run_id)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        finally:
+            self._submitting.discard(run_id)
+        rec.message = ""
+        self.store.update(run_id, message="")
+        return rec
+
+    def _submit_job(self, rec: RunRecord) -> None:
+        """The Ray job ``rec.submission_id`` running ``run-spec <run_dir>/spec.json``."""
+        client = self._jobs()
+        run_dir = Path(rec.run_dir)
         python = self.settings.job_python or sys.executable
-        entrypoint = shlex.join([python, "-m", "orchestrator.cli", "run-spec", str(spec_path)])
+        entrypoint = shlex.join([python, "-m", "orchestrator.cli", "run-spec", str(run_dir / "spec.json")])
         # a single run trains in the job's driver: reserve its resources there; Tune drivers only coordinate
-        single = spec.kind in ("search", "train", "pipeline")
-        submission_id = f"nas-scam-{run_id}"
+        single = rec.kind in ("search", "train", "pipeline")
+        resources = rec.spec.get("resources") or {}
         try:
             client.submit_job(
-                entrypoint=entrypoint, submission_id=submission_id,
+                entrypoint=entrypoint, submission_id=rec.submission_id,
                 runtime_env={"env_vars": job_env(self.settings, run_dir)},
-                metadata={"nas_scam_run": run_id, "kind": spec.kind, "experiment": spec.name},
-                entrypoint_num_cpus=spec.resources.cpu if single else 0,
-                entrypoint_num_gpus=spec.resources.gpu if single else 0)
+                metadata={"nas_scam_run": rec.id, "kind": rec.kind, "experiment": rec.experiment},
+                entrypoint_num_cpus=resources.get("cpu", 1.0) if single else 0,
+                entrypoint_num_gpus=resources.get("gpu", 0.0) if single else 0)
         except Exception as exc:  # noqa: BLE001
-            with self._client_lock:
-                self._client = None
+            self._forget_client()
             raise ClusterUnavailable(f"submitting to Ray at {self.settings.ray_dashboard} failed: "
                                      f"{str(exc).splitlines()[0][:300]}") from None
-        rec = RunRecord(id=run_id, kind=spec.kind, experiment=spec.name, spec=spec_dict, status="queued",
-                        submission_id=submission_id, run_dir=str(run_dir), created_at=time.time())
-        self.store.insert(rec)
-        return rec
+
+    def resume(self, run_id: str) -> RunRecord:
+        """Submit a lost, failed or cancelled run again as a new Ray job over the same run folder.
+
+        The job resumes: an ablation or HPO reopens its MLflow parent and restores its Tuner (finished
+        trials are not re-run), a single run continues from its last checkpoint under a new parent."""
+        rec = self.get(run_id)
+        if rec.status not in RESUMABLE:
+            raise RunConflict(f"run {run_id} is {rec.status}; only {', '.join(RESUMABLE)} runs can be resumed")
+        base = f"nas-scam-{rec.id}"
+        attempt = int(rec.submission_id.rsplit("-r", 1)[1]) + 1 if rec.submission_id != base else 1
+        before = {"status": rec.status, "message": rec.message, "submission_id": rec.submission_id,
+                  "parent_run_id": rec.parent_run_id, "experiment_id": rec.experiment_id}
+        values = {"status": "queued", "message": SUBMITTING, "submission_id": f"{base}-r{attempt}",
+                  "cancel_requested": 0, "ended_at": None}
+        single = rec.kind in ("search", "train", "pipeline")
+        if single:
+            values.update(parent_run_id=None, experiment_id=None)
+        if not self.store.update_if_room(rec.id, self.settings.api_max_active_runs, **values):
+            raise self._too_many()
+        state = Path(rec.run_dir) / rec.experiment / "run.json"
+        if single and state.is_file():
+            # a single run opens a new MLflow parent each time: its old state file must not name the old one
+            state.rename(state.with_name(f"run.{attempt - 1}.json"))
+        resumed = self.store.get(rec.id)
+        self._submitting.add(rec.id)
+        try:
+            self._submit_job(resumed)
+        except BaseException:
+            self.store.update(rec.id, **before)
+            raise
+        finally:
+            self._submitting.discard(rec.id)
+        self.store.update(rec.id, message="")
+        resumed.message = ""
+        return resumed
 
     # ------------------------------------------------------------ read
     def get(self, run_id: str, refresh: bool = True) -> RunRecord:
@@ -278,6 +384,8 @@ class Launcher:
         try:
             info = self._call("get_job_info", rec.submission_id)
         except RunNotFound:
+            if rec.id in self._submitting:
+                return rec  # the submitting request has not reached Ray yet
             status, message = self._status_from_mlflow(rec)
             info = None
         except ClusterUnavailable as exc:
@@ -291,8 +399,12 @@ class Launcher:
             rec.started_at = info.start_time / 1000 if info.start_time else rec.started_at
             rec.ended_at = info.end_time / 1000 if info.end_time else rec.ended_at
         changed = (status, message) != (rec.status, rec.message)
+        lost_now = status == "lost" and rec.status != "lost"
         rec.status, rec.message = status, message
         self.find_parent(rec)
+        if lost_now:
+            # nobody will close its MLflow runs any more: the parent and the phases in flight are FAILED
+            self._close_mlflow(rec, "FAILED", "lost: the Ray job is gone (the cluster was restarted)")
         if changed or rec.terminal:
             self.store.update(rec.id, status=rec.status, message=rec.message, started_at=rec.started_at,
                               ended_at=rec.ended_at, parent_run_id=rec.parent_run_id, experiment_id=rec.experiment_id)
@@ -351,10 +463,11 @@ class Launcher:
             if rec.terminal:
                 break
             time.sleep(0.5)
-        self._mark_mlflow_killed(rec)
+        self._close_mlflow(rec, "KILLED", "cancelled through the API")
         return rec
 
-    def _mark_mlflow_killed(self, rec: RunRecord) -> None:
+    def _close_mlflow(self, rec: RunRecord, status: str, reason: str) -> None:
+        """The run's MLflow parent and its children still RUNNING end with ``status`` and a ``stopped`` tag."""
         self.find_parent(rec)
         if not rec.parent_run_id:
             return
@@ -362,11 +475,11 @@ class Launcher:
             from orchestrator import tracking
 
             c = tracking.client(self.settings.tracking_uri)
-            tracking.kill_dangling(c, rec.experiment_id, rec.parent_run_id, "cancelled through the API")
+            tracking.kill_dangling(c, rec.experiment_id, rec.parent_run_id, reason, status=status)
             if c.get_run(rec.parent_run_id).info.status == "RUNNING":
-                c.set_tag(rec.parent_run_id, "stopped", "cancelled through the API")
-                tracking.finish(c, rec.parent_run_id, "KILLED")
-        except Exception:  # noqa: BLE001 - the Ray job is stopped either way; MLflow is bookkeeping
+                c.set_tag(rec.parent_run_id, "stopped", reason)
+                tracking.finish(c, rec.parent_run_id, status)
+        except Exception:  # noqa: BLE001 - the Ray job is gone either way; MLflow is bookkeeping
             pass
 
 

@@ -282,6 +282,13 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False) -> tuple[Pa
         space = {"params": _space(spec), "spec": spec.model_dump(mode="json"), "ctx": ctx}
         grid = _tuner(hpo_trial, "hpo", root / "tune", space, tc,
                       {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}, 0, resume).fit()
+        if len(grid) and grid.num_errors == len(grid):
+            # get_best_result returns the only trial even when it errored: a search without one
+            # finished trial has no best configuration
+            first = str(grid.errors[0]).strip().splitlines() if grid.errors else []
+            err = RunnerError(f"all {len(grid)} HPO trials failed; the first: {first[-1][:500] if first else '?'}")
+            tracking.mark_failed(c, parent, err)
+            raise err
         best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="all")
     finally:
         tracking.kill_dangling(c, exp_id, parent, "stopped early by ASHA")

@@ -43,6 +43,21 @@ class Settings(BaseSettings):
     api_max_cpu: float = Field(8.0, gt=0)  # per-trial resources a spec may ask for
     api_max_gpu: float = Field(8.0, ge=0)
     api_max_active_runs: int = Field(16, ge=1)  # queued + running runs at once
+    # upper bounds on what one spec may ask of the cluster, checked on every trial config it expands
+    # into (overrides and HPO spaces included); the CLI has no such bounds (a user's own machine)
+    api_max_seeds: int = Field(100, ge=1)  # seeds per ablation
+    api_max_samples: int = Field(1000, ge=1)  # HPO num_samples
+    api_max_epochs: int = Field(1000, ge=1)  # search.epochs, train.epochs, HPO grace_period
+    api_max_iters_per_epoch: int = Field(100_000, ge=1)
+    api_max_synthetic_images: int = Field(1000, ge=3)
+    api_max_synthetic_size: int = Field(4096, ge=16)  # pixels per side
+    api_max_crop_size: int = Field(1024, ge=16)
+    api_max_per_class: int = Field(64, ge=1)  # crops per class bucket in a batch
+    api_max_workers: int = Field(16, ge=0)  # data.workers (loader processes per trial)
+    # POST /predict: admitted at once (one runs, the rest wait; more -> 429) and the wall-clock limit of
+    # one request, waiting included (the inference process is stopped when it passes)
+    api_max_predictions: int = Field(4, ge=1)
+    api_predict_timeout_s: float = Field(120.0, gt=0)
 
     @field_validator("api_keys", "data_roots", mode="before")
     @classmethod

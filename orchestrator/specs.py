@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, TypeAdapter, ValidationError,
+                      field_validator, model_validator)
 
 from nas_core.config import ConfigError, RunConfig, load_config, read_yaml_mapping
 
@@ -59,8 +60,20 @@ def run_name(phase: str, method: str, seed: int) -> str:
     return f"{phase}__{method}__seed{seed}"
 
 
+# A spec's name is a folder and an MLflow experiment name: an identifier, never a path
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MAX_NAME_LENGTH = 64
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=MAX_NAME_LENGTH)]
+# seeds reach numpy and torch; larger values are typos, not studies
+MAX_SEED_VALUE = 2**31 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED_VALUE)]
+# an HPO space is a few dimensions of a few values each; these bound the configs it expands into
+MAX_SPACE_DIMS, MAX_CHOICES = 16, 32
+
+
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "1000" is not 1000 (a string would slip past every numeric bound); floats still take ints
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ResourceSpec(_Spec):
@@ -126,6 +139,13 @@ class _ConfigSpec(_Spec):
     # any RunConfig keys, nested or dotted ("train.lr": 1e-3); checked against RunConfig on load
     overrides: dict[str, Any] = Field(default_factory=dict)
     resources: ResourceSpec = ResourceSpec()
+    # the built trial configs (trial_configs), kept by validation so that callers need not rebuild them
+    _configs: list = PrivateAttr(default_factory=list)
+
+    @property
+    def configs(self) -> list[tuple[str, RunConfig]]:
+        """``trial_configs(self)``, as validation built them."""
+        return self._configs or trial_configs(self)
 
     def base_layer(self) -> dict[str, Any]:
         layer = _nest(self.overrides)
@@ -143,6 +163,10 @@ class _ConfigSpec(_Spec):
             if value is not None:
                 layer.setdefault(section, {})[key] = value
         return layer
+
+
+# RunConfig keys that name files or folders (a test keeps this in step with RunConfig's string fields)
+PATH_KEYS = ("data.source", "data.cache_dir", "model.genotype", "out_dir")
 
 
 def build_config(spec: _ConfigSpec, method: str, seed: int, *, data_root: Optional[Path] = None,
@@ -174,9 +198,9 @@ class RunSpec(_ConfigSpec):
     """One method and seed: a search, a retrain, or a pipeline (search then retrain)."""
 
     kind: Literal["search", "train", "pipeline"]
-    name: str = "runs"
+    name: Name = "runs"
     method: str
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     genotype: Optional[str] = None  # for kind=train of a NAS-SCAM method
 
     @field_validator("method")
@@ -192,7 +216,7 @@ class RunSpec(_ConfigSpec):
             raise ValueError(f"method {self.method!r} has no search phase (kind: search)")
         if self.kind == "train" and m.needs_search and not self.genotype:
             raise ValueError(f"kind: train of {self.method!r} needs genotype: a genotype.json path")
-        _check_configs(self, [self.method], [self.seed])
+        _check_configs(self)
         return self
 
 
@@ -204,10 +228,10 @@ class AblationSpec(_ConfigSpec):
     """Methods x seeds: the Table 2 grid."""
 
     kind: Literal["ablation"] = "ablation"
-    name: str = Field("table2", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name = "table2"
     methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1)
     # a count N (seeds 0..N-1) or explicit seeds
-    seeds: Union[int, list[int]] = 3
+    seeds: Union[int, list[Seed]] = 3
     # retrain (default, the release's): one search per NAS method (first seed), every seed retrains
     # that genotype; full: a search and a retrain per seed
     repeat: Literal["full", "retrain"] = "retrain"
@@ -231,14 +255,15 @@ class AblationSpec(_ConfigSpec):
         if isinstance(v, int) and not 1 <= v <= MAX_SEEDS:
             raise ValueError(f"seed count must be between 1 and {MAX_SEEDS}, got {v}")
         if isinstance(v, list):
+            if len(v) > MAX_SEEDS:
+                raise ValueError(f"at most {MAX_SEEDS} seeds, got {len(v)}")
             if not v or any(s < 0 for s in v) or len(set(v)) != len(v):
                 raise ValueError(f"explicit seeds must be distinct integers >= 0, got {v}")
         return v
 
     @model_validator(mode="after")
     def _check(self) -> "AblationSpec":
-        first = [0] if isinstance(self.seeds, int) else self.seeds[:1]
-        _check_configs(self, self.methods, first)
+        _check_configs(self)
         return self
 
     @property
@@ -254,9 +279,9 @@ class ParamRange(_Spec):
     """One HPO dimension: ``loguniform``/``uniform``/``int`` over [low, high] or a ``choice``."""
 
     type: Literal["loguniform", "uniform", "int", "choice"]
-    low: Optional[float] = None
-    high: Optional[float] = None
-    values: Optional[list[Any]] = None
+    low: Optional[float] = Field(None, allow_inf_nan=False)
+    high: Optional[float] = Field(None, allow_inf_nan=False)
+    values: Optional[list[Any]] = Field(None, max_length=MAX_CHOICES)
 
     @model_validator(mode="after")
     def _check(self) -> "ParamRange":
@@ -274,13 +299,13 @@ class HpoSpec(_ConfigSpec):
     """Optuna (TPE) + ASHA over retraining hyperparameters of one method."""
 
     kind: Literal["hpo"] = "hpo"
-    name: str = Field("hpo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name = "hpo"
     method: str = "unet"
     genotype: Optional[str] = None
-    seed: int = Field(0, ge=0)
-    space: dict[str, ParamRange] = Field(min_length=1)
+    seed: Seed = 0
+    space: dict[str, ParamRange] = Field(min_length=1, max_length=MAX_SPACE_DIMS)
     num_samples: int = Field(8, ge=1)
-    metric: str = "val_dsc"
+    metric: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_./-]+$", max_length=MAX_NAME_LENGTH)] = "val_dsc"
     mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
@@ -304,20 +329,44 @@ class HpoSpec(_ConfigSpec):
     def _check(self) -> "HpoSpec":
         if get_method(self.method).needs_search and not self.genotype:
             raise ValueError(f"method {self.method!r} is retrained from a genotype: set genotype: PATH")
-        sample = {k: (r.values[0] if r.type == "choice" else (int(r.low) if r.type == "int" else r.low))
-                  for k, r in self.space.items()}
-        _check_configs(self, [self.method], [self.seed], extra=sample)
+        _check_configs(self)
         return self
 
 
-def _check_configs(spec: _ConfigSpec, methods: list[str], seeds: list[int], extra: Optional[dict] = None) -> None:
-    # build every RunConfig now, so a bad override fails at load time, not inside a Ray trial
+def trial_configs(spec: _ConfigSpec) -> list[tuple[str, RunConfig]]:
+    """Every RunConfig a spec's trials can be built from, each with where it comes from.
+
+    One config per method (at its first seed, with the spec's genotype when it gives one) and, for HPO,
+    one per choice value and per range end of each space dimension, each taken alone so that no other
+    dimension masks it. Paths and sizes are checked on these built configs, whatever key or nesting set
+    them. Raises ConfigError naming the source and the dotted key.
+    """
+    methods = spec.methods if isinstance(spec, AblationSpec) else [spec.method]
+    seed = spec.seed_list[0] if isinstance(spec, AblationSpec) else spec.seed
+    genotype = getattr(spec, "genotype", None)
+    samples: list[tuple[str, Optional[dict[str, Any]]]] = [("", None)]
+    for key, r in (getattr(spec, "space", None) or {}).items():
+        values = r.values if r.type == "choice" else (
+            [int(r.low), int(r.high)] if r.type == "int" else [r.low, r.high])
+        samples += [(f", space.{key}={str(v)[:80]}", {key: v}) for v in values]
+    out = []
     for m in methods:
-        for s in seeds:
+        for where, extra in samples:
+            label = f"method {m!r}{where}"
             try:
-                build_config(spec, m, s, extra=extra)
+                cfg = build_config(spec, m, seed, extra=extra, genotype=Path(genotype) if genotype else None)
             except ConfigError as exc:
-                raise ValueError(f"config for method {m!r}: {exc}") from None
+                raise ConfigError(f"config for {label}: {exc}") from None
+            out.append((label, cfg))
+    return out
+
+
+def _check_configs(spec: _ConfigSpec) -> None:
+    # build every RunConfig now, so a bad override fails at load time, not inside a Ray trial
+    try:
+        spec._configs = trial_configs(spec)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 AnySpec = Annotated[Union[RunSpec, AblationSpec, HpoSpec], Field(discriminator="kind")]

@@ -211,12 +211,13 @@ def children(c, exp_id: str, parent_id: str, phase: Optional[str] = None, status
     return c.search_runs([exp_id], filter_string=flt, max_results=5000)
 
 
-def kill_dangling(c, exp_id: str, parent_id: str, reason: str) -> int:
-    """Child runs still RUNNING after the Tuner returned (e.g. stopped by ASHA) -> KILLED with a reason."""
+def kill_dangling(c, exp_id: str, parent_id: str, reason: str, status: str = "KILLED") -> int:
+    """Child runs still RUNNING after the Tuner returned (e.g. stopped by ASHA) -> KILLED (or ``status``)
+    with a reason."""
     n = 0
     for run in children(c, exp_id, parent_id, status="RUNNING"):
         c.set_tag(run.info.run_id, "stopped", reason)
-        c.set_terminated(run.info.run_id, status="KILLED")
+        c.set_terminated(run.info.run_id, status=status)
         n += 1
     return n
 

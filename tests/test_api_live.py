@@ -8,6 +8,7 @@ server are stopped by process group in the fixtures' teardown.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -32,7 +33,7 @@ SMOKE = {"kind": "ablation", "name": "smoke", "preset": "smoke", "methods": ["un
 SEARCH = {"kind": "search", "name": "smoke-search", "method": "nas-scam-p-sync", "preset": "smoke",
           "resources": {"cpu": 1}}
 # long enough to be caught running; cancelled long before it ends
-LONG = {"kind": "train", "name": "long", "method": "unet", "preset": "smoke", "epochs": {"train": 5000},
+LONG = {"kind": "train", "name": "long", "method": "unet", "preset": "smoke", "epochs": {"train": 1000},
         "resources": {"cpu": 1}}
 TERMINAL = {"succeeded", "failed", "cancelled", "lost"}
 
@@ -150,8 +151,35 @@ def finished_runs(server):
 
 
 def test_readyz_sees_ray_and_mlflow(server):
-    body = httpx.get(server.url + "/readyz").json()
+    # the checks only for a caller with a key; a stranger learns ready or not (issue 15)
+    assert httpx.get(server.url + "/readyz").json() == {"status": "ready"}
+    body = httpx.get(server.url + "/readyz", headers=HEADERS).json()
     assert body == {"status": "ready", "checks": {"ray": "ok", "mlflow": "ok"}}
+
+
+def test_parser_bombs_get_422_on_a_kept_connection(server):
+    """Issue 15: a 5,000-deep JSON body and a 100k-character path were 500s with the connection reset."""
+    deep = '{"kind": "ablation", "overrides": ' + '{"a": ' * 5000 + "1" + "}" * 5001
+    with server.client() as c:
+        for body in (deep, json.dumps({**SMOKE, "data": {"source": f"{server.home}/data/" + "a" * 100_000}})):
+            resp = c.post("/v1/runs", content=body, headers={"Content-Type": "application/json"})
+            assert resp.status_code == 422 and resp.json()["error"]["code"] == "validation_error", resp.text
+            assert c.get("/healthz").status_code == 200  # same client, same pool: the server still answers
+    assert "unhandled error" not in server.logs()
+
+
+def test_hpo_whose_trials_all_fail_is_failed(server):
+    """Issue 15: an HPO run whose only trial failed was reported succeeded (Tune's get_best_result
+    returns a lone trial even when it errored). An unknown loss passes the config and fails in the trial."""
+    spec = {"kind": "hpo", "name": "hpo-fails", "method": "unet", "preset": "smoke", "num_samples": 1,
+            "space": {"loss.name": {"type": "choice", "values": ["no-such-loss"]}}, "resources": {"cpu": 1}}
+    with server.client() as c:
+        resp = c.post("/v1/runs", json=spec)
+        assert resp.status_code == 202, resp.text
+        run = wait_for(c, resp.json()["id"], TERMINAL, timeout=300)
+        assert run["status"] == "failed", run
+        assert "HPO trials failed" in c.get(f"/v1/runs/{run['id']}/logs").json()["logs"]
+        assert c.get(f"/v1/runs/{run['id']}/metrics").json()["parent"]["status"] == "FAILED"
 
 
 def test_smoke_ablation_runs_to_its_table(server, finished_runs):
@@ -249,7 +277,7 @@ def test_serve_starts_and_stops_its_own_ray_head(tmp_path):
     server = Server(tmp_path, dashboard)
     try:
         server.start(local_ray=True, RAY_TMPDIR=str(tmp), NAS_SCAM_RAY_NUM_CPUS="1")
-        ready = httpx.get(server.url + "/readyz", timeout=30).json()
+        ready = httpx.get(server.url + "/readyz", headers=HEADERS, timeout=30).json()
         assert ready["checks"]["ray"] == "ok", ready
         assert httpx.get(dashboard + "/api/version", timeout=5).status_code == 200
     finally:
@@ -296,7 +324,7 @@ def test_fuzz_openapi_finds_no_server_errors(home):
             run()
         print("fuzzed (operation, status): count", dict(sorted(seen.items())))
         assert not failures, "\n".join(failures[:10])
-        assert sum(seen.values()) >= 100 and len({op for op, _ in seen}) == 12
+        assert sum(seen.values()) >= 100 and len({op for op, _ in seen}) == 13
         assert "unhandled error" not in server.logs()
     finally:
         server.stop()

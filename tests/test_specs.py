@@ -74,6 +74,19 @@ def test_seed_count_and_explicit_seeds():
     ({"kind": "hpo", "space": {"model.name": {"type": "choice", "values": ["unet"]}}}, "model.name",
      "only retraining keys"),
     ({"kind": "hpo", "space": {"train.lr": {"type": "loguniform", "low": 0, "high": 1}}}, "train.lr", "low > 0"),
+    # names are identifiers (a folder and an MLflow experiment), integers are integers (issue 15)
+    ({"name": "../../x"}, "name", "should match pattern"),
+    ({"kind": "search", "method": "nas-scam-p-sync", "name": "/abs/folder"}, "name", "should match pattern"),
+    ({"kind": "hpo", "name": "a" * 65, "space": {"train.lr": {"type": "choice", "values": [1e-3]}}}, "name",
+     "at most 64 characters"),
+    ({"seeds": "3"}, "seeds", "valid integer"),
+    ({"seeds": [2**31]}, "seeds", "less than or equal to 2147483647"),
+    ({"kind": "hpo", "num_samples": "8", "space": {"train.lr": {"type": "choice", "values": [1e-3]}}},
+     "num_samples", "valid integer"),
+    ({"overrides": {"data.workers": -3}}, "data.workers", "must be >= 0"),
+    # every choice value is built, not only the first
+    ({"kind": "hpo", "space": {"train.lr": {"type": "choice", "values": [1e-3, -1.0]}}}, "train.lr=-1.0",
+     "train.lr must be > 0"),
 ])
 def test_validation_errors_name_the_field(data, field, words):
     with pytest.raises(SpecError) as err:
@@ -106,3 +119,17 @@ def test_a_huge_seed_count_is_refused_without_building_the_list():
     with pytest.raises(SpecError, match="seed count"):
         parse_spec({"seeds": 10**12})
 
+
+
+def test_trial_configs_cover_every_method_choice_and_range_end():
+    spec = parse_spec({"kind": "hpo", "preset": "smoke", "space": {
+        "loss.name": {"type": "choice", "values": ["exp_log", "exp_log_dice", "dice"]},
+        "train.epochs": {"type": "int", "low": 2, "high": 9}}})
+    labels = [label for label, _ in spec.configs]
+    assert len(labels) == 1 + 3 + 2 and labels[0] == "method 'unet'"
+    assert sorted(cfg.train.epochs for _, cfg in spec.configs) == [2, 4, 4, 4, 4, 9]  # smoke: 4 epochs
+    # the protocol table names the loss (exp_log for paper), so no config leaves it None
+    assert {cfg.loss.name for _, cfg in spec.configs} == {"exp_log", "exp_log_dice", "dice"}
+    ablation = parse_spec({"methods": ["unet", "nas-scam-p-sync"], "preset": "smoke", "seeds": [5, 6]})
+    assert [(label, cfg.seed) for label, cfg in ablation.configs] == [("method 'unet'", 5),
+                                                                      ("method 'nas-scam-p-sync'", 5)]

@@ -1,15 +1,14 @@
 """POST /v1/predict: one uploaded image through a trained model -> GeoJSON nuclei or a PNG label mask.
 
 The model is an API run id or MLflow run id (its train phase's logged checkpoint) or a checkpoint file
-under a data root. Inference runs in this process, one image at a time, bounded in bytes and pixels;
-training never does.
+under a data root. Inference runs in the API's inference process (api.inference), one image at a time,
+bounded in bytes, pixels (read from the header before decoding), requests at once and time; training
+never runs here.
 """
 
 from __future__ import annotations
 
 import re
-import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -20,14 +19,15 @@ from starlette.concurrency import run_in_threadpool
 from api import results
 from api.deps import LauncherDep, SettingsDep
 from api.errors import ApiError
-from api.routers.runs import _errors, check_path
+from api.images import decode_image
+from api.inference import Inference
+from api.routers.runs import _errors
+from api.validation import check_path
 from orchestrator.launcher import Launcher, RunNotFound
 from orchestrator.settings import Settings
 
 router = APIRouter(tags=["predict"])
 _MLFLOW_ID = re.compile(r"^[0-9a-f]{32}$")
-_LOCK = threading.Lock()  # one inference at a time: the API shares its cores with Ray
-_MODELS: "OrderedDict[str, tuple]" = OrderedDict()
 
 _BODY = {"requestBody": {"required": True, "description": "the image file itself (PNG, JPEG or TIFF, RGB)",
                          "content": {t: {"schema": {"type": "string", "format": "binary"}}
@@ -79,57 +79,11 @@ def resolve_checkpoint(model: Optional[str], checkpoint: Optional[str], settings
     return found[0]
 
 
-def _load(path: Path):
-    from nas_core.engine.checkpoint import load_checkpoint
-
-    key = str(path)
-    if key not in _MODELS:
-        try:
-            _MODELS[key] = load_checkpoint(path)
-        except ValueError as exc:
-            raise ApiError(422, "bad_checkpoint", f"checkpoint {path.name}: {exc}") from None
-        while len(_MODELS) > 2:
-            _MODELS.popitem(last=False)
-    _MODELS.move_to_end(key)
-    return _MODELS[key]
-
-
-def decode_image(raw: bytes, max_pixels: int):
-    """Encoded PNG/JPEG/TIFF bytes -> uint8 (H, W, 3) RGB."""
-    import cv2
-    import numpy as np
-
-    if not raw:
-        raise ApiError(422, "validation_error", "body: empty; send the image file", [{"field": "(body)", "message": "empty"}])
-    img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ApiError(422, "bad_image", "body: not a PNG, JPEG or TIFF image")
-    h, w = img.shape[:2]
-    if h * w > max_pixels:
-        raise ApiError(413, "image_too_large", f"image {w}x{h} has more than {max_pixels} pixels "
-                                               f"(NAS_SCAM_API_MAX_IMAGE_PIXELS)")
-    if img.dtype != np.uint8:
-        img = cv2.convertScaleAbs(img, alpha=255.0 / max(1, int(img.max())))
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB)
-
-
-def _predict(path: Path, image, fmt: str):
+def _respond(path: Path, image, labels, fmt: str):
     import cv2
 
-    from nas_core.engine.evaluate import predict_probs
-    from nas_core.engine.predict import label_map, to_geojson
+    from nas_core.engine.predict import to_geojson
 
-    with _LOCK:
-        model, meta = _load(path)
-        data = meta["config"]["data"]
-        tile, stride = int(data["crop_size"]), int(data["stride"])
-        if min(image.shape[:2]) < 16:
-            raise ApiError(422, "bad_image", "image: both sides must be at least 16 pixels")
-        labels = label_map(predict_probs(model, image, tile=tile, stride=stride, device="cpu", binary=False))
     if fmt == "png":
         ok, buf = cv2.imencode(".png", labels)
         return Response(buf.tobytes(), media_type="image/png")
@@ -143,14 +97,23 @@ def _predict(path: Path, image, fmt: str):
              responses={200: {"description": "GeoJSON FeatureCollection (format=geojson) or PNG (format=png)",
                               "content": {"application/geo+json": {"schema": {"type": "object"}},
                                           "image/png": {"schema": {"type": "string", "format": "binary"}}}},
-                        **_errors(403, 404, 409, 413, 503)})
+                        **_errors(403, 404, 409, 413, 429, 503)})
 async def predict(request: Request, settings: SettingsDep, launcher: LauncherDep,
                   model: Annotated[Optional[str], Query(max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
                                                         description="API run id or MLflow run id")] = None,
                   checkpoint: Annotated[Optional[str], Query(max_length=4096,
                                                              description="a .pt file under a data root")] = None,
                   format: Literal["geojson", "png"] = "geojson"):
-    raw = await request.body()
-    path = await run_in_threadpool(resolve_checkpoint, model, checkpoint, settings, launcher)
-    image = await run_in_threadpool(decode_image, raw, settings.api_max_image_pixels)
-    return await run_in_threadpool(_predict, path, image, format)
+    inference: Inference = request.app.state.inference
+    inference.admit()  # before the body is read: at most api_max_predictions bodies in memory
+    try:
+        deadline = inference.deadline()
+        raw = await request.body()
+        path = await run_in_threadpool(resolve_checkpoint, model, checkpoint, settings, launcher)
+        image = await run_in_threadpool(decode_image, raw, settings.api_max_image_pixels)
+        if min(image.shape[:2]) < 16:
+            raise ApiError(422, "bad_image", "image: both sides must be at least 16 pixels")
+        labels = await run_in_threadpool(inference.labels, path, image, deadline)
+        return await run_in_threadpool(_respond, path, image, labels, format)
+    finally:
+        inference.release()

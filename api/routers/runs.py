@@ -1,7 +1,8 @@
 """/v1/runs: launch a spec as a Ray job, list and follow runs, read what they produced.
 
-A spec is validated here (the orchestrator's pydantic models), its paths must lie under the data roots
-(403 otherwise) and its resources and grid within the server's bounds (422), before anything reaches Ray.
+A spec is validated by api.validation (the orchestrator's pydantic models, then every trial config it
+expands into): its paths must lie under the data roots (403 otherwise) and its sizes within the server's
+bounds (422), before anything reaches Ray. A lost, failed or cancelled run can be resumed.
 """
 
 from __future__ import annotations
@@ -19,17 +20,12 @@ from api.deps import LauncherDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import (ErrorOut, GenotypeOut, LogsOut, MetricsOut, RunCreated, RunKind, RunList, RunOut,
                          RunStatus, TableOut, links, run_out)
-from orchestrator.settings import Settings
-from orchestrator.specs import SpecError, parse_spec
-from orchestrator.tracking import flatten_dotted
+from api.validation import parse_body
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
 RunId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the run id POST /runs returned",
                                  examples=["3f2c9a1b7e4d5c60"])]
-# RunConfig keys that hold paths: whatever a spec says there must lie under a data root
-PATH_KEYS = ("data.source", "data.cache_dir", "model.genotype", "out_dir")
-MAX_SEEDS, MAX_SAMPLES = 100, 1000
 
 
 def _errors(*codes: int) -> dict[int, dict[str, Any]]:
@@ -38,70 +34,6 @@ def _errors(*codes: int) -> dict[int, dict[str, Any]]:
             422: "invalid spec or parameter (the message names the field)", 429: "too many active runs",
             503: "Ray or MLflow unreachable"}
     return {c: {"model": ErrorOut, "description": text[c]} for c in (401, 422, *codes)}
-
-
-def check_path(field: str, value: Any, settings: Settings) -> None:
-    """Absolute, existing, and inside one of ``settings.allowed_data_roots`` after resolving links and ``..``."""
-    if not isinstance(value, str) or not value or "\x00" in value:
-        raise ApiError(422, "validation_error", f"{field}: expected a path string", [{"field": field, "message": "not a path"}])
-    p = Path(value).expanduser()
-    roots = settings.allowed_data_roots
-    if not p.is_absolute() or not any(p.resolve().is_relative_to(r) for r in roots):
-        raise ApiError(403, "path_forbidden", f"{field}: {value} is not an absolute path under a data root "
-                                              f"({', '.join(str(r) for r in roots)}; NAS_SCAM_DATA_ROOTS)",
-                       [{"field": field, "message": "outside the data roots"}])
-    if not p.exists():
-        raise ApiError(422, "validation_error", f"{field}: {value} does not exist",
-                       [{"field": field, "message": "does not exist"}])
-
-
-def _precheck(data: dict[str, Any]) -> None:
-    # before pydantic: a huge seed count would be expanded into a list while validating
-    seeds, samples = data.get("seeds"), data.get("num_samples")
-    if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds > MAX_SEEDS or \
-            isinstance(seeds, list) and len(seeds) > MAX_SEEDS:
-        raise ApiError(422, "validation_error", f"seeds: at most {MAX_SEEDS} seeds per run", [{"field": "seeds", "message": "too many"}])
-    if isinstance(samples, int) and samples > MAX_SAMPLES:
-        raise ApiError(422, "validation_error", f"num_samples: at most {MAX_SAMPLES}",
-                       [{"field": "num_samples", "message": "too many"}])
-
-
-def parse_body(raw: bytes, settings: Settings):
-    """Raw JSON -> validated spec, or ApiError 403/422 naming the field."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(422, "validation_error", "body: not valid JSON", [{"field": "(body)", "message": "not JSON"}]) from None
-    if not isinstance(data, dict):
-        raise ApiError(422, "validation_error", "body: expected a JSON object (a run spec)",
-                       [{"field": "(body)", "message": "not an object"}])
-    _precheck(data)
-    try:
-        spec = parse_spec(data, "spec")
-    except SpecError as exc:
-        message = str(exc).removeprefix("spec: ")
-        details = [{"field": part.split(":", 1)[0], "message": part.split(":", 1)[-1].strip()} for part in message.split("; ")]
-        raise ApiError(422, "validation_error", message, details) from None
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError) as exc:
-        raise ApiError(422, "validation_error", f"spec: {type(exc).__name__}: {str(exc)[:500]}") from None
-    paths = [("data.source", spec.data.source)]
-    if getattr(spec, "genotype", None):
-        paths.append(("genotype", spec.genotype))
-    flat = flatten_dotted(spec.overrides)
-    paths += [(f"overrides.{k}", v) for k, v in flat.items() if k in PATH_KEYS and v is not None]
-    for key, rng in (getattr(spec, "space", None) or {}).items():
-        if key in PATH_KEYS:
-            paths += [(f"space.{key}", v) for v in (rng.values or [])]
-    for field, value in paths:
-        if value is not None:
-            check_path(field, value, settings)
-    r = spec.resources
-    for field, value, limit, env in (("resources.cpu", r.cpu, settings.api_max_cpu, "NAS_SCAM_API_MAX_CPU"),
-                                     ("resources.gpu", r.gpu, settings.api_max_gpu, "NAS_SCAM_API_MAX_GPU")):
-        if value > limit:
-            raise ApiError(422, "validation_error", f"{field}: {value} exceeds the server's limit {limit} ({env})",
-                           [{"field": field, "message": "over the limit"}])
-    return spec
 
 
 _SPEC_BODY = {"requestBody": {"required": True, "description": "a run spec (orchestrator.specs): kind "
@@ -159,6 +91,14 @@ def get_logs(run_id: RunId, launcher: LauncherDep,
              responses=_errors(404, 409, 503))
 def cancel_run(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> RunOut:
     rec = launcher.cancel(run_id)
+    return run_out(rec, settings.tracking_uri)
+
+
+@router.post("/{run_id}/resume", status_code=202, response_model=RunOut,
+             summary="submit a lost, failed or cancelled run again; finished phases are not re-run",
+             responses=_errors(404, 409, 429, 503))
+def resume_run(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> RunOut:
+    rec = launcher.resume(run_id)
     return run_out(rec, settings.tracking_uri)
 
 
