@@ -53,6 +53,10 @@ class DataConfig:
     split_by: Literal["image", "patient"] = "image"
     crop_size: int = 256
     stride: int = 128
+    # crop grid of training, alpha-update and evaluation windows (nas_core/data/tiling.py): "release" =
+    # the authors' crop_recover.py (2 * (H // 256) + 1 windows per axis from 0, zero-padded far side);
+    # "flush" = the last window ends at the image edge
+    grid: Literal["release", "flush"] = "release"
     workers: int = 0
     # seeds the synthetic data and the split; separate from the run seed so that repeated runs
     # (Table 2's 3 seeds) see the same data and split, as in the paper
@@ -72,6 +76,23 @@ class LossConfig:
     name: Optional[str] = None
 
 
+ValTiming = Literal["start", "end"]
+
+
+def validation_epochs(epochs: int, every: int, timing: str) -> list[int]:
+    """Epochs that validate. "start" (the release): at the start of every epoch with
+    ``epoch % every == 0``, before it trains, so the final state is never validated; "end": after every
+    ``every``-th epoch and after the last."""
+    if timing == "start":
+        return [e for e in range(epochs) if e % every == 0]
+    return [e for e in range(epochs) if (e + 1) % every == 0 or e == epochs - 1]
+
+
+def trained_epochs(epoch: int, timing: str) -> int:
+    """How many epochs of training the weights validated in ``epoch`` have had."""
+    return epoch if timing == "start" else epoch + 1
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     epochs: int = 120
@@ -81,19 +102,44 @@ class SearchConfig:
     lr_w: float = 1e-4
     lr_alpha: float = 1e-3
     reset_optimizer_each_epoch: bool = False
-    # batches per epoch; None = one pass over the training crops
+    # iterations of every search epoch (w, alpha and alternating ones); None = the release's rule:
+    # ceil(n1 / 2) for w and alternating epochs, ceil(m1 / 2) for alpha epochs, n1 / m1 = class-1
+    # crops of the training / alpha-update buckets (nas_core.engine.loop.epoch_lengths)
     iters_per_epoch: Optional[int] = None
-    val_every: int = 1
+    # validation (method.md 5a): every `val_every` epochs, at the epoch's start (the release) or end
+    val_every: int = 3
+    val_timing: ValTiming = "start"
+    # the genotype comes from the best validation of weights trained for more than this many epochs
+    # (with "start" timing: validations in epochs > genotype_after). None = warmup_epochs (the paper:
+    # after the warm-up); the release: 60, literally, whatever the number of epochs
+    genotype_after: Optional[int] = None
     per_class: int = 1
+
+    @property
+    def genotype_threshold(self) -> int:
+        return self.warmup_epochs if self.genotype_after is None else self.genotype_after
+
+    def validation_epochs(self) -> list[int]:
+        return validation_epochs(self.epochs, self.val_every, self.val_timing)
+
+    def genotype_epochs(self) -> list[int]:
+        """The validations that may give the genotype (release, 120 epochs: 63, 66, ..., 117)."""
+        return [e for e in self.validation_epochs()
+                if trained_epochs(e, self.val_timing) > self.genotype_threshold]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 300
     lr: float = 1e-4
+    # iterations per epoch; None = the release's ceil(n1 / 2), n1 = class-1 training crops
     iters_per_epoch: Optional[int] = None
-    val_every: int = 1
+    val_every: int = 3
+    val_timing: ValTiming = "start"
     per_class: int = 1
+
+    def validation_epochs(self) -> list[int]:
+        return validation_epochs(self.epochs, self.val_every, self.val_timing)
 
 
 @dataclass(frozen=True)
@@ -141,7 +187,7 @@ PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
     "paper": {},
     "code": {
         "search": {"warmup_epochs": 20, "alternation": "epoch", "lr_w": 1e-3, "lr_alpha": 1e-3,
-                   "reset_optimizer_each_epoch": True, "val_every": 3},
+                   "reset_optimizer_each_epoch": True, "val_every": 3, "genotype_after": 60},
         "train": {"lr": 1e-3, "val_every": 3},
     },
 }
@@ -152,8 +198,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # U-Net's FLOPs): 32 px crops of 128 px synthetic images, a few iterations per epoch
     "smoke": {
         "data": {"synthetic_images": 12, "synthetic_size": 128, "crop_size": 32, "stride": 16},
-        "search": {"epochs": 3, "warmup_epochs": 1, "iters_per_epoch": 4},
-        "train": {"epochs": 4, "iters_per_epoch": 8},
+        # validation after every epoch (the release's "start of every 3rd" would leave a 1-epoch search
+        # without a validated alpha), genotype window after the warm-up in both protocols
+        "search": {"epochs": 3, "warmup_epochs": 1, "iters_per_epoch": 4, "val_every": 1, "val_timing": "end",
+                   "genotype_after": None},
+        "train": {"epochs": 4, "iters_per_epoch": 8, "val_every": 1, "val_timing": "end"},
     },
 }
 
@@ -331,3 +380,17 @@ def _validate(cfg: RunConfig) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key} {msg}")
+    s = cfg.search
+    if s.genotype_after is not None and s.genotype_after < 0:
+        raise ConfigError(f"search.genotype_after must be >= 0 or null (= warmup_epochs), got {s.genotype_after}")
+    if not s.genotype_epochs():
+        raise ConfigError(
+            f"search.genotype_after: no validation can give the genotype: a {s.epochs}-epoch search validates "
+            f"in epochs {_span(s.validation_epochs())} (val_every={s.val_every}, val_timing={s.val_timing}), "
+            f"and only weights trained for more than {s.genotype_threshold} epochs count "
+            f"(genotype_after={s.genotype_after}, warmup_epochs={s.warmup_epochs}); lower search.genotype_after "
+            f"(the release's 60 needs at least 64 epochs) or add epochs")
+
+
+def _span(epochs: list[int]) -> str:
+    return ", ".join(map(str, epochs)) if len(epochs) <= 6 else f"{epochs[0]}, {epochs[1]}, ..., {epochs[-1]}"
