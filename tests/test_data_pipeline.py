@@ -251,6 +251,17 @@ def test_rotation_is_an_integer_angle_with_zero_fill_marked_ignore():
     assert not corner[32, 32] and lab2[32, 32] == 1
 
 
+def test_elastic_field_equals_the_releases_3d_gaussian():
+    from scipy.ndimage import gaussian_filter
+
+    from nas_core.data.augment import smooth_field
+
+    noise = np.random.default_rng(5).uniform(-1, 1, (48, 40, 7))
+    for sigma in (0.07 * 40, 1.3):
+        ref = gaussian_filter(noise, sigma, mode="reflect")[:, :, 3]  # what the release smooths
+        np.testing.assert_allclose(smooth_field(noise, sigma), ref, atol=2e-6)
+
+
 def test_elastic_strength_matches_the_release():
     from nas_core.data.augment import elastic_fields
 

@@ -199,3 +199,34 @@ def test_alpha_batches_are_class_balanced_augmented_validation_crops(data_root, 
         ks = sorted(k for _, k in seen[idx:idx + len(present)])
         want = sorted(int(ctx.data.alpha_buckets[c][(2 + b) % len(ctx.data.alpha_buckets[c])]) for c in present)
         assert ks == want  # one crop of every alpha bucket, walked in stored order from batch 2
+
+
+class _Everywhere(torch.nn.Module):
+    """Says every class everywhere: (B, 4, H, W) ones, so any padding it saw would be counted."""
+
+    def forward(self, x):
+        return torch.ones(x.shape[0], 4, *x.shape[2:])
+
+
+def test_padding_never_reaches_a_metric_and_is_ignored_in_crops(data_root):
+    from nas_core.data import CropDataset, ensure_dataset
+    from nas_core.engine.evaluate import evaluate_images
+
+    image = np.random.default_rng(0).integers(0, 255, (75, 75, 3), dtype=np.uint8)
+    label = np.zeros((75, 75), np.uint8)
+    label[10:30, 10:30] = 1
+    # release grid, 32/16: windows at 0..64 per axis reach 96 px; the stitched output is cropped to 75
+    res = evaluate_images(_Everywhere(), [(image, label, None, None)], tile=32, stride=16)
+    assert res["dsc"]["Epithelial"] == pytest.approx(2 * 400 / (75 * 75 + 400))
+    # training / alpha crops: the zero padding beyond the image is marked ignore (the loss skips it)
+    cfg = load_config(overrides=[*TINY, f"data.cache_dir={data_root}"])
+    data = ensure_dataset(cfg.data, data_root, cfg.data.seed, progress=False)
+    ds = CropDataset(data, "train")
+    rows = data.crops("train")
+    # 128 px, 32/32: windows at 0, 32, 64, 96 and 128 (the release's 128 // 32 + 1); the last is padding
+    k = next(i for i, (_, y, x) in enumerate(rows) if y == 0 and x == 128)
+    item = ds[k]
+    assert item["ignore"].all() and item["image"].abs().sum() == 0 and item["target"].sum() == 0
+    assert k not in np.concatenate(list(data.buckets.values()))  # no nucleus: never drawn
+    inside = ds[next(i for i, (_, y, x) in enumerate(rows) if y == 0 and x == 96)]
+    assert not inside["ignore"].all()

@@ -24,9 +24,10 @@ Parameters are the release's (W = crop width):
   release smooths noise of shape (H, W, 7) (its image and one-hot label stacked) with a 3-D Gaussian,
   which also averages the field across those 7 planes and divides its strength by about sqrt(7); we
   draw and smooth the same (H, W, 7) noise and use its middle plane for every channel, which keeps the
-  release's strength (displacement std about 2.9 px per axis at W = 256) with one field for image and
-  labels. Labels and the ignore mask are warped with nearest neighbour (the release interpolated labels
-  linearly here: the one release bug not copied), so an augmented mask only holds labels of the input.
+  release's strength (displacement std about 2.9 px per axis; alpha and sigma both scale with W, so
+  about the same at any crop width) with one field for image and labels. Labels and the ignore mask
+  are warped with nearest neighbour (the release interpolated labels linearly here: the one release
+  bug not copied), so an augmented mask only holds labels of the input.
 
 ``strength`` scales every probability (0 = off, 1 = as listed); the shares must still sum to <= 1.
 Call the result as ``t(image=(H, W, 3) uint8, masks=[label (H, W) uint8, ignore (H, W) uint8])``; it
@@ -39,7 +40,7 @@ from typing import Callable, Optional
 
 import cv2
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter1d
 
 # (method, probability) lists, in the order the cumulative draw walks them
 PIPELINES: dict[str, tuple[tuple[str, float], ...]] = {
@@ -79,6 +80,20 @@ def _median_blur(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Gene
     return cv2.medianBlur(image, 3), masks
 
 
+def _plane_weights(sigma: float) -> np.ndarray:
+    """(7,) weights of the 7 noise planes in the middle plane of a 1-D Gaussian (reflect) across them."""
+    return gaussian_filter1d(np.eye(ELASTIC_PLANES), sigma, axis=0, mode="reflect")[ELASTIC_PLANES // 2]
+
+
+def smooth_field(noise: np.ndarray, sigma: float) -> np.ndarray:
+    """The middle plane of ``scipy.ndimage.gaussian_filter(noise, sigma)`` for noise (h, w, 7), computed
+    as a weighted sum of the planes then one 2-D blur (the filter is linear and separable): ~100x
+    faster at W = 256. Same kernel as scipy (truncated at 4 sigma), reflect border."""
+    plane = (noise @ _plane_weights(sigma)).astype(np.float32)
+    k = 2 * int(4.0 * sigma + 0.5) + 1
+    return cv2.GaussianBlur(plane, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+
+
 def elastic_fields(h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The elastic step's random parts for an (h, w) crop: the 2x3 affine matrix and the per-pixel
     displacements (dx, dy), float32 (h, w) each (module docstring; W = w)."""
@@ -88,10 +103,9 @@ def elastic_fields(h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray
     pts1 = np.float32([centre + half, [centre[0] + half, centre[1] - half], centre - half])
     pts2 = pts1 + rng.uniform(-ELASTIC_AFFINE * w, ELASTIC_AFFINE * w, size=pts1.shape).astype(np.float32)
     affine = cv2.getAffineTransform(pts1, pts2)
-    mid = ELASTIC_PLANES // 2
-    dx, dy = (gaussian_filter(rng.uniform(-1, 1, (h, w, ELASTIC_PLANES)), ELASTIC_SIGMA * w)[:, :, mid]
-              * (ELASTIC_ALPHA * w) for _ in range(2))
-    return affine, dx.astype(np.float32), dy.astype(np.float32)
+    dx, dy = (smooth_field(rng.uniform(-1, 1, (h, w, ELASTIC_PLANES)), ELASTIC_SIGMA * w) * (ELASTIC_ALPHA * w)
+              for _ in range(2))
+    return affine, dx, dy
 
 
 def _elastic(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator) -> Arrays:
