@@ -106,7 +106,8 @@ class SearchConfig:
     # ceil(n1 / 2) for w and alternating epochs, ceil(m1 / 2) for alpha epochs, n1 / m1 = class-1
     # crops of the training / alpha-update buckets (nas_core.engine.loop.epoch_lengths)
     iters_per_epoch: Optional[int] = None
-    # validation (method.md 5a): every `val_every` epochs, at the epoch's start (the release) or end
+    # validation (method.md 5a): every `val_every` epochs, at the epoch's start (the release) or end.
+    # The paper gives no schedule, so both protocols take the release's: start of every 3rd epoch
     val_every: int = 3
     val_timing: ValTiming = "start"
     # the genotype comes from the best validation of weights trained for more than this many epochs

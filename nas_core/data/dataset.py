@@ -111,7 +111,7 @@ def _split_name(split: str) -> str:
 class CropDataset(Dataset):
     """Crops of one split. Item: {"image": float32 (3, h, w) in [0, 1], "target": float32 (4, h, w)
     multi-hot (channel c-1 = class c), "ignore": bool (h, w)}. Padding beyond the image border is
-    ignored. ``transform``: an albumentations Compose (see augment.py) or None."""
+    ignored. ``transform``: an augment.OneOf (see augment.py) or None."""
 
     def __init__(self, data: PreparedData, split: str, transform: Optional[Callable] = None,
                  preload: bool = True):
