@@ -56,6 +56,10 @@ class DataConfig:
     split_by: Literal["image", "patient"] = "image"
     crop_size: int = 256
     stride: int = 128
+    # crop grid of training, alpha-update and evaluation windows (nas_core/data/tiling.py): "release" =
+    # the authors' crop_recover.py (2 * (H // 256) + 1 windows per axis from 0, zero-padded far side);
+    # "flush" = the last window ends at the image edge
+    grid: Literal["release", "flush"] = "release"
     workers: int = 0
     # seeds the synthetic data and the split; separate from the run seed so that repeated runs
     # (Table 2's 3 seeds) see the same data and split, as in the paper
@@ -75,6 +79,23 @@ class LossConfig:
     name: Optional[str] = None
 
 
+ValTiming = Literal["start", "end"]
+
+
+def validation_epochs(epochs: int, every: int, timing: str) -> list[int]:
+    """Epochs that validate. "start" (the release): at the start of every epoch with
+    ``epoch % every == 0``, before it trains, so the final state is never validated; "end": after every
+    ``every``-th epoch and after the last."""
+    if timing == "start":
+        return [e for e in range(epochs) if e % every == 0]
+    return [e for e in range(epochs) if (e + 1) % every == 0 or e == epochs - 1]
+
+
+def trained_epochs(epoch: int, timing: str) -> int:
+    """How many epochs of training the weights validated in ``epoch`` have had."""
+    return epoch if timing == "start" else epoch + 1
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     epochs: int = 120
@@ -84,19 +105,45 @@ class SearchConfig:
     lr_w: float = 1e-4
     lr_alpha: float = 1e-3
     reset_optimizer_each_epoch: bool = False
-    # batches per epoch; None = one pass over the training crops
+    # iterations of every search epoch (w, alpha and alternating ones); None = the release's rule:
+    # ceil(n1 / 2) for w and alternating epochs, ceil(m1 / 2) for alpha epochs, n1 / m1 = class-1
+    # crops of the training / alpha-update buckets (nas_core.engine.loop.epoch_lengths)
     iters_per_epoch: Optional[int] = None
-    val_every: int = 1
+    # validation (method.md 5a): every `val_every` epochs, at the epoch's start (the release) or end.
+    # The paper gives no schedule, so both protocols take the release's: start of every 3rd epoch
+    val_every: int = 3
+    val_timing: ValTiming = "start"
+    # the genotype comes from the best validation of weights trained for more than this many epochs
+    # (with "start" timing: validations in epochs > genotype_after). None = warmup_epochs (the paper:
+    # after the warm-up); the release: 60, literally, whatever the number of epochs
+    genotype_after: Optional[int] = None
     per_class: int = 1
+
+    @property
+    def genotype_threshold(self) -> int:
+        return self.warmup_epochs if self.genotype_after is None else self.genotype_after
+
+    def validation_epochs(self) -> list[int]:
+        return validation_epochs(self.epochs, self.val_every, self.val_timing)
+
+    def genotype_epochs(self) -> list[int]:
+        """The validations that may give the genotype (release, 120 epochs: 63, 66, ..., 117)."""
+        return [e for e in self.validation_epochs()
+                if trained_epochs(e, self.val_timing) > self.genotype_threshold]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 300
     lr: float = 1e-4
+    # iterations per epoch; None = the release's ceil(n1 / 2), n1 = class-1 training crops
     iters_per_epoch: Optional[int] = None
-    val_every: int = 1
+    val_every: int = 3
+    val_timing: ValTiming = "start"
     per_class: int = 1
+
+    def validation_epochs(self) -> list[int]:
+        return validation_epochs(self.epochs, self.val_every, self.val_timing)
 
 
 @dataclass(frozen=True)
@@ -154,12 +201,14 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         # 209 = MoNuSAC's training release, so the synthetic stand-in splits 120 / 39 / 50 as the paper
         "data": {"source": None, "layout": "auto", "synthetic_images": 209, "synthetic_size": 512,
                  "cache_dir": None, "stain": "macenko", "split": "120,39,50", "split_by": "image",
-                 "crop_size": 256, "stride": 128, "workers": 0, "seed": 0},
+                 "crop_size": 256, "stride": 128, "grid": "release", "workers": 0, "seed": 0},
         "augment": {"pipeline": "paper", "strength": 1.0},
         "loss": {"name": "exp_log"},
         "search": {"epochs": 120, "warmup_epochs": 40, "alternation": "iteration", "lr_w": 1e-4, "lr_alpha": 1e-3,
-                   "reset_optimizer_each_epoch": False, "iters_per_epoch": None, "val_every": 3, "per_class": 1},
-        "train": {"epochs": 300, "lr": 1e-4, "iters_per_epoch": None, "val_every": 3, "per_class": 1},
+                   "reset_optimizer_each_epoch": False, "iters_per_epoch": None, "val_every": 3, "per_class": 1,
+                   "val_timing": "start", "genotype_after": None},
+        "train": {"epochs": 300, "lr": 1e-4, "iters_per_epoch": None, "val_every": 3, "per_class": 1,
+                  "val_timing": "start"},
     },
     "code": {
         "protocol": "code", "seed": 0, "device": "auto", "deterministic": False,
@@ -169,12 +218,14 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         # the release hard-codes 41 validation and 48 test images; its arrays came pre-normalised
         "data": {"source": None, "layout": "auto", "synthetic_images": 209, "synthetic_size": 512,
                  "cache_dir": None, "stain": "none", "split": "120,41,48", "split_by": "image",
-                 "crop_size": 256, "stride": 128, "workers": 0, "seed": 0},
+                 "crop_size": 256, "stride": 128, "grid": "release", "workers": 0, "seed": 0},
         "augment": {"pipeline": "code", "strength": 1.0},
         "loss": {"name": "exp_log_dice"},
         "search": {"epochs": 120, "warmup_epochs": 20, "alternation": "epoch", "lr_w": 1e-3, "lr_alpha": 1e-3,
-                   "reset_optimizer_each_epoch": True, "iters_per_epoch": None, "val_every": 3, "per_class": 1},
-        "train": {"epochs": 300, "lr": 1e-3, "iters_per_epoch": None, "val_every": 3, "per_class": 1},
+                   "reset_optimizer_each_epoch": True, "iters_per_epoch": None, "val_every": 3, "per_class": 1,
+                   "val_timing": "start", "genotype_after": 60},
+        "train": {"epochs": 300, "lr": 1e-3, "iters_per_epoch": None, "val_every": 3, "per_class": 1,
+                  "val_timing": "start"},
     },
 }
 
@@ -211,8 +262,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # fractions: a count split (120,39,50) needs exactly that many images
         "data": {"synthetic_images": 12, "synthetic_size": 128, "crop_size": 32, "stride": 16,
                  "split": "0.6,0.2,0.2"},
-        "search": {"epochs": 3, "warmup_epochs": 1, "iters_per_epoch": 4},
-        "train": {"epochs": 4, "iters_per_epoch": 8},
+        # validation after every epoch (the release's "start of every 3rd" would leave a 1-epoch search
+        # without a validated alpha), genotype window after the warm-up in both protocols
+        "search": {"epochs": 3, "warmup_epochs": 1, "iters_per_epoch": 4, "val_every": 1, "val_timing": "end",
+                   "genotype_after": None},
+        "train": {"epochs": 4, "iters_per_epoch": 8, "val_every": 1, "val_timing": "end"},
     },
 }
 
@@ -388,3 +442,17 @@ def _validate(cfg: RunConfig) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key} {msg}")
+    s = cfg.search
+    if s.genotype_after is not None and s.genotype_after < 0:
+        raise ConfigError(f"search.genotype_after must be >= 0 or null (= warmup_epochs), got {s.genotype_after}")
+    if not s.genotype_epochs():
+        raise ConfigError(
+            f"search.genotype_after: no validation can give the genotype: a {s.epochs}-epoch search validates "
+            f"in epochs {_span(s.validation_epochs())} (val_every={s.val_every}, val_timing={s.val_timing}), "
+            f"and only weights trained for more than {s.genotype_threshold} epochs count "
+            f"(genotype_after={s.genotype_after}, warmup_epochs={s.warmup_epochs}); lower search.genotype_after "
+            f"(the release's 60 needs at least 64 epochs) or add epochs")
+
+
+def _span(epochs: list[int]) -> str:
+    return ", ".join(map(str, epochs)) if len(epochs) <= 6 else f"{epochs[0]}, {epochs[1]}, ..., {epochs[-1]}"

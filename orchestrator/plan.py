@@ -84,32 +84,28 @@ def _count(cfg: RunConfig, phase: str, kind: str) -> int:
 
 
 def _trial(cfg: RunConfig, phase: str, method: str, seed: int, lengths: dict, data, rate: float) -> dict:
-    from nas_core.engine.loop import batch_size, due
+    from nas_core.engine.loop import search_steps
     from nas_core.engine.search import epoch_mode
 
     n_val, n_test = len(data.crops("val")), len(data.crops("test"))
     if phase == "search":
         s = cfg.search
-        batch = batch_size(s.per_class, data)
+        batch = lengths["batch"]["w"]
         steps = {"w": 0, "alpha": 0}
         for epoch in range(s.epochs):
-            mode = epoch_mode(cfg, epoch)
-            if mode in ("w", "alternate"):
-                steps["w"] += lengths["w"]
-            if mode == "alternate":
-                steps["alpha"] += lengths["w"]
-            if mode == "alpha":
-                steps["alpha"] += lengths["alpha"]
-        validations = sum(due(e, s.val_every, s.epochs) for e in range(s.epochs))
+            n_w, n_alpha = search_steps(epoch_mode(cfg, epoch), lengths)
+            steps["w"] += n_w
+            steps["alpha"] += n_alpha
+        validations = len(s.validation_epochs())
         epochs = {"epochs": s.epochs, "warmup": s.warmup_epochs, "alternation": s.alternation}
         per_epoch = {"w": lengths["w"], "alpha": lengths["alpha"]}
         windows = validations * n_val
         flops = batch * (steps["w"] * _count(cfg, phase, "w") + steps["alpha"] * _count(cfg, phase, "alpha"))
     else:
         t = cfg.train
-        batch = batch_size(t.per_class, data)
+        batch = lengths["batch"]["train"]
         steps = {"w": t.epochs * lengths["train"], "alpha": 0}
-        validations = sum(due(e, t.val_every, t.epochs) for e in range(t.epochs))
+        validations = len(t.validation_epochs())
         epochs = {"epochs": t.epochs}
         per_epoch = {"train": lengths["train"]}
         windows = validations * n_val + n_test
@@ -119,7 +115,7 @@ def _trial(cfg: RunConfig, phase: str, method: str, seed: int, lengths: dict, da
     return {
         "phase": phase, "method": method, "seed": seed, "run": run_name(phase, method, seed),
         "model": cfg.model.name + (f" ({cfg.model.search})" if cfg.model.name.startswith("nas-scam") else ""),
-        **epochs, "batch": batch, "iterations_per_epoch": per_epoch, "crops_per_epoch": lengths["crops"],
+        **epochs, "batch": batch, "iterations_per_epoch": per_epoch, "crops_per_epoch": lengths["bucketed"],
         "steps": steps, "validations": validations, "eval_windows": windows,
         "flops": int(flops), "time_s": flops / rate,
         "flops_note": "upper bound: genotype unknown before the search" if phase == "train"

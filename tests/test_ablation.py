@@ -139,8 +139,12 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
             geno = json.loads(Path(c.download_artifacts(rid, "genotype.json", str(tmp_path / rid))).read_text())
             assert geno["combine"] == "parallel" and len(geno["sam"]) == 8
         else:
+            # the one 64 px test image lacks some classes: a class neither predicted nor present is NaN
+            # (nas_core/metrics.py), which a 2-epoch model's predictions can make either way
             for cls in ("Average", "Epithelial", "Lymphocyte", "Macrophage", "Neutrophil"):
-                assert 0.0 <= r.data.metrics[f"test_dsc_{cls}"] <= 1.0
+                v = r.data.metrics[f"test_dsc_{cls}"]
+                assert v != v or 0.0 <= v <= 1.0, (cls, v)
+            assert 0.0 <= r.data.metrics["test_dsc_Average"] <= 1.0
             assert "metrics.json" in arts
     models = c.search_logged_models(experiment_ids=[exp.experiment_id])
     train_ids = {r.info.run_id for r in kids if r.data.tags["phase"] == "train"}

@@ -98,16 +98,23 @@ def test_prepare_buckets_on_hand_made_labels(tmp_path):
         cv2.imwrite(str(tmp_path / "src" / "masks" / f"im_{k}.png"), lab)
         cv2.imwrite(str(tmp_path / "src" / "images" / f"im_{k}.png"), np.full((64, 64, 3), 200, np.uint8))
     path = prepare(tmp_path / "src", tmp_path / "cache", split="3,0,0", crop_size=32, stride=32,
-                   channel_order="rgb", progress=False)
+                   channel_order="rgb", grid="flush", progress=False)
     d = PreparedData.open(path)
     crops = d.crops("train")
-    assert len(crops) == 12  # 3 images x 2x2 crops
+    assert len(crops) == 12  # flush grid: 3 images x 2x2 crops
     by_pos = {(int(y), int(x)): set() for _, y, x in crops}
     for c, idx in d.buckets.items():
         for k in idx:
             by_pos[tuple(int(v) for v in crops[k][1:])].add(c)
     assert by_pos[(0, 0)] == {1} and by_pos[(32, 32)] == {2, 3} and by_pos[(0, 32)] == set()
     assert d.class_stats["train"]["empty_crops"] == 6
+    # the release grid (stride = crop: 64 // 32 + 1 = 3 windows per axis): the windows at 64 are all
+    # padding, hold no nucleus and stay out of the buckets; the buckets are the same crops
+    d = PreparedData.open(prepare(tmp_path / "src", tmp_path / "cache", split="3,0,0", crop_size=32, stride=32,
+                                  channel_order="rgb", progress=False))
+    assert len(d.crops("train")) == 27 and d.class_stats["train"]["empty_crops"] == 21
+    rows = {c: [tuple(d.crops("train")[k].tolist()) for k in v] for c, v in d.buckets.items()}
+    assert rows[1] == [(i, 0, 0) for i in range(3)] and sorted(rows[2] + rows[3]) == [(i, 32, 32) for i in range(3)]
 
 
 def test_prepare_idempotent_and_atomic(synth, tmp_path, monkeypatch):
@@ -140,39 +147,140 @@ def test_skip_bad_reports_instead_of_failing(synth, tmp_path):
     assert len(m["images"]) == 5 and bad.name in m["skipped"][0]["error"]
 
 
-def test_sampler_batches_and_seeding():
+def test_sampler_walks_buckets_in_stored_order_across_epochs():
     buckets = {1: np.arange(0, 10), 2: np.arange(10, 13), 3: np.array([20]), 4: np.arange(30, 35)}
-    s = ClassBalancedBatchSampler(buckets, per_class=2, num_batches=7, seed=1)
+    s = ClassBalancedBatchSampler(buckets, per_class=1, num_batches=7, seed=1)
     batches = list(s)
-    assert len(batches) == 7 and all(len(b) == 8 for b in batches)
-    for b in batches:
-        assert all(0 <= i < 10 for i in b[0:2]) and all(10 <= i < 13 for i in b[2:4])
-        assert b[4:6] == [20, 20] and all(30 <= i < 35 for i in b[6:8])
-    assert sorted(set(i for b in batches for i in b[0:2])) == list(range(10))  # permutation: all seen
-    assert list(ClassBalancedBatchSampler(buckets, 2, 7, seed=1)) == batches
-    s.set_epoch(1)
-    assert list(s) != batches
+    assert len(batches) == 7 and all(len(b) == 4 for b in batches)
+    for k, b in enumerate(batches):
+        # one crop of each bucket, each bucket walked in its stored order, wrapping around
+        assert sorted(b) == sorted([k % 10, 10 + k % 3, 20, 30 + k % 5])
+    # the crops sit in the batch in random order (not always bucket 1 first), reproducibly
+    assert len({tuple(np.argsort(b)) for b in batches}) > 1
+    assert list(ClassBalancedBatchSampler(buckets, 1, 7, seed=1)) == batches
+    # a later epoch goes on where the stream stopped: batches 7.. of the same walk
+    more = list(ClassBalancedBatchSampler(buckets, 1, 3, seed=1, start=7))
+    assert more == [s.batch(k) for k in (7, 8, 9)] and sorted(more[0]) == [7, 11, 20, 32]
+    two = list(ClassBalancedBatchSampler(buckets, per_class=2, num_batches=2, seed=0))
+    assert sorted(two[1]) == sorted([2, 3, 12, 10, 20, 20, 32, 33])
     with pytest.warns(UserWarning, match=r"\[3\] are empty"):
         s2 = ClassBalancedBatchSampler({1: [0, 1], 2: [2], 3: [], 4: [5]}, seed=0)
-    assert s2.batch_size == 3 and len(s2) == 2
+    assert s2.batch_size == 3 and len(s2) == 1  # ceil(2 / 2)
 
 
-@pytest.mark.parametrize("pipeline", ["paper", "code"])
-def test_augmentation_keeps_labels(pipeline):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # albumentations 2.x warns about ignored arguments: none here
-        t = build_augmentation(pipeline, strength=1.0, seed=0)
-    img, label, _ = render_synthetic(128, np.random.default_rng(1))
-    changed = 0
-    for _ in range(30):
-        out = t(image=img, masks=[label, np.zeros_like(label)])
-        assert set(np.unique(out["masks"][0])) <= set(np.unique(label))
-        assert out["image"].shape == img.shape and out["image"].dtype == np.uint8
-        changed += not np.array_equal(out["masks"][0], label)
-    assert (changed > 10) if pipeline == "paper" else changed == 0
-    assert build_augmentation("none") is None
+def test_epoch_length_rule_from_the_class_1_bucket():
+    from nas_core.data.dataset import anchor_length, release_epoch_length
+
+    sizes = lambda *n: {c: np.arange(k) for c, k in enumerate(n, start=1)}  # noqa: E731
+    assert release_epoch_length(sizes(10, 5, 3, 2)) == 5
+    assert release_epoch_length(sizes(2445, 1588, 401, 369)) == 1223  # the release's numbers
+    assert release_epoch_length(sizes(1017, 543, 85, 92)) == 509
+    assert release_epoch_length(sizes(11, 50, 3, 2)) == 6  # class 1, not the largest
+    assert anchor_length(sizes(0, 7, 9, 2)) == (3, 9)  # no class 1: the largest bucket
+    with pytest.raises(ValueError, match="every class bucket is empty"):
+        release_epoch_length(sizes(0, 0, 0, 0))
+
+
+def test_one_of_picks_exactly_one_method_by_cumulative_probability(monkeypatch):
+    from nas_core.data import augment
+    from nas_core.data.augment import OneOf
+
+    t = OneOf([("rotate", 0.2), ("flip", 0.3), ("elastic", 0.1)], seed=0)
+    assert [t.pick(u) for u in (0.0, 0.2, 0.21, 0.5, 0.55, 0.6, 0.61, 0.99)] == \
+        ["rotate", "rotate", "flip", "flip", "elastic", "elastic", None, None]
+    calls = []
+    for name in ("rotate", "flip", "elastic"):
+        monkeypatch.setitem(augment.METHODS, name, lambda image, masks, rng, name=name: (calls.append(name), (image, masks))[1])
+    img, lab = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)
+    for _ in range(4000):
+        n = len(calls)
+        t(image=img, masks=[lab, lab])
+        assert len(calls) - n <= 1  # never two methods on one crop
+    share = {n: calls.count(n) / 4000 for n in ("rotate", "flip", "elastic")}
+    assert share == pytest.approx({"rotate": 0.2, "flip": 0.3, "elastic": 0.1}, abs=0.03)
+    with pytest.raises(ValueError, match="sum to 1.2"):
+        OneOf([("rotate", 0.6), ("flip", 0.6)])
+    with pytest.raises(ValueError, match="method 'warp'"):
+        OneOf([("warp", 0.1)])
+
+
+def test_pipelines_of_the_protocols():
+    from nas_core.data.augment import PIPELINES
+
+    assert build_augmentation("code").choices == (("gaussian_blur", 0.2),)
+    assert [n for n, _ in build_augmentation("paper").choices] == \
+        ["rotate", "flip", "gaussian_blur", "median_blur", "elastic"]
+    assert sum(p for _, p in PIPELINES["paper"]) == pytest.approx(1.0)
+    assert build_augmentation("paper", strength=0.5).choices[0] == ("rotate", 0.1)
+    assert build_augmentation("none") is None and build_augmentation("code", strength=0) is None
     with pytest.raises(ValueError, match="pipeline 'x'"):
         build_augmentation("x")
+
+
+@pytest.mark.parametrize("method", ["rotate", "flip", "gaussian_blur", "median_blur", "elastic"])
+def test_each_method_keeps_labels_in_their_set(method):
+    from nas_core.data.augment import METHODS
+
+    img, label, _ = render_synthetic(128, np.random.default_rng(1))
+    ignore = np.zeros_like(label)
+    ignore[:10] = 1
+    rng = np.random.default_rng(0)
+    changed = blurred = 0
+    for _ in range(6):
+        out_img, (lab, ign) = METHODS[method](img.copy(), [label.copy(), ignore.copy()], rng)
+        assert out_img.shape == img.shape and out_img.dtype == np.uint8
+        assert lab.shape == label.shape and set(np.unique(lab)) <= set(np.unique(label))
+        assert set(np.unique(ign)) <= {0, 1}
+        changed += not np.array_equal(lab, label)
+        blurred += not np.array_equal(out_img, img)
+    if method in ("gaussian_blur", "median_blur"):
+        assert changed == 0 and blurred >= 4  # sigma ~ U(0, 2): a tiny sigma may leave uint8 pixels as they were
+    else:
+        assert changed >= 5
+
+
+def test_rotation_is_an_integer_angle_with_zero_fill_marked_ignore():
+    from nas_core.data.augment import METHODS
+
+    img = np.full((64, 64, 3), 200, np.uint8)
+    lab = np.ones((64, 64), np.uint8)
+    ign = np.zeros((64, 64), np.uint8)
+    out, (lab2, ign2) = METHODS["rotate"](img, [lab, ign], np.random.default_rng(3))
+    corner = ign2.astype(bool)
+    assert corner[0, 0] and corner[-1, -1] and (out[0, 0] == 0).all() and lab2[0, 0] == 0
+    assert not corner[32, 32] and lab2[32, 32] == 1
+
+
+def test_elastic_field_equals_the_releases_3d_gaussian():
+    from scipy.ndimage import gaussian_filter
+
+    from nas_core.data.augment import smooth_field
+
+    noise = np.random.default_rng(5).uniform(-1, 1, (48, 40, 7))
+    for sigma in (0.07 * 40, 1.3):
+        ref = gaussian_filter(noise, sigma, mode="reflect")[:, :, 3]  # what the release smooths
+        np.testing.assert_allclose(smooth_field(noise, sigma), ref, atol=2e-6)
+
+
+def test_elastic_strength_matches_the_release():
+    from nas_core.data.augment import elastic_fields
+
+    rng = np.random.default_rng(0)
+    stds, affine_shift = [], []
+    for _ in range(6):
+        affine, dx, dy = elastic_fields(256, 256, rng)
+        stds += [dx.std(), dy.std()]
+        # the affine part moves the three control points by up to 0.09 W = 23 px
+        pts = np.float32([[213, 213, 1], [213, 43, 1], [43, 43, 1]])
+        affine_shift.append(np.abs(pts @ affine.T - pts[:, :2]).max())
+    # release: sigma 0.07 W, alpha 3 W over 7 stacked planes -> about 2.9 px per axis at W = 256
+    # (the former albumentations warp: 0.44 px)
+    assert 2.4 < np.mean(stds) < 3.6, np.mean(stds)
+    assert 3 < np.mean(affine_shift) <= 23.05
+    # alpha and sigma are both fractions of W and the std goes as alpha / sigma: the same few pixels
+    # at any crop width (smoother at larger W)
+    small = [elastic_fields(64, 64, rng)[1].std() for _ in range(20)]
+    assert 0.7 < np.mean(small) / np.mean(stds) < 1.4
 
 
 def test_stain_moves_statistics_toward_target():
@@ -226,12 +334,13 @@ def test_ensure_dataset_and_loader(tmp_path):
     ds = CropDataset(data, "train", transform=build_augmentation("paper", seed=0))
     sampler = ClassBalancedBatchSampler(data.buckets, per_class=1, num_batches=3, seed=0)
     batches = [b for b in make_loader(ds, sampler, workers=0, seed=0)]
+    assert data.grid == "release" and sum(len(v) for v in data.alpha_buckets.values()) > 0
     b = batches[0]
     assert b["image"].shape == (4, 3, 64, 64) and b["image"].dtype == torch.float32
     assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
     assert b["target"].shape == (4, 4, 64, 64) and b["ignore"].shape == (4, 64, 64)
-    # crop k of the batch comes from bucket k+1, so it holds that class
-    assert all(b["target"][k, k].sum() > 0 for k in range(4))
+    # the batch holds one crop of each bucket (in random order), so every class is present
+    assert all(b["target"][:, k].sum() > 0 for k in range(4))
     ds2 = CropDataset(data, "train", transform=build_augmentation("paper", seed=0))
     sampler2 = ClassBalancedBatchSampler(data.buckets, per_class=1, num_batches=3, seed=0)
     again = [x for x in make_loader(ds2, sampler2, workers=0, seed=0)]

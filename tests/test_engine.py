@@ -19,6 +19,8 @@ TINY = [
     "data.split=0.5,0.25,0.25",
     "search.epochs=3", "search.warmup_epochs=1", "search.iters_per_epoch=2",
     "train.epochs=2", "train.iters_per_epoch=2",
+    # validate at the start of every epoch (the release's timing, but every epoch: 3-epoch runs)
+    "search.val_every=1", "train.val_every=1",
 ]
 
 
@@ -50,9 +52,9 @@ def test_smoke_search_changes_alpha_and_writes_a_valid_genotype(data_root, tmp_p
 def test_code_protocol_alternates_per_epoch(data_root, tmp_path):
     from nas_core.engine.search import epoch_mode
 
-    cfg = tiny_cfg(data_root, "protocol=code", "search.epochs=7", "search.warmup_epochs=1")
+    cfg = tiny_cfg(data_root, "protocol=code", "search.epochs=7", "search.warmup_epochs=1", "search.genotype_after=1")
     assert [epoch_mode(cfg, e) for e in range(7)] == ["w", "alpha", "alpha", "w", "alpha", "alpha", "w"]
-    paper = tiny_cfg(data_root, "search.warmup_epochs=2")
+    paper = tiny_cfg(data_root, "search.warmup_epochs=2", "search.genotype_after=1")
     assert [epoch_mode(paper, e) for e in range(3)] == ["w", "w", "alternate"]
 
 
@@ -74,7 +76,8 @@ def test_a_run_depends_on_its_seed_not_on_the_process_rng(data_root, tmp_path):
     for i, (rng_seed, run_seed) in enumerate([(11, 0), (12, 0), (11, 1)]):
         torch.manual_seed(rng_seed)
         torch.rand(rng_seed)
-        cfg = tiny_cfg(data_root, "model.name=unet", "train.epochs=1", f"seed={run_seed}")
+        # validated after the epoch, so best.pt holds trained weights
+        cfg = tiny_cfg(data_root, "model.name=unet", "train.epochs=1", "train.val_timing=end", f"seed={run_seed}")
         res = run_train(cfg, tmp_path / f"t{i}")
         runs.append(load_checkpoint(res.checkpoint_path)[0].state_dict())
     for k in runs[0]:
@@ -144,7 +147,12 @@ def test_tiled_inference_equals_whole_image_inference():
     square = image[:64, :64].copy()
     with torch.no_grad():
         whole = unet(torch.from_numpy(square).permute(2, 0, 1)[None].float() / 255)[0].numpy()
-    np.testing.assert_allclose(predict_probs(unet, square, tile=64, stride=32, binary=False), whole, atol=1e-5)
+    np.testing.assert_allclose(predict_probs(unet, square, tile=64, stride=32, binary=False, grid="flush"), whole,
+                               atol=1e-5)
+    # the release grid also runs the half-padded window at 32, which owns rows/columns 48..63
+    release = predict_probs(unet, square, tile=64, stride=32, binary=False)
+    np.testing.assert_allclose(release[:, :48, :48], whole[:, :48, :48], atol=1e-5)
+    assert np.abs(release[:, 48:, 48:] - whole[:, 48:, 48:]).max() > 1e-3
 
 
 def test_geojson_round_trip_counts_polygons_and_classes(tmp_path):

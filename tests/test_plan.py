@@ -61,7 +61,10 @@ def test_plan_prints_trials_and_numbers_without_running(home, capsys):
     assert search["steps"] == {"w": 12, "alpha": 8} and search["iterations_per_epoch"] == {"w": 4, "alpha": 4}
     assert unet["steps"] == {"w": 4 * 8, "alpha": 0} and unet["batch"] == 4
     buckets = p["data"][0]["bucket_sizes"]
-    assert unet["crops_per_epoch"] == {"train": sum(buckets.values()), "alpha": p["data"][0]["crops"]["val"]}
+    # an epoch draws from the bucketed crops (windows with a nucleus): all training buckets, and the
+    # alpha-update buckets built from the validation images' windows
+    assert unet["crops_per_epoch"]["train"] == sum(buckets.values())
+    assert 0 < unet["crops_per_epoch"]["alpha"] <= p["data"][0]["crops"]["val"]
     # the supernet costs more per step than the U-Net, and every estimate is FLOPs / the measured rate
     assert search["flops"] / 20 > unet["flops"] / 32 > 0
     for t in p["trials"]:

@@ -1,7 +1,7 @@
 """Data layer: readers, synthetic MoNuSAC data, preparation cache, crops, sampler, augmentation, tiling.
 
 Import the submodules directly (``from nas_core.data.dataset import CropDataset``); the names below
-are re-exported lazily so ``import nas_core.data`` stays cheap (no torch/albumentations import).
+are re-exported lazily so ``import nas_core.data`` stays cheap (no torch/OpenCV import).
 """
 
 from __future__ import annotations

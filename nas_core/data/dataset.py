@@ -27,9 +27,12 @@ class PreparedData:
         self.class_stats = class_stats
         self.crop_size = int(manifest["options"]["crop_size"])
         self.stride = int(manifest["options"]["stride"])
+        self.grid = str(manifest["options"].get("grid", "flush"))  # caches before version 2: flush grid
         self._index = {m["id"]: m["index"] for m in manifest["images"]}
         self._crops = {s: np.load(self.root / f"crops_{s}.npy") for s in ("train", "val", "test")}
+        # class buckets (crop indices in stored order): training crops for w, validation crops for alpha
         self.buckets = {c: np.load(self.root / f"bucket_{c}.npy") for c in range(1, NUM_CLASSES + 1)}
+        self.alpha_buckets = {c: _load_or_empty(self.root / f"bucket_val_{c}.npy") for c in range(1, NUM_CLASSES + 1)}
         self._cache: dict = {}
 
     @classmethod
@@ -93,6 +96,10 @@ class PreparedData:
         return f"PreparedData({self.root}, images={n}, crop={self.crop_size}/{self.stride})"
 
 
+def _load_or_empty(path: Path) -> np.ndarray:
+    return np.load(path) if path.is_file() else np.zeros(0, np.int64)
+
+
 def _split_name(split: str) -> str:
     if split == "alpha":
         return "val"
@@ -104,7 +111,7 @@ def _split_name(split: str) -> str:
 class CropDataset(Dataset):
     """Crops of one split. Item: {"image": float32 (3, h, w) in [0, 1], "target": float32 (4, h, w)
     multi-hot (channel c-1 = class c), "ignore": bool (h, w)}. Padding beyond the image border is
-    ignored. ``transform``: an albumentations Compose (see augment.py) or None."""
+    ignored. ``transform``: an augment.OneOf (see augment.py) or None."""
 
     def __init__(self, data: PreparedData, split: str, transform: Optional[Callable] = None,
                  preload: bool = True):
@@ -137,50 +144,69 @@ class CropDataset(Dataset):
                 "ignore": torch.from_numpy(np.ascontiguousarray(ignore))}
 
 
-class ClassBalancedBatchSampler(Sampler):
-    """Batches of ``per_class`` crops from each non-empty class bucket, classes in id order (batch 4
-    when all four buckets exist). Within an epoch each bucket is walked in a fresh permutation
-    (refilled when exhausted), so every crop of a bucket is seen before any repeats. Deterministic
-    for (seed, epoch); call ``set_epoch`` each epoch. ``num_batches`` None = one pass over the
-    bucketed crops: ceil(total / batch size)."""
+def anchor_length(buckets: dict) -> tuple[int, int]:
+    """(class, size) of the bucket that sets the epoch length: class 1 (Epithelial) as in the release,
+    or the largest bucket when class 1 has no crop (a dataset without that class)."""
+    sizes = {int(c): len(v) for c, v in buckets.items()}
+    if sizes.get(1, 0):
+        return 1, sizes[1]
+    c = max(sizes, key=lambda k: (sizes[k], -k), default=1)
+    return c, sizes.get(c, 0)
 
-    def __init__(self, buckets: dict, per_class: int = 1, num_batches: Optional[int] = None, seed: int = 0):
+
+def release_epoch_length(buckets: dict) -> int:
+    """Iterations of one epoch by the release's rule: ``ceil(n1 / 2)``, n1 = crops in the class-1
+    bucket (2,445 training crops -> 1,223; 1,017 alpha-update crops -> 509); see :func:`anchor_length`."""
+    _, n = anchor_length(buckets)
+    if n == 0:
+        raise ValueError("every class bucket is empty (no crop has a nucleus): no epoch can be formed")
+    return math.ceil(n / 2)
+
+
+class ClassBalancedBatchSampler(Sampler):
+    """Class-balanced batches the way the release draws them (method.md 5a).
+
+    Every batch takes ``per_class`` crops from each non-empty class bucket, walking each bucket in its
+    stored order and wrapping around, then puts the crops in a random order. The sampler is one
+    window of an endless stream: ``start`` batches were drawn before it (by earlier epochs), so the
+    walk goes on where they left it, as the release's one generator per stream does across epochs.
+    Batch ``k`` depends only on (buckets, per_class, seed, start + k): resuming or rebuilding the
+    sampler per epoch changes nothing. ``num_batches`` None = :func:`release_epoch_length`.
+    """
+
+    def __init__(self, buckets: dict, per_class: int = 1, num_batches: Optional[int] = None,
+                 seed: int = 0, start: int = 0):
         if per_class < 1:
             raise ValueError(f"per_class must be >= 1, got {per_class}")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         self.buckets = {int(c): np.asarray(v, np.int64) for c, v in sorted(buckets.items()) if len(v)}
         empty = sorted(int(c) for c, v in buckets.items() if not len(v))
         if not self.buckets:
-            raise ValueError("ClassBalancedBatchSampler: every class bucket is empty (no training crop has a nucleus)")
+            raise ValueError("ClassBalancedBatchSampler: every class bucket is empty (no crop has a nucleus)")
         if empty:
             warnings.warn(f"class bucket(s) {empty} are empty and skipped: batches have "
                           f"{len(self.buckets) * per_class} crops", stacklevel=2)
-        self.per_class, self.seed, self.epoch = per_class, seed, 0
-        total = sum(len(v) for v in self.buckets.values())
-        self.num_batches = num_batches if num_batches is not None else math.ceil(total / self.batch_size)
+        self.per_class, self.seed, self.start = per_class, seed, start
+        self.num_batches = num_batches if num_batches is not None else release_epoch_length(self.buckets)
 
     @property
     def batch_size(self) -> int:
         return self.per_class * len(self.buckets)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def __len__(self) -> int:
         return self.num_batches
 
+    def batch(self, k: int) -> list[int]:
+        """The stream's batch number ``k`` (0 = the first batch ever drawn)."""
+        picks = [int(v[(k * self.per_class + j) % len(v)]) for v in self.buckets.values()
+                 for j in range(self.per_class)]
+        order = np.random.default_rng([self.seed, k]).permutation(len(picks))
+        return [picks[i] for i in order]
+
     def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        perms = {c: rng.permutation(v) for c, v in self.buckets.items()}
-        pos = {c: 0 for c in self.buckets}
-        for _ in range(self.num_batches):
-            batch = []
-            for c, v in self.buckets.items():
-                for _ in range(self.per_class):
-                    if pos[c] >= len(v):
-                        perms[c], pos[c] = rng.permutation(v), 0
-                    batch.append(int(perms[c][pos[c]]))
-                    pos[c] += 1
-            yield batch
+        for k in range(self.start, self.start + self.num_batches):
+            yield self.batch(k)
 
 
 def _worker_init(worker_id: int) -> None:

@@ -9,8 +9,11 @@ is re-prepared) together with the options and ``CACHE_VERSION``. Contents::
     images/NNNN.npy      (H, W, 3) uint8 RGB, stain-normalised
     labels/NNNN.npy      (H, W) uint8 class map     ignore/NNNN.npy (H, W) bool
     instances/NNNN.npy   (H, W) int32
-    crops_{train,val,test}.npy   (N, 3) int64 rows (image index, y, x); alpha-update crops = crops_val
+    crops_{train,val,test}.npy   (N, 3) int64 rows (image index, y, x) of every window of the crop grid
+                         (``grid``: release | flush, see tiling.py); alpha-update crops = crops_val
     bucket_{1..4}.npy    indices into crops_train: the crop's rarest present class (empty crops dropped)
+    bucket_val_{1..4}.npy  the same rule over crops_val: the alpha-update buckets (method.md 5a: alpha
+                         batches are class-balanced from the validation images' crops)
 
 Built in a temporary sibling folder and renamed into place at the end, so an interrupted run leaves
 any earlier cache untouched and no half-written one. A second call with the same inputs returns at once.
@@ -31,9 +34,9 @@ import numpy as np
 
 from .readers import NUM_CLASSES, DataError, list_samples
 from .stain import StainError, StainNormalizer
-from .tiling import pad_window, tile_positions
+from .tiling import GRIDS, pad_window, tile_positions
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: crop grid option (release grid default), alpha-update buckets
 SYNTHETIC_VERSION = 1
 SPLITS = ("train", "val", "test")
 
@@ -131,7 +134,7 @@ def cache_key(source: Path, options: dict) -> str:
 
 def prepare(source: str | Path, cache_root: str | Path, *, layout: str = "auto", stain: str = "none",
             split: str = "0.6,0.2,0.2", split_by: str = "image", seed: int = 0, crop_size: int = 256,
-            stride: int = 128, channel_order: str = "auto", stain_target: Optional[str] = None,
+            stride: int = 128, grid: str = "release", channel_order: str = "auto", stain_target: Optional[str] = None,
             min_pixels: int = 1, skip_bad: bool = False, progress: bool = True) -> Path:
     """Prepare ``source`` into ``cache_root``; returns the cache folder (see the module docstring).
 
@@ -144,8 +147,10 @@ def prepare(source: str | Path, cache_root: str | Path, *, layout: str = "auto",
     layout, refs = list_samples(source, layout=layout, channel_order=channel_order)
     if crop_size < 16 or not 0 < stride <= crop_size:
         raise ValueError(f"crop_size {crop_size} / stride {stride}: need crop_size >= 16 and 0 < stride <= crop_size")
+    if grid not in GRIDS:
+        raise ValueError(f"crop grid {grid!r}: expected one of {', '.join(GRIDS)}")
     options = {"layout": layout, "stain": stain, "split": str(split), "split_by": split_by, "seed": int(seed),
-               "crop_size": int(crop_size), "stride": int(stride), "channel_order": channel_order,
+               "crop_size": int(crop_size), "stride": int(stride), "grid": grid, "channel_order": channel_order,
                "stain_target": _file_digest(stain_target), "min_pixels": int(min_pixels),
                "skip_bad": bool(skip_bad)}
     normalizer = StainNormalizer(stain)
@@ -233,15 +238,14 @@ def _build(tmp: Path, source: Path, refs, options: dict, normalizer, tqdm, progr
     train_pix = pix_arr[train].sum(0)
     freq = train_pix[1:] / max(train_pix.sum(), 1)
     rarity = [int(c) + 1 for c in np.argsort(freq, kind="stable")]
-    tile, stride = options["crop_size"], options["stride"]
+    tile, stride, grid = options["crop_size"], options["stride"], options["grid"]
     stats: dict = {"rarity_order": rarity, "train_pixel_frequency": {str(c): float(freq[c - 1]) for c in range(1, 5)}}
-    buckets: dict[int, list[int]] = {c: [] for c in range(1, NUM_CLASSES + 1)}
     for name in SPLITS:
         rows = []
         for m in images:
             if m["split"] != name:
                 continue
-            for y, x in tile_positions(m["height"], m["width"], tile, stride):
+            for y, x in tile_positions(m["height"], m["width"], tile, stride, grid):
                 rows.append((m["index"], int(y), int(x)))
         crops = np.array(rows, np.int64).reshape(-1, 3)
         np.save(tmp / f"crops_{name}.npy", crops)
@@ -249,23 +253,18 @@ def _build(tmp: Path, source: Path, refs, options: dict, normalizer, tqdm, progr
         stats[name] = {"images": int(sel.sum()), "crops": int(len(crops)),
                        "pixels": {str(c): int(pix_arr[sel, c].sum()) if sel.any() else 0 for c in range(1, 5)},
                        "nuclei": {str(c): int(nuc_arr[sel, c - 1].sum()) if sel.any() else 0 for c in range(1, 5)}}
-        if name == "train":
-            empty = 0
-            for k, (i, y, x) in enumerate(crops):
-                lab = pad_window(np.load(tmp / "labels" / f"{i:04d}.npy", mmap_mode="r"), y, x, tile)
-                ign = pad_window(np.load(tmp / "ignore" / f"{i:04d}.npy", mmap_mode="r"), y, x, tile)
-                counts = np.bincount(np.asarray(lab)[~np.asarray(ign)], minlength=NUM_CLASSES + 1)
-                b = crop_bucket(counts, rarity, options["min_pixels"])
-                if b:
-                    buckets[b].append(k)
-                else:
-                    empty += 1
-            stats[name]["bucket_sizes"] = {str(c): len(v) for c, v in buckets.items()}
-            stats[name]["empty_crops"] = empty
-    for c, v in buckets.items():
-        np.save(tmp / f"bucket_{c}.npy", np.array(v, np.int64))
-        if not v:
-            notes.append(f"class {c} has no training crop: its bucket is empty")
+        if name == "test":
+            continue
+        # training buckets feed the w batches, validation buckets the alpha batches; both use the
+        # training set's rarity order
+        buckets, empty = _bucket_crops(tmp, crops, tile, rarity, options["min_pixels"])
+        stats[name]["bucket_sizes"] = {str(c): len(v) for c, v in buckets.items()}
+        stats[name]["empty_crops"] = empty
+        prefix = "bucket" if name == "train" else "bucket_val"
+        for c, v in buckets.items():
+            np.save(tmp / f"{prefix}_{c}.npy", np.array(v, np.int64))
+            if not v and name == "train":
+                notes.append(f"class {c} has no training crop: its bucket is empty")
     (tmp / "class_stats.json").write_text(json.dumps(stats, indent=1))
     manifest = {"version": CACHE_VERSION, "source": str(source), "options": options,
                 "stain": normalizer.describe(), "images": images,
@@ -273,6 +272,23 @@ def _build(tmp: Path, source: Path, refs, options: dict, normalizer, tqdm, progr
                 "warnings": notes, "skipped": skipped}
     # written last: its presence marks a complete cache
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _bucket_crops(tmp: Path, crops: np.ndarray, tile: int, rarity: list[int],
+                  min_pixels: int) -> tuple[dict[int, list[int]], int]:
+    """Crop indices per class bucket (stored in crop order) and the number of crops with no nucleus."""
+    buckets: dict[int, list[int]] = {c: [] for c in range(1, NUM_CLASSES + 1)}
+    empty = 0
+    for k, (i, y, x) in enumerate(crops):
+        lab = pad_window(np.load(tmp / "labels" / f"{i:04d}.npy", mmap_mode="r"), y, x, tile)
+        ign = pad_window(np.load(tmp / "ignore" / f"{i:04d}.npy", mmap_mode="r"), y, x, tile, fill=True)
+        counts = np.bincount(np.asarray(lab)[~np.asarray(ign)], minlength=NUM_CLASSES + 1)
+        b = crop_bucket(counts, rarity, min_pixels)
+        if b:
+            buckets[b].append(k)
+        else:
+            empty += 1
+    return buckets, empty
 
 
 # ---------------------------------------------------------------- default dataset for the engine
@@ -304,5 +320,5 @@ def ensure_dataset(data_cfg, root: Path, seed: int, progress: bool = True):
         source, layout = Path(data_cfg.source).expanduser(), data_cfg.layout
     cache = prepare(source, root / "cache", layout=layout, stain=data_cfg.stain, split=data_cfg.split,
                     split_by=data_cfg.split_by, seed=seed, crop_size=data_cfg.crop_size,
-                    stride=data_cfg.stride, progress=progress)
+                    stride=data_cfg.stride, grid=data_cfg.grid, progress=progress)
     return PreparedData.open(cache)

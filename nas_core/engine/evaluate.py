@@ -1,9 +1,11 @@
 """Full-image tiled inference and evaluation (method.md section 7).
 
-Each image is cut into ``tile`` windows at ``stride`` (zero-padded border), every channel thresholded
-at 0.5, and the windows stitched keeping each tile's centre (border tiles reach the image edge). Only
-one batch of tiles and the (4, H, W) boolean output are in memory at a time, so large images and SVS
-regions fit.
+Each image is cut into ``tile`` windows at ``stride`` on the crop grid (``release`` by default: the
+authors' windows from 0, zero-padded on the far side; see nas_core/data/tiling.py), every channel
+thresholded at 0.5, and the windows stitched keeping each tile's centre (border tiles reach the image
+edge), cropped to the image: predictions on the padding never reach a metric. Windows that own no
+image pixel are not run (their output would be cropped away). Only one batch of tiles and the
+(4, H, W) boolean output are in memory at a time, so large images and SVS regions fit.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ THRESHOLD = 0.5
 @torch.no_grad()
 def predict_probs(model: nn.Module, image: np.ndarray, *, tile: int = 256, stride: int = 128,
                   device: torch.device | str = "cpu", amp: bool = False, batch: int = 8,
-                  binary: bool = True) -> np.ndarray:
+                  binary: bool = True, grid: str = "release") -> np.ndarray:
     """Tiled prediction of one RGB image.
 
     image: uint8 (H, W, 3). Returns (4, H, W): bool masks (``binary``) or float32 probabilities.
     """
-    from nas_core.data.tiling import Stitcher, pad_window, tile_positions
+    from nas_core.data.tiling import Stitcher, pad_window
 
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB image of shape (H, W, 3), got {tuple(image.shape)}")
@@ -36,8 +38,8 @@ def predict_probs(model: nn.Module, image: np.ndarray, *, tile: int = 256, strid
     device = torch.device(device)
     model.eval()
     h, w = image.shape[:2]
-    stitcher = Stitcher(h, w, tile=tile, stride=stride)
-    positions = [tuple(p) for p in tile_positions(h, w, tile, stride).tolist()]
+    stitcher = Stitcher(h, w, tile=tile, stride=stride, grid=grid)
+    positions = [tuple(p) for p in stitcher.positions().tolist()]
     for start in range(0, len(positions), batch):
         chunk = positions[start:start + batch]
         tiles = np.stack([pad_window(image, y, x, tile) for y, x in chunk])  # (b, tile, tile, 3)
@@ -52,26 +54,28 @@ def predict_probs(model: nn.Module, image: np.ndarray, *, tile: int = 256, strid
 
 
 def evaluate_images(model: nn.Module, items: Iterable[tuple], *, tile: int, stride: int,
-                    device: torch.device | str = "cpu", amp: bool = False) -> dict:
+                    device: torch.device | str = "cpu", amp: bool = False, grid: str = "release") -> dict:
     """items: (image uint8 (H,W,3), label uint8 (H,W), ignore bool (H,W) or None, instances or None)."""
     from nas_core.metrics import SegmentationMetrics
 
     acc = SegmentationMetrics()
     for image, label, ignore, instances in items:
-        pred = predict_probs(model, image, tile=tile, stride=stride, device=device, amp=amp)
+        pred = predict_probs(model, image, tile=tile, stride=stride, device=device, amp=amp, grid=grid)
         acc.update(pred, label, ignore=ignore, instances=instances)
     return acc.compute()
 
 
 def evaluate_split(model: nn.Module, data, split: str, *, tile: int, stride: int,
-                   device: torch.device | str = "cpu", amp: bool = False) -> dict:
-    """Global per-class DSC (the paper's number), per-image DSC, PQ and pixel accuracy on one split."""
+                   device: torch.device | str = "cpu", amp: bool = False, grid: str | None = None) -> dict:
+    """Global per-class DSC (the paper's number), per-image DSC, PQ and pixel accuracy on one split.
+    ``grid`` None = the grid the data was prepared with."""
     ids = data.image_ids(split)
     if not ids:
         raise ValueError(f"the {split!r} split holds no images")
     items = ((data.load_image(i), data.load_label(i), data.load_ignore(i), data.load_instances(i)) for i in ids)
     was_training = model.training
     try:
-        return evaluate_images(model, items, tile=tile, stride=stride, device=device, amp=amp)
+        return evaluate_images(model, items, tile=tile, stride=stride, device=device, amp=amp,
+                               grid=grid or getattr(data, "grid", "release"))
     finally:
         model.train(was_training)

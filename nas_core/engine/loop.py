@@ -107,64 +107,86 @@ def optimisation_step(model: nn.Module, batch: dict, optimizer: torch.optim.Opti
     return float(loss.detach())
 
 
-def batch_size(per_class: int, data: Any) -> int:
-    return per_class * max(1, sum(1 for v in data.buckets.values() if len(v)))
-
-
-def iterations(per_epoch: int | None, data: Any, per_class: int) -> int:
-    """Batches per epoch: the setting, or one pass over the training crops."""
-    if per_epoch:
-        return per_epoch
-    n = sum(len(v) for v in data.buckets.values())
-    return max(1, math.ceil(n / batch_size(per_class, data)))
+def _bucket_batch(buckets: dict, per_class: int) -> int:
+    return per_class * sum(1 for v in buckets.values() if len(v))
 
 
 def epoch_lengths(cfg: RunConfig, data: Any) -> dict:
-    """PROVISIONAL (today's rule, kept until the release's epoch composition lands): iterations per
-    epoch and the crops each epoch draws from.
+    """Iterations per epoch of each kind, by the rule the loops use (method.md 5a).
 
-    Returns ``{"w": int, "alpha": int, "train": int, "crops": {"train": int, "alpha": int}}``:
-    ``w`` = iterations of a search w-epoch (also of an alternating epoch), ``alpha`` = of an alpha-epoch
-    (today the same as ``w``), ``train`` = of a retrain epoch; ``crops`` = the crops in the class
-    buckets (train) and the alpha-update crops (the validation images'). The iteration counts follow
-    :func:`iterations`: ``iters_per_epoch`` when set, else one pass over the bucketed training crops.
+    ``data``: a PreparedData (``buckets``, ``alpha_buckets``, ``crops(split)``). Returns
+    ``{"w": int, "alpha": int, "train": int, "batch": {"w", "alpha", "train"}, "crops": {"train",
+    "alpha"}, "bucketed": {"train", "alpha"}, "anchor": {"train": (class, size), "alpha": ...}}``:
+    a w-epoch (and an alternating epoch: one w step and one alpha step per iteration) runs ``w``
+    iterations, an alpha-epoch ``alpha``, a retrain epoch ``train``; ``batch`` crops each;
+    ``crops`` = all windows of the split's crop grid, ``bucketed`` = those with a nucleus (the only
+    ones batches draw). Without ``iters_per_epoch``: w = train = ceil(n1 / 2), alpha = ceil(m1 / 2),
+    n1 / m1 = class-1 crops in the training / alpha-update buckets (the largest bucket when class 1 is
+    absent). ``search.iters_per_epoch`` sets every search epoch's length, ``train.iters_per_epoch``
+    every retrain epoch's.
     """
+    from nas_core.data.dataset import anchor_length, release_epoch_length
+
     s, t = cfg.search, cfg.train
-    w = iterations(s.iters_per_epoch, data, s.per_class)
-    return {"w": w, "alpha": w, "train": iterations(t.iters_per_epoch, data, t.per_class),
-            "crops": {"train": int(sum(len(v) for v in data.buckets.values())),
-                      "alpha": int(len(data.crops("alpha")))}}
+    has_alpha = any(len(v) for v in data.alpha_buckets.values())
+    n_w = release_epoch_length(data.buckets)
+    n_alpha = release_epoch_length(data.alpha_buckets) if has_alpha else 0
+    return {
+        "w": s.iters_per_epoch or n_w,
+        "alpha": (s.iters_per_epoch or n_alpha) if has_alpha else 0,
+        "train": t.iters_per_epoch or n_w,
+        "batch": {"w": _bucket_batch(data.buckets, s.per_class), "alpha": _bucket_batch(data.alpha_buckets, s.per_class),
+                  "train": _bucket_batch(data.buckets, t.per_class)},
+        "crops": {"train": int(len(data.crops("train"))), "alpha": int(len(data.crops("alpha")))},
+        "bucketed": {"train": int(sum(len(v) for v in data.buckets.values())),
+                     "alpha": int(sum(len(v) for v in data.alpha_buckets.values()))},
+        "anchor": {"train": anchor_length(data.buckets), "alpha": anchor_length(data.alpha_buckets)},
+    }
 
 
-def train_batches(ctx: RunContext, per_class: int, n_batches: int, epoch: int) -> Iterator[dict]:
-    """Class-balanced, augmented training batches; order and augmentation depend only on (seed, epoch)."""
+def search_steps(mode: str, lengths: dict) -> tuple[int, int]:
+    """(w steps, alpha steps) of a search epoch in ``mode`` (w | alpha | alternate)."""
+    if mode == "w":
+        return lengths["w"], 0
+    if mode == "alpha":
+        return 0, lengths["alpha"]
+    return lengths["w"], lengths["w"]
+
+
+def train_batches(ctx: RunContext, per_class: int, n_batches: int, epoch: int, start: int) -> Iterator[dict]:
+    """Class-balanced, augmented training batches ``start .. start + n_batches - 1`` of the w stream
+    (the buckets are walked in stored order across epochs); augmentation depends on (seed, epoch)."""
+    yield from _bucket_batches(ctx, "train", ctx.data.buckets, per_class, n_batches, start,
+                               seed=ctx.cfg.seed * 100003 + epoch)
+
+
+def alpha_batches(ctx: RunContext, per_class: int, n_batches: int, epoch: int, start: int) -> Iterator[dict]:
+    """Alpha-update batches: class-balanced from the validation images' crop buckets and augmented like
+    the w batches (the release's ``yield_data(search=True)``), batches ``start ..`` of the alpha stream."""
+    if not any(len(v) for v in ctx.data.alpha_buckets.values()):
+        raise ConfigError("the validation split has no crop with a nucleus: the alpha update needs validation images")
+    yield from _bucket_batches(ctx, "val", ctx.data.alpha_buckets, per_class, n_batches, start,
+                               seed=ctx.cfg.seed * 7919 + epoch + 1)
+
+
+def _bucket_batches(ctx: RunContext, split: str, buckets: dict, per_class: int, n_batches: int, start: int,
+                    seed: int) -> Iterator[dict]:
     from nas_core.data import ClassBalancedBatchSampler, make_loader
 
-    dataset = ctx.dataset("train", augment=True)
-    seed = ctx.cfg.seed * 100003 + epoch
-    sampler = ClassBalancedBatchSampler(ctx.data.buckets, per_class=per_class, num_batches=n_batches, seed=seed)
+    dataset = ctx.dataset(split, augment=True)
+    sampler = ClassBalancedBatchSampler(buckets, per_class=per_class, num_batches=n_batches,
+                                        seed=ctx.cfg.seed, start=start)
     loader = make_loader(dataset, sampler, workers=ctx.cfg.data.workers, pin_memory=ctx.device.type == "cuda",
                          seed=seed)
     for batch in loader:
         yield to_device(batch, ctx)
 
 
-def alpha_batches(ctx: RunContext, size: int, n_batches: int, epoch: int) -> Iterator[dict]:
-    """Random batches of the alpha-update crops (the validation images' crops), not augmented.
-
-    Assumption (method.md is silent): alpha crops are drawn uniformly, not class-balanced.
-    """
-    from nas_core.data import make_loader
-
-    dataset = ctx.dataset("val", augment=False)
-    if len(dataset) == 0:
-        raise ConfigError("the validation split has no crops: the alpha update needs validation images")
-    g = torch.Generator().manual_seed(ctx.cfg.seed * 7919 + epoch)
-    order = torch.randint(len(dataset), (n_batches, size), generator=g).tolist()
-    loader = make_loader(dataset, order, workers=ctx.cfg.data.workers, pin_memory=ctx.device.type == "cuda",
-                         seed=ctx.cfg.seed * 7919 + epoch)
-    for batch in loader:
-        yield to_device(batch, ctx)
+def improves(score: float, best: float | None) -> bool:
+    """A validation score beats the best so far (the first one always counts; NaN never beats a number)."""
+    if best is None or math.isnan(best):
+        return True
+    return score > best
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -187,10 +209,6 @@ def guard_out_dir(out_dir: Path, resume: bool, phase: str) -> None:
     """A fresh (non-resuming) run never overwrites another run's results."""
     if not resume and ((out_dir / "result.json").exists() or (out_dir / "last.pt").exists()):
         raise ConfigError(f"{out_dir} already holds a {phase} run; pass --resume to continue it or choose another --out")
-
-
-def due(epoch: int, every: int, epochs: int) -> bool:
-    return (epoch + 1) % every == 0 or epoch == epochs - 1
 
 
 def progress(iterable, total: int, desc: str):

@@ -93,7 +93,8 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
         path = Path(path)
         image = read_image_file(path)  # uint8 (H, W, 3) RGB; errors name the file
         probs = predict_probs(model, image, tile=tile, stride=stride, device=dev,
-                              amp=meta["config"].get("amp", True) and dev.type == "cuda", binary=False)
+                              amp=meta["config"].get("amp", True) and dev.type == "cuda", binary=False,
+                              grid=data_cfg.get("grid", "release"))
         labels = label_map(probs)
         stem = out_dir / path.stem
         cv2.imwrite(f"{stem}_labels.png", labels)

@@ -1,9 +1,17 @@
 """First-order DARTS bilevel search of NAS-SCAM (method.md section 5).
 
-Weights w are updated on class-balanced training crops, alpha on the alpha-update crops (validation
-images), each with the other frozen. ``paper`` alternates a w step and an alpha step per iteration after
-the warm-up; ``code`` alternates per epoch (``epoch % 3 == 0`` -> w epoch) and rebuilds Adam every epoch.
-The genotype is taken from the best validation after warm-up.
+Weights w are updated on class-balanced training crops, alpha on class-balanced alpha-update crops
+(the validation images' buckets, augmented the same way), each with the other frozen. ``paper``
+alternates a w step and an alpha step per iteration after the warm-up; ``code`` alternates per epoch
+(``epoch % 3 == 0`` -> w epoch) and rebuilds Adam every epoch. Epoch lengths follow
+:func:`nas_core.engine.loop.epoch_lengths`; each batch stream (w, alpha) walks its buckets on from where
+the previous epoch left it.
+
+Validation (method.md 5a): with ``val_timing="start"`` (both protocols) at the start of every epoch
+with ``epoch % val_every == 0``, before that epoch trains, so the final state is never validated; the
+genotype is the argmax of alpha in the best-validated checkpoint among ``search.genotype_epochs()``
+(the release: epochs > 60; the paper: after the warm-up). ``best_epoch`` is the epoch of that
+validation: with "start" timing, also the number of epochs its weights had trained.
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ from nas_core.engine.checkpoint import read_checkpoint, save_checkpoint
 from nas_core.engine.device import rng_state
 from nas_core.engine.evaluate import evaluate_split
 from nas_core.metrics import flatten_metrics
-from nas_core.engine.loop import (adam, alpha_batches, batch_size, due, guard_out_dir, iterations,
-                                  optimisation_step, prepare_model, progress, resume_from_last, setup_run,
+from nas_core.engine.loop import (adam, alpha_batches, epoch_lengths, guard_out_dir, improves, optimisation_step,
+                                  prepare_model, progress, resume_from_last, search_steps, setup_run,
                                   train_batches, write_json, TrainingError)
 
 SEARCHABLE = ("nas-scam-s", "nas-scam-p")
@@ -116,16 +124,36 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
     cb.on_run_start("search", cfg, out_dir)
 
     s = cfg.search
-    n_iter = iterations(s.iters_per_epoch, ctx.data, s.per_class)
-    bsize = batch_size(s.per_class, ctx.data)
+    lengths = epoch_lengths(cfg, ctx.data)
+    val_epochs, window = set(s.validation_epochs()), set(s.genotype_epochs())
+    # each stream continues where the earlier epochs left it (also after a resume)
+    done = [search_steps(epoch_mode(cfg, e), lengths) for e in range(start)]
+    w_pos, a_pos = sum(d[0] for d in done), sum(d[1] for d in done)
+
+    def validate(epoch: int, metrics: dict) -> None:
+        val = evaluate_split(model, ctx.data, "val", device=ctx.device, amp=ctx.amp,
+                             tile=cfg.data.crop_size, stride=cfg.data.stride, grid=cfg.data.grid)
+        score = val["dsc"]["Average"]
+        metrics.update({"val_dsc": score, "val_pq": val["pq"]["Average"]})
+        if epoch in window and improves(score, state["best_score"]):
+            state.update(best_score=score, best_epoch=epoch, best_val=flatten_metrics(val))
+            save_checkpoint(out_dir / "best.pt", model=model, config=cfg.to_dict(), phase="search",
+                            epoch=epoch, metrics=dict(metrics), genotype=model.genotype().to_dict())
+
     for epoch in range(start, s.epochs):
+        metrics: dict = {"epoch": epoch}
+        if s.val_timing == "start" and epoch in val_epochs:
+            validate(epoch, metrics)
         if s.reset_optimizer_each_epoch:
             opts = _optimizers(model, cfg, ctx.device)
         mode = epoch_mode(cfg, epoch)
+        n_w, n_a = search_steps(mode, lengths)
         model.train()
         w_losses, a_losses = [], []
-        w_iter = train_batches(ctx, s.per_class, n_iter, epoch) if mode != "alpha" else None
-        a_iter = alpha_batches(ctx, bsize, n_iter, epoch) if mode != "w" else None
+        w_iter = train_batches(ctx, s.per_class, n_w, epoch, w_pos) if n_w else None
+        a_iter = alpha_batches(ctx, s.per_class, n_a, epoch, a_pos) if n_a else None
+        w_pos, a_pos = w_pos + n_w, a_pos + n_a
+        n_iter = max(n_w, n_a)
         for it in progress(range(n_iter), n_iter, f"search {epoch + 1}/{s.epochs} [{mode}]"):
             where = f"search epoch {epoch} iteration {it}"
             if w_iter is not None:
@@ -135,7 +163,7 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
                 with frozen(model.weight_parameters()):
                     a_losses.append(optimisation_step(model, next(a_iter), opts["alpha"], ctx, where + " (alpha step)"))
 
-        metrics = {"epoch": epoch, "mode_alpha": float(mode != "w")}
+        metrics["mode_alpha"] = float(mode != "w")
         if w_losses:
             metrics["train_loss"] = float(np.mean(w_losses))
         if a_losses:
@@ -144,23 +172,15 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
         state["alpha_epochs"].append(epoch)
         for k, v in snap.items():
             state["alpha"].setdefault(k, []).append(torch.from_numpy(v))
-        if due(epoch, s.val_every, s.epochs):
-            val = evaluate_split(model, ctx.data, "val", device=ctx.device, amp=ctx.amp,
-                                 tile=cfg.data.crop_size, stride=cfg.data.stride)
-            score = val["dsc"]["Average"]
-            metrics.update({"val_dsc": score, "val_pq": val["pq"]["Average"]})
-            # the genotype comes from the best validation *after* warm-up
-            if epoch >= s.warmup_epochs and (state["best_score"] is None or score > state["best_score"]):
-                state.update(best_score=score, best_epoch=epoch, best_val=flatten_metrics(val))
-                save_checkpoint(out_dir / "best.pt", model=model, config=cfg.to_dict(), phase="search",
-                                epoch=epoch, metrics=metrics, genotype=model.genotype().to_dict())
+        if s.val_timing == "end" and epoch in val_epochs:
+            validate(epoch, metrics)
         state["history"].append(metrics)
         save_checkpoint(last, model=model, config=cfg.to_dict(), phase="search", epoch=epoch, metrics=metrics,
                         optimizers=opts, rng=rng_state(), state=state)
         cb.on_epoch_end("search", epoch, metrics, out_dir)
 
     if state["best_epoch"] < 0:
-        raise TrainingError("search ended without a validation after warm-up; check search.val_every/epochs")
+        raise TrainingError(f"search ended without a validation in its genotype window (epochs {sorted(window)})")
     best = read_checkpoint(out_dir / "best.pt")
     from nas_core.search_space.genotype import Genotype
 

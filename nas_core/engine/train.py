@@ -1,4 +1,10 @@
-"""Retraining ("rebuild") of any registry model from scratch; best-validation checkpoint, then test."""
+"""Retraining ("rebuild") of any registry model from scratch; best-validation checkpoint, then test.
+
+Epochs of ``epoch_lengths(...)["train"]`` iterations walk the training buckets on across epochs. The
+best checkpoint is the best over all validations (method.md 5a: with ``val_timing="start"`` they run
+at the start of every ``val_every``-th epoch, the untrained state at epoch 0 included, the final
+state never).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from nas_core.engine.checkpoint import load_weights, read_checkpoint, save_check
 from nas_core.engine.device import rng_state, seed_everything
 from nas_core.engine.evaluate import evaluate_split
 from nas_core.metrics import flatten_metrics
-from nas_core.engine.loop import (adam, due, guard_out_dir, iterations, optimisation_step, prepare_model, progress,
+from nas_core.engine.loop import (adam, epoch_lengths, guard_out_dir, improves, optimisation_step, prepare_model, progress,
                                   resume_from_last, setup_run, train_batches, write_json)
 
 NAS_MODELS = ("nas-scam-s", "nas-scam-p")
@@ -78,22 +84,30 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
     cb.on_run_start("train", cfg, out_dir)
     genotype = (getattr(model, "model_spec", None) or {}).get("options", {}).get("genotype")
 
-    n_iter = iterations(t.iters_per_epoch, ctx.data, t.per_class)
+    n_iter = epoch_lengths(cfg, ctx.data)["train"]
+    val_epochs = set(t.validation_epochs())
+
+    def validate(epoch: int, metrics: dict) -> None:
+        val = evaluate_split(model, ctx.data, "val", device=ctx.device, amp=ctx.amp,
+                             tile=cfg.data.crop_size, stride=cfg.data.stride, grid=cfg.data.grid)
+        score = val["dsc"]["Average"]
+        metrics.update({"val_dsc": score, "val_pq": val["pq"]["Average"]})
+        if improves(score, state["best_score"]):
+            state.update(best_score=score, best_epoch=epoch, best_val=flatten_metrics(val))
+            save_checkpoint(out_dir / "best.pt", model=model, config=cfg.to_dict(), phase="train",
+                            epoch=epoch, metrics=dict(metrics), genotype=genotype)
+
     for epoch in range(start, t.epochs):
+        metrics: dict = {"epoch": epoch}
+        if t.val_timing == "start" and epoch in val_epochs:
+            validate(epoch, metrics)
         model.train()
-        batches = train_batches(ctx, t.per_class, n_iter, epoch)
+        batches = train_batches(ctx, t.per_class, n_iter, epoch, start=epoch * n_iter)
         losses = [optimisation_step(model, next(batches), opt, ctx, f"train epoch {epoch} iteration {it}")
                   for it in progress(range(n_iter), n_iter, f"train {epoch + 1}/{t.epochs}")]
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses))}
-        if due(epoch, t.val_every, t.epochs):
-            val = evaluate_split(model, ctx.data, "val", device=ctx.device, amp=ctx.amp,
-                                 tile=cfg.data.crop_size, stride=cfg.data.stride)
-            score = val["dsc"]["Average"]
-            metrics.update({"val_dsc": score, "val_pq": val["pq"]["Average"]})
-            if state["best_score"] is None or score > state["best_score"]:
-                state.update(best_score=score, best_epoch=epoch, best_val=flatten_metrics(val))
-                save_checkpoint(out_dir / "best.pt", model=model, config=cfg.to_dict(), phase="train",
-                                epoch=epoch, metrics=metrics, genotype=genotype)
+        metrics["train_loss"] = float(np.mean(losses))
+        if t.val_timing == "end" and epoch in val_epochs:
+            validate(epoch, metrics)
         state["history"].append(metrics)
         save_checkpoint(last, model=model, config=cfg.to_dict(), phase="train", epoch=epoch, metrics=metrics,
                         optimizers={"w": opt}, rng=rng_state(), state=state)
@@ -102,7 +116,7 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
     best = read_checkpoint(out_dir / "best.pt")
     load_weights(model, best, out_dir / "best.pt")
     test = evaluate_split(model, ctx.data, "test", device=ctx.device, amp=ctx.amp,
-                          tile=cfg.data.crop_size, stride=cfg.data.stride)
+                          tile=cfg.data.crop_size, stride=cfg.data.stride, grid=cfg.data.grid)
     metrics_path = write_json(out_dir / "metrics.json", {"best_epoch": state["best_epoch"], "val": state["best_val"],
                                                         "test": test})
     result = TrainResult(checkpoint_path=out_dir / "best.pt", best_epoch=state["best_epoch"],
