@@ -108,6 +108,8 @@ class RunConfig:
     # torch.compile of the model's forward: "off", or a torch.compile mode ("reduce-overhead" = CUDA
     # graphs on a GPU, for the launch-bound small-batch steps). Same function, same state_dict keys.
     compile: CompileMode = "off"
+    # optimisation steps with a non-finite loss or gradient are skipped; this many in a row fail the run
+    max_nonfinite_steps: int = 3
     out_dir: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -324,6 +326,7 @@ def _validate(cfg: RunConfig) -> None:
         (0 < cfg.data.stride <= cfg.data.crop_size, "data.stride", "must be in (0, crop_size]"),
         (cfg.search.per_class >= 1 and cfg.train.per_class >= 1, "per_class", "must be >= 1"),
         (cfg.seed >= 0, "seed", "must be >= 0"),
+        (cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1"),
         (cfg.search.val_every >= 1 and cfg.train.val_every >= 1, "val_every", "must be >= 1"),
         (cfg.search.iters_per_epoch is None or cfg.search.iters_per_epoch >= 1, "search.iters_per_epoch", "must be >= 1"),
         (cfg.train.iters_per_epoch is None or cfg.train.iters_per_epoch >= 1, "train.iters_per_epoch", "must be >= 1"),

@@ -24,7 +24,7 @@ from nas_core.engine.checkpoint import read_checkpoint, save_checkpoint
 from nas_core.engine.device import rng_state
 from nas_core.engine.evaluate import evaluate_split
 from nas_core.metrics import flatten_metrics
-from nas_core.engine.loop import (adam, alpha_batches, batch_size, due, guard_out_dir, iterations,
+from nas_core.engine.loop import (adam, alpha_batches, batch_size, due, epoch_losses, guard_out_dir, iterations,
                                   optimisation_step, prepare_model, progress, resume_from_last, setup_run,
                                   train_batches, write_json, TrainingError)
 
@@ -136,10 +136,8 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
                     a_losses.append(optimisation_step(model, next(a_iter), opts["alpha"], ctx, where + " (alpha step)"))
 
         metrics = {"epoch": epoch, "mode_alpha": float(mode != "w")}
-        if w_losses:
-            metrics["train_loss"] = float(np.mean(w_losses))
-        if a_losses:
-            metrics["alpha_loss"] = float(np.mean(a_losses))
+        epoch_losses(metrics, "train_loss", w_losses, ctx)
+        epoch_losses(metrics, "alpha_loss", a_losses, ctx)
         snap = _alpha_snapshot(model)
         state["alpha_epochs"].append(epoch)
         for k, v in snap.items():

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from nas_core.config import ConfigError, RunConfig
@@ -17,8 +16,8 @@ from nas_core.engine.checkpoint import load_weights, read_checkpoint, save_check
 from nas_core.engine.device import rng_state, seed_everything
 from nas_core.engine.evaluate import evaluate_split
 from nas_core.metrics import flatten_metrics
-from nas_core.engine.loop import (adam, due, guard_out_dir, iterations, optimisation_step, prepare_model, progress,
-                                  resume_from_last, setup_run, train_batches, write_json)
+from nas_core.engine.loop import (adam, due, epoch_losses, guard_out_dir, iterations, optimisation_step, prepare_model,
+                                  progress, resume_from_last, setup_run, train_batches, write_json)
 
 NAS_MODELS = ("nas-scam-s", "nas-scam-p")
 
@@ -84,7 +83,8 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
         batches = train_batches(ctx, t.per_class, n_iter, epoch)
         losses = [optimisation_step(model, next(batches), opt, ctx, f"train epoch {epoch} iteration {it}")
                   for it in progress(range(n_iter), n_iter, f"train {epoch + 1}/{t.epochs}")]
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses))}
+        metrics = {"epoch": epoch}
+        epoch_losses(metrics, "train_loss", losses, ctx)
         if due(epoch, t.val_every, t.epochs):
             val = evaluate_split(model, ctx.data, "val", device=ctx.device, amp=ctx.amp,
                                  tile=cfg.data.crop_size, stride=cfg.data.stride)
