@@ -42,6 +42,11 @@ def prepare(local: bool) -> None:
         os.environ.setdefault("RAY_TMPDIR", str(LOCAL_TMPDIR))
 
 
+def local_tmpdir() -> Path:
+    """Temp folder of the Rays we start: ``RAY_TMPDIR`` if exported, else ``LOCAL_TMPDIR``."""
+    return Path(os.environ.get("RAY_TMPDIR") or LOCAL_TMPDIR)
+
+
 def init_local(num_cpus: float, num_gpus: Optional[float] = None, log_to_driver: bool = True) -> None:
     """Start a Ray of our own on 127.0.0.1, never joining another one on the machine.
 
@@ -51,9 +56,10 @@ def init_local(num_cpus: float, num_gpus: Optional[float] = None, log_to_driver:
     prepare(local=True)
     import ray
 
-    LOCAL_TMPDIR.mkdir(parents=True, exist_ok=True)
+    temp_dir = local_tmpdir()
+    temp_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {} if num_gpus is None else {"num_gpus": num_gpus}
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(LOCAL_TMPDIR),
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(temp_dir),
              _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, **kwargs)
 
 
