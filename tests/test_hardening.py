@@ -278,7 +278,8 @@ def _stop_and_check(proc: subprocess.Popen, sig: int, children: list[psutil.Proc
 
 def _cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     env = {**os.environ, "NAS_SCAM_PROGRESS": "0", "RAY_AUTH_MODE": "disabled", **env}
-    for var in ("NAS_SCAM_RAY_ADDRESS", "NAS_SCAM_MLFLOW_TRACKING_URI"):
+    # as from a user's shell: not what an in-process test's ray_env.prepare() left in os.environ
+    for var in ("NAS_SCAM_RAY_ADDRESS", "NAS_SCAM_MLFLOW_TRACKING_URI", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         env.pop(var, None)
     with open(log, "wb") as f:
         return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env,
@@ -286,7 +287,7 @@ def _cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_ui_stops_its_mlflow_server(tmp_path, sig):
     port = _free_port()
     log = tmp_path / "ui.log"
@@ -305,7 +306,7 @@ def test_ui_stops_its_mlflow_server(tmp_path, sig):
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_stops_its_ray_head_and_forgets_it(tmp_path, ray_tmp, sig):
     port, dash = _free_port(), _free_port()
     log = tmp_path / "serve.log"
