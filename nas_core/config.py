@@ -161,6 +161,8 @@ class RunConfig:
     # torch.compile of the model's forward: "off", or a torch.compile mode ("reduce-overhead" = CUDA
     # graphs on a GPU, for the launch-bound small-batch steps). Same function, same state_dict keys.
     compile: CompileMode = "off"
+    # optimisation steps with a non-finite loss or gradient are skipped; this many in a row fail the run
+    max_nonfinite_steps: int = 3
     out_dir: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -196,6 +198,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "paper": {
         "protocol": "paper", "seed": 0, "device": "auto", "deterministic": False,
         "amp": False, "tf32": True, "channels_last": True, "compile": "off", "out_dir": None,
+        "max_nonfinite_steps": 3,
         "model": {"name": "nas-scam-p", "search": "synchronous", "genotype": None, "zero_op": "paper",
                   "impl": "stacked"},
         # 209 = MoNuSAC's training release, so the synthetic stand-in splits 120 / 39 / 50 as the paper
@@ -213,6 +216,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "code": {
         "protocol": "code", "seed": 0, "device": "auto", "deterministic": False,
         "amp": False, "tf32": True, "channels_last": True, "compile": "off", "out_dir": None,
+        "max_nonfinite_steps": 3,
         "model": {"name": "nas-scam-p", "search": "synchronous", "genotype": None, "zero_op": "code",
                   "impl": "stacked"},
         # the release hard-codes 41 validation and 48 test images; its arrays came pre-normalised
@@ -435,6 +439,7 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.data.workers >= 0, "data.workers", "must be >= 0 (0 loads data in the main process)"),
         (cfg.search.per_class >= 1 and cfg.train.per_class >= 1, "per_class", "must be >= 1"),
         (cfg.seed >= 0, "seed", "must be >= 0"),
+        (cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1"),
         (cfg.search.val_every >= 1 and cfg.train.val_every >= 1, "val_every", "must be >= 1"),
         (cfg.search.iters_per_epoch is None or cfg.search.iters_per_epoch >= 1, "search.iters_per_epoch", "must be >= 1"),
         (cfg.train.iters_per_epoch is None or cfg.train.iters_per_epoch >= 1, "train.iters_per_epoch", "must be >= 1"),

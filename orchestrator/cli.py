@@ -31,6 +31,14 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit status 2."""
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line naming the path: ``/data/out: Read-only file system`` (``str(exc)`` for our own messages)."""
+    if exc.filename is None or not exc.strerror:
+        return str(exc)
+    path = str(exc.filename) if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    return f"{path}: {exc.strerror}"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -38,9 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except (UserError, ValueError, FileNotFoundError) as exc:
+    except (UserError, ValueError) as exc:
         # user-facing errors: the message names the culprit; no stack trace
         print(f"nas-scam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # a read-only or non-folder --out, a full disk, a missing file: handled here once for every command
+        print(f"nas-scam {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     return int(result or 0)
 

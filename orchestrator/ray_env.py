@@ -37,9 +37,14 @@ def prepare(local: bool) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if local:
-        # every listener of the embedded Ray stays on 127.0.0.1
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # loopback is the contract of the embedded Ray, not a default (see init_local)
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         os.environ.setdefault("RAY_TMPDIR", str(LOCAL_TMPDIR))
+
+
+def local_tmpdir() -> Path:
+    """Temp folder of the Rays we start: ``RAY_TMPDIR`` if exported, else ``LOCAL_TMPDIR``."""
+    return Path(os.environ.get("RAY_TMPDIR") or LOCAL_TMPDIR)
 
 
 def init_local(num_cpus: float, num_gpus: Optional[float] = None, log_to_driver: bool = True) -> None:
@@ -50,10 +55,19 @@ def init_local(num_cpus: float, num_gpus: Optional[float] = None, log_to_driver:
     """
     prepare(local=True)
     import ray
+    from ray._private import ray_constants
 
-    LOCAL_TMPDIR.mkdir(parents=True, exist_ok=True)
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported. Imported before prepare()
+    # (`from ray import tune` in the runner, an earlier test in the process), it swaps our 127.0.0.1
+    # for the machine's external address, and GCS, raylet, agents and workers bind every interface
+    # (measured: '::', '0.0.0.0', 192.0.2.x). services.get_node_ip_address reads this module constant
+    # at call time, so it is set here for the driver; the processes Ray starts read the variable that
+    # prepare() set.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    temp_dir = local_tmpdir()
+    temp_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {} if num_gpus is None else {"num_gpus": num_gpus}
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(LOCAL_TMPDIR),
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(temp_dir),
              _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, **kwargs)
 
 

@@ -213,8 +213,10 @@ def test_bad_inputs_stop_with_clear_messages(data_root, tmp_path):
 
 
 def test_nan_loss_stops_without_overwriting(data_root, tmp_path):
-    cfg = tiny_cfg(data_root, "model.name=unet", "train.epochs=2", "train.iters_per_epoch=1", "train.lr=1e30")
-    with pytest.raises(TrainingError, match="train epoch"):
+    # lr 1e30: the first step blows the weights up, every later loss is NaN; the guard skips steps
+    # 2 and 3 and fails the run at the third in a row (max_nonfinite_steps, default 3)
+    cfg = tiny_cfg(data_root, "model.name=unet", "train.epochs=2", "train.iters_per_epoch=4", "train.lr=1e30")
+    with pytest.raises(TrainingError, match=r"train epoch 0 iteration 3: the loss is nan, 3 steps in a row"):
         run_train(cfg, tmp_path / "nan")
     assert not (tmp_path / "nan" / "result.json").exists()
 

@@ -226,20 +226,52 @@ def test_stacked_supernet_is_exact_in_float64(name):
         torch.set_default_dtype(default)
 
 
-def test_stacked_supernet_trains_under_bf16_autocast():
+@pytest.fixture()
+def pinned_torch_state():
+    """What a CPU bf16 result depends on beyond its inputs, set here and restored after, so that no
+    earlier test (or test order) can change it: intra-op threads (oneDNN's reduction split), the
+    default dtype, deterministic-algorithm mode, the global RNG and autocast's cast cache."""
+    saved = (torch.get_num_threads(), torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(),
+             torch.get_rng_state())
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float32)
+    torch.use_deterministic_algorithms(False)
+    torch.clear_autocast_cache()
+    yield
+    threads, dtype, deterministic, rng = saved
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_rng_state(rng)
+
+
+def test_stacked_supernet_trains_under_bf16_autocast(pinned_torch_state):
     """The GPU path's dtype handling, on CPU: under bf16 autocast the stacked cell's convs run in bf16,
-    its activation sums and gradients keep working, and it stays close to the per-op cell there too."""
+    its activation sums and gradients keep working, and it stays close to the per-op cell there too.
+
+    Every input is seeded here (weights and BN statistics by _randomise, data by a generator, dropout
+    by _supernet_step) and the global state it reads is pinned by the fixture; each step runs twice
+    and must repeat bit for bit, so a result that depended on anything else (uninitialised memory,
+    a racy kernel) fails as such instead of as a non-finite gradient now and then."""
     ref, fast = _supernet_pair("nas-scam-p", "synchronous", "paper")
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 16, 16, generator=g)
     target = torch.rand(2, 4, 16, 16, generator=g)
     outs = []
-    for model in (ref, fast):
+    for label, model in (("reference", ref), ("stacked", fast)):
         for freeze_weights in (False, True):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                probs, grads = _supernet_step(model.train(), x, target, freeze_weights)
+            state = copy.deepcopy(model.state_dict())  # a train-mode step updates the BN statistics
+            runs = []
+            for _ in range(2):
+                model.load_state_dict(state)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    runs.append(_supernet_step(model.train(), x, target, freeze_weights))
+            (probs, grads), (probs2, grads2) = runs
             assert probs.dtype == torch.float32
-            assert grads and all(torch.isfinite(v).all() for v in grads.values())
+            bad = sorted(k for k, v in grads.items() if not torch.isfinite(v).all())
+            assert grads and not bad, f"{label}, freeze_weights={freeze_weights}: non-finite gradients {bad[:5]}"
+            assert torch.equal(probs, probs2) and all(torch.equal(grads[k], grads2[k]) for k in grads), \
+                f"{label}, freeze_weights={freeze_weights}: the same bf16 step gave different results"
             if freeze_weights:
                 assert grads["alpha_sam"].abs().sum() > 0 and grads["alpha_cam"].abs().sum() > 0
         outs.append(probs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +23,33 @@ from nas_core.engine.device import autocast, resolve_device, seed_everything, se
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (a NaN loss, for instance); the message says where it happened."""
+    """The run cannot go on (NaN losses, for instance); the message says where it happened."""
+
+
+class StepGuard:
+    """Skips optimisation steps whose loss or gradient is not finite, counts them, and fails the run
+    after ``max_in_row`` such steps in a row (bf16 or a too-high learning rate meet them now and then;
+    a model that only produces NaN must stop, not train on)."""
+
+    def __init__(self, max_in_row: int):
+        self.max_in_row = max_in_row
+        self.in_row = 0
+        self.skipped = 0  # since the last ``take``
+
+    def passed(self) -> None:
+        self.in_row = 0
+
+    def skip(self, where: str, problem: str) -> None:
+        self.in_row += 1
+        self.skipped += 1
+        if self.in_row >= self.max_in_row:
+            raise TrainingError(f"{where}: {problem}, {self.in_row} steps in a row (max_nonfinite_steps="
+                                f"{self.max_in_row}); stopping before anything is overwritten")
+
+    def take(self) -> int:
+        """Steps skipped since the last call (one epoch's count)."""
+        n, self.skipped = self.skipped, 0
+        return n
 
 
 @dataclass
@@ -32,6 +59,7 @@ class RunContext:
     device: torch.device
     data: Any  # nas_core.data.PreparedData
     loss_fn: Any
+    guard: StepGuard = field(default_factory=lambda: StepGuard(RunConfig.max_nonfinite_steps))
     _datasets: dict = field(default_factory=dict)
 
     def dataset(self, split: str, augment: bool):
@@ -61,7 +89,8 @@ def setup_run(cfg: RunConfig, out_dir: Path) -> RunContext:
     set_float32_precision(device, cfg.tf32)
     data = ensure_dataset(cfg.data, Path(cfg.data.cache_dir), cfg.data.seed, progress=False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return RunContext(cfg=cfg, out_dir=out_dir, device=device, data=data, loss_fn=create_loss(cfg.loss_name))
+    return RunContext(cfg=cfg, out_dir=out_dir, device=device, data=data, loss_fn=create_loss(cfg.loss_name),
+                      guard=StepGuard(cfg.max_nonfinite_steps))
 
 
 def prepare_model(model: nn.Module, ctx: RunContext) -> nn.Module:
@@ -97,14 +126,35 @@ def compute_loss(model: nn.Module, batch: dict, ctx: RunContext) -> torch.Tensor
 
 
 def optimisation_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, ctx: RunContext,
-                      where: str) -> float:
+                      where: str) -> float | None:
+    """One step of ``optimizer``; None when skipped for a non-finite loss or gradient (``ctx.guard``
+    counts it and raises TrainingError after too many in a row)."""
     optimizer.zero_grad(set_to_none=True)
     loss = compute_loss(model, batch, ctx)
-    if not torch.isfinite(loss):
-        raise TrainingError(f"{where}: the loss is {loss.item()} (not finite); stopping before anything is overwritten")
-    loss.backward()
+    value = float(loss.detach())
+    problem = None
+    if not math.isfinite(value):
+        problem = f"the loss is {value}"
+    else:
+        loss.backward()
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            problem = f"a gradient is not finite (loss {value:.4g})"
+    if problem is not None:
+        optimizer.zero_grad(set_to_none=True)  # Adam's moments must not see it either
+        ctx.guard.skip(where, problem)
+        return None
     optimizer.step()
-    return float(loss.detach())
+    ctx.guard.passed()
+    return value
+
+
+def epoch_losses(metrics: dict, key: str, losses: list, ctx: RunContext) -> None:
+    """Mean of the steps taken (absent if every step was skipped) and the epoch's skipped-step count."""
+    taken = [v for v in losses if v is not None]
+    if taken:
+        metrics[key] = float(sum(taken) / len(taken))
+    metrics["skipped_steps"] = metrics.get("skipped_steps", 0) + ctx.guard.take()
 
 
 def _bucket_batch(buckets: dict, per_class: int) -> int:
@@ -206,9 +256,24 @@ def _json_default(obj: Any) -> Any:
 
 
 def guard_out_dir(out_dir: Path, resume: bool, phase: str) -> None:
-    """A fresh (non-resuming) run never overwrites another run's results."""
+    """A fresh (non-resuming) run never overwrites another run's results; the folder must take files."""
     if not resume and ((out_dir / "result.json").exists() or (out_dir / "last.pt").exists()):
         raise ConfigError(f"{out_dir} already holds a {phase} run; pass --resume to continue it or choose another --out")
+    ensure_writable_dir(out_dir)
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create ``path`` and prove it takes files, so a read-only or non-folder output fails at once with
+    an OSError naming it (not after an epoch, where torch.save reports a RuntimeError)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 def progress(iterable, total: int, desc: str):

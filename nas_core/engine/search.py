@@ -32,8 +32,8 @@ from nas_core.engine.checkpoint import read_checkpoint, save_checkpoint
 from nas_core.engine.device import rng_state
 from nas_core.engine.evaluate import evaluate_split
 from nas_core.metrics import flatten_metrics
-from nas_core.engine.loop import (adam, alpha_batches, epoch_lengths, guard_out_dir, improves, optimisation_step,
-                                  prepare_model, progress, resume_from_last, search_steps, setup_run,
+from nas_core.engine.loop import (adam, alpha_batches, epoch_lengths, epoch_losses, guard_out_dir, improves,
+                                  optimisation_step, prepare_model, progress, resume_from_last, search_steps, setup_run,
                                   train_batches, write_json, TrainingError)
 
 SEARCHABLE = ("nas-scam-s", "nas-scam-p")
@@ -164,10 +164,8 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
                     a_losses.append(optimisation_step(model, next(a_iter), opts["alpha"], ctx, where + " (alpha step)"))
 
         metrics["mode_alpha"] = float(mode != "w")
-        if w_losses:
-            metrics["train_loss"] = float(np.mean(w_losses))
-        if a_losses:
-            metrics["alpha_loss"] = float(np.mean(a_losses))
+        epoch_losses(metrics, "train_loss", w_losses, ctx)
+        epoch_losses(metrics, "alpha_loss", a_losses, ctx)
         snap = _alpha_snapshot(model)
         state["alpha_epochs"].append(epoch)
         for k, v in snap.items():

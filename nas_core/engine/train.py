@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from nas_core.config import ConfigError, RunConfig
@@ -23,8 +22,8 @@ from nas_core.engine.checkpoint import load_weights, read_checkpoint, save_check
 from nas_core.engine.device import rng_state, seed_everything
 from nas_core.engine.evaluate import evaluate_split
 from nas_core.metrics import flatten_metrics
-from nas_core.engine.loop import (adam, epoch_lengths, guard_out_dir, improves, optimisation_step, prepare_model, progress,
-                                  resume_from_last, setup_run, train_batches, write_json)
+from nas_core.engine.loop import (adam, epoch_lengths, epoch_losses, guard_out_dir, improves, optimisation_step,
+                                  prepare_model, progress, resume_from_last, setup_run, train_batches, write_json)
 
 NAS_MODELS = ("nas-scam-s", "nas-scam-p")
 
@@ -105,7 +104,7 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
         batches = train_batches(ctx, t.per_class, n_iter, epoch, start=epoch * n_iter)
         losses = [optimisation_step(model, next(batches), opt, ctx, f"train epoch {epoch} iteration {it}")
                   for it in progress(range(n_iter), n_iter, f"train {epoch + 1}/{t.epochs}")]
-        metrics["train_loss"] = float(np.mean(losses))
+        epoch_losses(metrics, "train_loss", losses, ctx)
         if t.val_timing == "end" and epoch in val_epochs:
             validate(epoch, metrics)
         state["history"].append(metrics)

@@ -44,7 +44,8 @@ def _check_cells(kind: str, value: Any) -> tuple[tuple[str, ...], ...]:
         if len(slot) != n_edges:
             raise GenotypeError(f"{kind} slot {s}: expected {n_edges} edges, got {len(slot)}")
         for e, name in enumerate(slot):
-            if name not in table:
+            # a list or dict here is not hashable: name it instead of failing with a TypeError
+            if not isinstance(name, str) or name not in table:
                 raise GenotypeError(
                     f"{kind} slot {s} edge {e}: unknown op {name!r}; valid: {', '.join(table)}"
                 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -159,10 +160,18 @@ def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port), "--workers", "1",
            "--backend-store-uri", uri, "--artifacts-destination", str(s.artifacts_root)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    from orchestrator.commands.serve import stop_process_group
+
+    # the server (gunicorn/uvicorn and its workers) in a group of its own, stopped as a whole however we
+    # end: Ctrl-C, SIGTERM (made a SystemExit so the `finally` runs) or an error
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
-        return subprocess.call(cmd, env=env)
+        return proc.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        stop_process_group(proc)
 
 
 def cmd_hpo(args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
@@ -25,6 +26,7 @@ def add_parser(subparsers) -> None:
     syn.add_argument("--images", type=int, default=24)
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--size", type=int, default=512)
+    syn.add_argument("--overwrite", action="store_true", help="write into an --out that already holds files")
     syn.set_defaults(func=_synth)
 
     pre = sub.add_parser("prepare", help="build the training cache (normalised images, crops, buckets, splits)")
@@ -53,7 +55,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _synth(args: argparse.Namespace) -> int:
     from nas_core.data.synthetic import write_synthetic
+    from nas_core.engine.loop import ensure_writable_dir
 
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {out} already holds files (a dataset?); pass --overwrite to write into it "
+                         f"or choose an empty folder")
+    ensure_writable_dir(out)
     out = write_synthetic(args.out, n_images=args.images, size=args.size, seed=args.seed)
     print(f"wrote {args.images} synthetic images ({args.size}x{args.size}) to {out}")
     return 0

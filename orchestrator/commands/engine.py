@@ -56,7 +56,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     from nas_core.engine.checkpoint import load_checkpoint
     from nas_core.engine.device import resolve_device
     from nas_core.engine.evaluate import evaluate_split
+    from nas_core.engine.loop import ensure_writable_dir
 
+    target = Path(args.out) / f"metrics_{args.split}.json" if args.out else None
+    if target is not None:
+        if target.exists() and not args.overwrite:
+            raise ValueError(f"{target} exists; pass --overwrite to replace it or choose another --out")
+        ensure_writable_dir(target.parent)
     model, meta = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(meta["config"])
     data_cfg = cfg.data
@@ -69,16 +75,29 @@ def _evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_split(model.to(device), data, args.split, tile=data_cfg.crop_size,
                              stride=data_cfg.stride, device=device)
     text = json.dumps(metrics, indent=2, default=str)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"metrics_{args.split}.json").write_text(text)
+    if target is not None:
+        target.write_text(text)
     print(text)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from nas_core.engine.loop import ensure_writable_dir
     from nas_core.engine.predict import predict_files
 
+    out = Path(args.out)
+    stems = [Path(p).stem for p in args.inputs]
+    twins = sorted({s for s in stems if stems.count(s) > 1})
+    if twins:
+        raise ValueError(f"inputs share the file name {twins[0]!r}: their predictions would overwrite each other")
+    # the files predict_files writes per input
+    targets = [out / f"{s}{suffix}" for s in stems for suffix in ("_labels.png", "_overlay.png", ".geojson")]
+    existing = [p for p in targets if p.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"--out {out} already holds predictions ({existing[0].name}"
+                         f"{f' and {len(existing) - 1} more' if len(existing) > 1 else ''}); "
+                         f"pass --overwrite to replace them or choose another --out")
+    ensure_writable_dir(out)
     written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device)
     print(json.dumps(written, indent=2))
     return 0
@@ -99,6 +118,7 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="folder for metrics_<split>.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier metrics_<split>.json in --out")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="label masks, overlays and GeoJSON nuclei for images or SVS regions")
@@ -106,4 +126,5 @@ def add_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image files (png, jpg, tif, svs)")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier predictions of the same inputs in --out")
     p.set_defaults(func=_predict)

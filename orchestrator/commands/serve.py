@@ -69,7 +69,26 @@ def ray_env_vars() -> dict[str, str]:
     return env
 
 
-def wait_dashboard(url: str, proc: subprocess.Popen | None = None, timeout: float = 90.0) -> None:
+# Ray's default worker ports (ray start --min-worker-port/--max-worker-port): a dashboard there can
+# collide with a worker and make `ray start` exit 1
+RAY_WORKER_PORTS = range(10002, 20000)
+
+
+def log_reason(log: Path, since: int = 0, limit: int = 600) -> str:
+    """The error lines `ray start` wrote to ``log`` after byte ``since`` (else its last lines), as one line."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(since)
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if "error" in ln.lower() or "exception" in ln.lower()]
+    text = " | ".join((errors or lines)[-3:])
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def wait_dashboard(url: str, proc: subprocess.Popen | None = None, timeout: float = 90.0,
+                   log: Path | None = None, log_start: int = 0) -> None:
     from orchestrator.ray_env import ClusterError, check_dashboard
 
     deadline = time.time() + timeout
@@ -79,7 +98,10 @@ def wait_dashboard(url: str, proc: subprocess.Popen | None = None, timeout: floa
             return
         except ClusterError:
             if proc is not None and proc.poll() is not None:
-                raise ClusterError(f"ray start exited with status {proc.returncode}; see its log") from None
+                reason = log_reason(log, log_start) if log is not None else ""
+                where = f" (log {log})" if log is not None else "; see its log"
+                raise ClusterError(f"ray start exited with status {proc.returncode}"
+                                   f"{f': {reason}' if reason else ''}{where}") from None
             if time.time() > deadline:
                 raise
             time.sleep(0.5)
@@ -108,22 +130,44 @@ def start_local_ray(settings, num_cpus: int | None) -> subprocess.Popen:
     if parsed.hostname not in ("127.0.0.1", "localhost") or not parsed.port:
         raise ValueError(f"NAS_SCAM_RAY_DASHBOARD={settings.ray_dashboard} does not answer, and a local Ray head "
                          f"can only be started for http://127.0.0.1:PORT")
+    if parsed.port in RAY_WORKER_PORTS:
+        raise ValueError(f"NAS_SCAM_RAY_DASHBOARD={settings.ray_dashboard}: port {parsed.port} lies in Ray's worker "
+                         f"port range {RAY_WORKER_PORTS.start}-{RAY_WORKER_PORTS.stop - 1}; choose another "
+                         f"(the default is 8265)")
     cpus = num_cpus or settings.ray_num_cpus or min(2, os.cpu_count() or 1)
-    temp_dir = Path(os.environ.get("RAY_TMPDIR") or ray_env.LOCAL_TMPDIR)  # short: AF_UNIX path limit
+    temp_dir = ray_env.local_tmpdir()  # short: AF_UNIX path limit
     temp_dir.mkdir(parents=True, exist_ok=True)
     home = settings.home.expanduser()
     log_dir = home / "api"
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = open(log_dir / "ray-head.log", "ab")
+    log_path = log_dir / "ray-head.log"
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     # cwd: jobs inherit it, and nothing may land in the user's current folder
-    proc = subprocess.Popen(ray_head_command(parsed.port, cpus, temp_dir), env=ray_env_vars(),
-                            cwd=str(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(ray_head_command(parsed.port, cpus, temp_dir), env=ray_env_vars(),
+                                cwd=str(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_dashboard(settings.ray_dashboard, proc)
+        wait_dashboard(settings.ray_dashboard, proc, log=log_path, log_start=log_start)
     except BaseException:
-        stop_process_group(proc)
+        stop_local_ray(proc)
         raise
     return proc
+
+
+def stop_local_ray(proc: subprocess.Popen) -> None:
+    """Stop the head's process group, then remove the "current cluster" file it wrote if it still names
+    this head: a later ``ray.init()`` must not mistake a stopped head for a cluster."""
+    stop_process_group(proc)
+    args = [str(a) for a in proc.args]
+    port = next((a.split("=", 1)[1] for a in args if a.startswith("--port=")), None)
+    temp = next((a.split("=", 1)[1] for a in args if a.startswith("--temp-dir=")), None)
+    if port and temp:
+        current = Path(temp) / "ray_current_cluster"
+        try:
+            if current.read_text().strip() == f"127.0.0.1:{port}":
+                current.unlink()
+        except OSError:
+            pass
 
 
 def init_mlflow_store(settings) -> None:
@@ -148,6 +192,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not settings.api_keys:
         print("nas-scam serve: warning: NAS_SCAM_API_KEYS is empty, every /v1 request will be refused (401)",
               file=sys.stderr)
+    # SIGTERM (uvicorn re-raises it after its graceful shutdown, `kill` sends it) becomes SystemExit so
+    # that the `finally` below stops the Ray head, which lives in a session of its own; installed before
+    # the head starts, as a SIGTERM may come while it does
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     head = None
     try:
         ray_env.check_dashboard(settings.ray_dashboard, timeout=2.0)
@@ -158,9 +206,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             print(f"starting a local Ray head (dashboard {settings.ray_dashboard}) ...", flush=True)
             head = start_local_ray(settings, args.num_cpus)
-    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler the process would
-    # die there and leave the Ray head behind: raise SystemExit instead, so the `finally` below runs
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         init_mlflow_store(settings)
         print(f"MLflow store {settings.tracking_uri}; API on http://{host}:{port} (docs: /docs)", flush=True)
@@ -169,7 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if head is not None:
             print("stopping the local Ray head", flush=True)
-            stop_process_group(head)
+            stop_local_ray(head)
     return 0
 
 
