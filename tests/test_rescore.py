@@ -119,7 +119,9 @@ def _fake_ablation(root, methods=("unet", "scse"), seeds=(0, 1)):
         for s in seeds:
             d = root / f"train__{m}__seed{s}"
             _checkpoint(d / "best.pt", seed=10 * s + len(m), model=model[m])
-            (d / "result.json").write_text("{}")
+            zero = m == "scse" and s == 1  # a run whose val DSC stayed 0: flagged in the table
+            hist = [{"epoch": e, "train_loss": 1.0, "val_dsc": 0.0 if zero else 0.1 * e} for e in range(4)]
+            (d / "result.json").write_text(json.dumps({"history": hist}))
     unfinished = root / "train__cbam__seed0"
     unfinished.mkdir()
     _checkpoint(unfinished / "last.pt")
@@ -144,6 +146,7 @@ def test_table_eval_data_rescores_each_kept_checkpoint(syn_folder, tmp_path, mon
     assert avg["n"] == 2 and avg["mean"] == pytest.approx(np.mean(unet))
     assert avg["std"] == pytest.approx(np.std(unet, ddof=1))  # the spec's std: sample
     assert str(syn_folder.resolve()) in outcome.text and "skipped: train__cbam__seed0" in outcome.text
+    assert "[no learning 1/2]" in outcome.text and outcome.text.count("no learning") == 1
     assert (root / "eval-monusac" / "table2.md").is_file()
     assert (root / "eval-monusac" / "train__unet__seed0" / "per_image.csv").is_file()
 
