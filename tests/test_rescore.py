@@ -157,3 +157,18 @@ def test_table_eval_data_rescores_each_kept_checkpoint(syn_folder, tmp_path, mon
     assert f"on {syn_folder.resolve()}" in capsys.readouterr().out and (out / "table2.csv").is_file()
     with pytest.raises(RescoreError, match="nope"):
         rescore_ablation(home / "runs" / "nope", syn_folder)
+
+
+def test_relative_data_source_of_a_spec_is_resolved_from_the_current_folder(tmp_path, monkeypatch):
+    """A spec naming ../shared/data works although Ray starts each trial in its own folder."""
+    from orchestrator.commands.ablate import _load
+
+    (tmp_path / "work" / "exp").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    spec = tmp_path / "work" / "exp" / "s.yaml"
+    spec.write_text("kind: ablation\nname: rel\nmethods: [unet]\nseeds: 1\n"
+                    "data: {source: ../data, split_by: patient}\n")
+    monkeypatch.chdir(tmp_path / "work")
+    args = cli.build_parser().parse_args(["ablate", str(spec)])
+    loaded = _load(args, "ablation")
+    assert loaded.data.source == str((tmp_path / "data").resolve()) and loaded.data.split_by == "patient"

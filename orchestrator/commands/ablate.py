@@ -67,6 +67,10 @@ def _load(args, kind: str):
     if args.data:
         updates["data"] = {"source": str(Path(args.data).expanduser().resolve())}
     spec = load_spec(args.spec, **updates)
+    if spec.data.source and not Path(spec.data.source).expanduser().is_absolute():
+        # read from the folder the command runs in: Ray runs each trial in its own folder (chdir)
+        updates["data"] = {"source": str(Path(spec.data.source).expanduser().resolve())}
+        spec = load_spec(args.spec, **updates)
     if args.set:
         extra: dict = {}
         for item in args.set:
