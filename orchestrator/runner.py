@@ -228,7 +228,7 @@ def publish_table(c, exp_id: str, parent: str, out_dir: Path, title: str = "Tabl
         std = std or params.get("std", "sample")
         repeat = repeat or params.get("repeat")
     records = tracking.collect_records(c, exp_id, parent)
-    table = tables.compare(tables.summarize(records, std))
+    table = tables.with_flags(tables.compare(tables.summarize(records, std)), records)
     paths = tables.write_all(table, out_dir, title, std, repeat) if records else {}
     if records and log_to_parent:
         tracking.log_files(c, parent, paths.values(), "table2")

@@ -77,6 +77,16 @@ def compare(summary: pd.DataFrame, reference: Optional[pd.DataFrame] = None) -> 
     return out
 
 
+def with_flags(table: pd.DataFrame, records: Iterable[Mapping]) -> pd.DataFrame:
+    """Add a ``flag`` column: ``"no learning k/n"`` for a method whose k of n seeds have
+    ``no_learning`` true in their record (orchestrator.curves.no_learning), else ``""``."""
+    flags: dict[str, list[bool]] = {}
+    for r in records:
+        flags.setdefault(r["method"], []).append(bool(r.get("no_learning", False)))
+    text = {m: f"no learning {sum(f)}/{len(f)}" if any(f) else "" for m, f in flags.items()}
+    return table.assign(flag=table["method"].map(lambda m: text.get(m, "")))
+
+
 def _pm(mean: float, std: float) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
@@ -89,6 +99,8 @@ def _grid(table: pd.DataFrame) -> list[list[str]]:
     for method, g in table.groupby("method", sort=False):
         g = g.set_index("class")
         label, n = g["label"].iloc[0], int(g["n"].iloc[0])
+        if "flag" in g and g["flag"].iloc[0]:  # a method that did not learn says so beside its name
+            label = f"{label} [{g['flag'].iloc[0]}]"
         ours = [_pm(g.at[c, "mean"], g.at[c, "std"]) if c in g.index else "-" for c in CLASSES]
         paper = [_pm(g.at[c, "paper_mean"], g.at[c, "paper_std"]) if c in g.index else "-" for c in CLASSES]
         diff = [f"{g.at[c, 'diff']:+.2f}" if c in g.index and not math.isnan(g.at[c, "diff"]) else "-" for c in CLASSES]

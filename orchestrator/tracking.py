@@ -235,7 +235,8 @@ def collect_records(c, exp_id: str, parent_id: str) -> list[dict[str, Any]]:
         m = run.data.metrics
         if all(f"test_dsc_{cls}" in m for cls in CLASSES):
             records.append({"method": run.data.tags[T_METHOD], "seed": int(run.data.tags[T_SEED]),
-                            **{cls: m[f"test_dsc_{cls}"] for cls in CLASSES}})
+                            **{cls: m[f"test_dsc_{cls}"] for cls in CLASSES},
+                            "no_learning": run.data.tags.get("no_learning") == "true"})
     return records
 
 

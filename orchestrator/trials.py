@@ -18,7 +18,7 @@ import ray
 from ray import tune
 
 from nas_core.engine import Callback, run_search, run_train
-from orchestrator import tracking
+from orchestrator import curves, tracking
 from orchestrator.specs import AblationSpec, HpoSpec, build_config, get_method, run_name
 
 # files a finished search needs downstream; small, so they ride along in every later checkpoint
@@ -90,6 +90,7 @@ def _phase(c, ctx: dict, method: str, seed: int, phase: str, cfg, out_dir: Path,
             tracking.log_search_result(c, rid, result)
         else:
             tracking.log_train_result(c, rid, result, log_model=log_model)
+        curves.publish(c, rid, phase, cfg, result, out_dir)  # learning curve; "no learning" tag and warning
     except Exception as exc:  # a Tune stop (ASHA) is not a failure: the driver marks those runs
         tracking.mark_failed(c, rid, exc)
         raise

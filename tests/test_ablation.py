@@ -133,6 +133,7 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
         steps = [m.step for m in c.get_metric_history(rid, "train_loss")]
         assert steps == ([0] if r.data.tags["phase"] == "search" else [0, 1])
         arts = {a.path for a in c.list_artifacts(rid)} | {a.path for a in c.list_artifacts(rid, "figures")}
+        assert "figures/learning_curve.png" in arts  # orchestrator.curves, every phase
         if r.data.tags["phase"] == "search":
             assert {"genotype.json", "alpha_history.npz", "figures/genotype_cells.png",
                     "figures/alpha_evolution.png"} <= arts

@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("experiment", help="MLflow experiment name (the ablation's name:, e.g. table2)")
     p.add_argument("--parent", help="parent run id (default: the latest ablation run of the experiment)")
     p.add_argument("--out", type=Path, help="folder for table2.md/.csv/.tex/.png (default under runs)")
+    p.add_argument("--eval-data", help="re-score the run folder's kept best.pt on every image of this folder")
+    p.add_argument("--device", default="auto", help="with --eval-data: cpu, cuda or auto")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)")
@@ -66,6 +68,10 @@ def _load(args, kind: str):
     if args.data:
         updates["data"] = {"source": str(Path(args.data).expanduser().resolve())}
     spec = load_spec(args.spec, **updates)
+    if spec.data.source and not Path(spec.data.source).expanduser().is_absolute():
+        # read from the folder the command runs in: Ray runs each trial in its own folder (chdir)
+        updates["data"] = {"source": str(Path(spec.data.source).expanduser().resolve())}
+        spec = load_spec(args.spec, **updates)
     if args.set:
         extra: dict = {}
         for item in args.set:
@@ -135,6 +141,9 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_table(args) -> int:
+    if args.eval_data:
+        from orchestrator.rescore import cmd_table_eval
+        return cmd_table_eval(args)
     from orchestrator.runner import table_from_mlflow
     from orchestrator.settings import get_settings
 

@@ -51,6 +51,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.all:
+        from orchestrator.rescore import cmd_evaluate_all
+        return cmd_evaluate_all(args)
     from nas_core.config import config_from_dict
     from nas_core.data import ensure_dataset
     from nas_core.engine.checkpoint import load_checkpoint
@@ -73,7 +76,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = ensure_dataset(data_cfg, Path(data_cfg.cache_dir), data_cfg.seed)
     device = resolve_device(args.device)
     metrics = evaluate_split(model.to(device), data, args.split, tile=data_cfg.crop_size,
-                             stride=data_cfg.stride, device=device)
+                             stride=data_cfg.stride, device=device, grid=data_cfg.grid)
     text = json.dumps(metrics, indent=2, default=str)
     if target is not None:
         target.write_text(text)
@@ -117,8 +120,10 @@ def add_parser(sub) -> None:
     p.add_argument("--data", help="evaluate on another dataset folder instead of the checkpoint's")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="folder for metrics_<split>.json")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier metrics_<split>.json in --out")
+    p.add_argument("--out", help="folder for metrics_<split>.json (with --all: scores.json + per_image.csv; "
+                                 "default eval-<folder name> beside the checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    p.add_argument("--all", action="store_true", help="score every image of --data (no split, no cache)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="label masks, overlays and GeoJSON nuclei for images or SVS regions")

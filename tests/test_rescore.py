@@ -1,0 +1,181 @@
+"""Scoring a checkpoint on every image of a folder (`evaluate --all`) and an ablation's checkpoints
+(`table NAME --eval-data`), on a tiny synthetic MoNuSAC folder and a cropped real images/+masks/ folder."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from nas_core.config import load_config
+from nas_core.data.readers import DataError, list_samples
+from nas_core.data.synthetic import write_synthetic
+from nas_core.engine.checkpoint import save_checkpoint
+from nas_core.engine.score import score_checkpoint, write_scores
+from nas_core.metrics import CLASS_NAMES
+from nas_core.models import create_model
+from orchestrator import cli
+from orchestrator.rescore import RescoreError, default_out, find_checkpoints, rescore_ablation
+
+
+def _checkpoint(path, seed=0, model="unet"):
+    """An untrained model saved as a training run would save it, at 32 px tiles (fast on a CPU)."""
+    import torch
+
+    torch.manual_seed(seed)
+    cfg = load_config(None, preset="smoke", overrides=["data.crop_size=32", "data.stride=32", "data.stain=none"])
+    return save_checkpoint(path, model=create_model(model), config=cfg.to_dict(), phase="train", epoch=0)
+
+
+@pytest.fixture(scope="module")
+def syn_folder(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp("syn") / "monusac", n_images=4, size=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def real_folder(tmp_path_factory, shared_data):
+    """images/ + masks/ of 3 real MoNuSAC test images, cropped to 96 px (PNG, lossless masks)."""
+    import cv2
+
+    src = shared_data / "monusac_test_masks"
+    if not (src / "images").is_dir():
+        pytest.skip(f"{src} is absent on this machine")
+    dst = tmp_path_factory.mktemp("real") / "lab"
+    for sub in ("images", "masks"):
+        (dst / sub).mkdir(parents=True)
+    for img in sorted((src / "images").iterdir())[:3]:
+        mask = next((src / "masks").glob(img.stem + ".*"))
+        for kind, f in (("images", img), ("masks", mask)):
+            arr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+            cv2.imwrite(str(dst / kind / f"{img.stem}.png"), arr[:96, :96])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("ck") / "run" / "best.pt")
+
+
+@pytest.mark.parametrize("which", ["syn_folder", "real_folder"])
+def test_scores_every_image_and_global_dsc_is_the_sum_of_rows(request, which, ckpt, tmp_path):
+    folder = request.getfixturevalue(which)
+    _, refs = list_samples(folder)
+    result = score_checkpoint(ckpt, folder, device="cpu")
+    assert result["n_images"] == len(refs) == len(result["images"])
+    assert [r["id"] for r in result["images"]] == [r.id for r in refs]
+    assert result["tile"] == 32 and result["stride"] == 32
+    rows = result["images"]
+    for name in CLASS_NAMES.values():
+        inter = sum(r[f"inter_{name}"] for r in rows)
+        denom = sum(r[f"pred_{name}"] + r[f"gt_{name}"] for r in rows)
+        expect = 2 * inter / denom if denom else float("nan")
+        np.testing.assert_allclose(result["global"]["dsc"][name], expect, equal_nan=True)
+        for r in rows:  # each row's DSC from its own counts
+            d = r[f"pred_{name}"] + r[f"gt_{name}"]
+            np.testing.assert_allclose(r[f"dsc_{name}"], 2 * r[f"inter_{name}"] / d if d else float("nan"),
+                                       equal_nan=True)
+    assert sum(r[f"gt_{n}"] for r in rows for n in CLASS_NAMES.values()) > 0  # the folder has nuclei
+
+    paths = write_scores(result, tmp_path / "out")
+    with open(paths["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == len(refs)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["n_images"] == len(refs) and saved["folder"] == str(folder.resolve())
+
+
+def test_evaluate_all_cli_defaults_out_beside_the_checkpoint(syn_folder, ckpt, capsys):
+    rc = cli.main(["evaluate", "--checkpoint", str(ckpt), "--data", str(syn_folder), "--all", "--device", "cpu"])
+    assert rc == 0
+    out = default_out(ckpt, syn_folder)
+    assert out.parent == ckpt.parent and (out / "per_image.csv").is_file()
+    assert json.loads((out / "scores.json").read_text())["n_images"] == 4
+    assert '"n_images": 4' in capsys.readouterr().out
+    # a second run never replaces the scores silently: one line naming the file, then --overwrite
+    before = (out / "scores.json").stat().st_mtime_ns
+    argv = ["evaluate", "--checkpoint", str(ckpt), "--data", str(syn_folder), "--all", "--device", "cpu"]
+    assert cli.main(argv) == 2
+    assert "scores.json exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "scores.json").stat().st_mtime_ns == before
+    assert cli.main([*argv, "--overwrite"]) == 0
+
+
+def test_missing_or_corrupt_folder_names_it(ckpt, tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=str(missing)):
+        score_checkpoint(ckpt, missing, device="cpu")
+    rc = cli.main(["evaluate", "--checkpoint", str(ckpt), "--data", str(missing), "--all", "--out", str(tmp_path / "o")])
+    assert rc == 2 and str(missing) in capsys.readouterr().err
+
+    bad = tmp_path / "bad"
+    (bad / "images").mkdir(parents=True)
+    (bad / "masks").mkdir()
+    (bad / "images" / "a.png").write_bytes(b"not a png")
+    (bad / "masks" / "a.png").write_bytes(b"not a png either")
+    with pytest.raises(DataError, match="a.png"):
+        score_checkpoint(ckpt, bad, device="cpu")
+
+
+def _fake_ablation(root, methods=("unet", "scse"), seeds=(0, 1)):
+    """The run folder an ablation leaves: ablation.json + train__METHOD__seedN/{best.pt,result.json}."""
+    model = {"unet": "unet", "scse": "unet-scse"}
+    root.mkdir(parents=True)
+    (root / "ablation.json").write_text(json.dumps({"parent_run_id": "x", "spec": {"std": "sample",
+                                                                                    "repeat": "retrain"}}))
+    for m in methods:
+        for s in seeds:
+            d = root / f"train__{m}__seed{s}"
+            _checkpoint(d / "best.pt", seed=10 * s + len(m), model=model[m])
+            zero = m == "scse" and s == 1  # a run whose val DSC stayed 0: flagged in the table
+            hist = [{"epoch": e, "train_loss": 1.0, "val_dsc": 0.0 if zero else 0.1 * e} for e in range(4)]
+            (d / "result.json").write_text(json.dumps({"history": hist}))
+    unfinished = root / "train__cbam__seed0"
+    unfinished.mkdir()
+    _checkpoint(unfinished / "last.pt")
+    (root / "search__nas-scam-p-sync__seed0").mkdir()  # not a train run: ignored
+
+
+def test_table_eval_data_rescores_each_kept_checkpoint(syn_folder, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    root = home / "runs" / "abl"
+    _fake_ablation(root)
+    found, skipped = find_checkpoints(root)
+    assert sorted((m, s) for m, s, _ in found) == [("scse", 0), ("scse", 1), ("unet", 0), ("unet", 1)]
+    assert skipped and "train__cbam__seed0" in skipped[0]
+
+    outcome = rescore_ablation(root, syn_folder, device="cpu")
+    assert len(outcome.records) == 4
+    one = score_checkpoint(root / "train__scse__seed1" / "best.pt", syn_folder, device="cpu")
+    rec = next(r for r in outcome.records if r["method"] == "scse" and r["seed"] == 1)
+    assert rec["Average"] == pytest.approx(one["global"]["dsc"]["Average"])
+    avg = outcome.table[(outcome.table["method"] == "unet") & (outcome.table["class"] == "Average")].iloc[0]
+    unet = [100 * r["Average"] for r in outcome.records if r["method"] == "unet"]
+    assert avg["n"] == 2 and avg["mean"] == pytest.approx(np.mean(unet))
+    assert avg["std"] == pytest.approx(np.std(unet, ddof=1))  # the spec's std: sample
+    assert str(syn_folder.resolve()) in outcome.text and "skipped: train__cbam__seed0" in outcome.text
+    assert "[no learning 1/2]" in outcome.text and outcome.text.count("no learning") == 1
+    assert (root / "eval-monusac" / "table2.md").is_file()
+    assert (root / "eval-monusac" / "train__unet__seed0" / "per_image.csv").is_file()
+
+    monkeypatch.setenv("NAS_SCAM_HOME", str(home))
+    monkeypatch.delenv("NAS_SCAM_RUNS_DIR", raising=False)
+    out = tmp_path / "t"
+    assert cli.main(["table", "abl", "--eval-data", str(syn_folder), "--out", str(out), "--device", "cpu"]) == 0
+    assert f"on {syn_folder.resolve()}" in capsys.readouterr().out and (out / "table2.csv").is_file()
+    with pytest.raises(RescoreError, match="nope"):
+        rescore_ablation(home / "runs" / "nope", syn_folder)
+
+
+def test_relative_data_source_of_a_spec_is_resolved_from_the_current_folder(tmp_path, monkeypatch):
+    """A spec naming ../shared/data works although Ray starts each trial in its own folder."""
+    from orchestrator.commands.ablate import _load
+
+    (tmp_path / "work" / "exp").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    spec = tmp_path / "work" / "exp" / "s.yaml"
+    spec.write_text("kind: ablation\nname: rel\nmethods: [unet]\nseeds: 1\n"
+                    "data: {source: ../data, split_by: patient}\n")
+    monkeypatch.chdir(tmp_path / "work")
+    args = cli.build_parser().parse_args(["ablate", str(spec)])
+    loaded = _load(args, "ablation")
+    assert loaded.data.source == str((tmp_path / "data").resolve()) and loaded.data.split_by == "patient"
