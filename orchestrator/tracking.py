@@ -21,6 +21,9 @@ from orchestrator.tables import CLASSES
 # tag keys without dots: MLflow's filter syntax needs backticks around dotted keys
 T_KIND, T_ABLATION, T_METHOD, T_SEED, T_PHASE = "nas_scam_kind", "ablation", "method", "seed", "phase"
 T_PARENT = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment in the view this tag names; untagged ones open in the GenAI (traces)
+# view. "custom_model_development" is the model-training view: the runs table and charts.
+T_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class TrackingError(ValueError):
@@ -60,12 +63,14 @@ def ensure_experiment(c, name: str, artifacts_root: Optional[Path]) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if exp.tags.get(T_EXPERIMENT_KIND) != EXPERIMENT_KIND:  # experiments made before the tag existed
+            c.set_experiment_tag(exp.experiment_id, T_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return exp.experiment_id
     # a tracking server proxies artifacts itself; only a local store needs an explicit location
     location = None
     if artifacts_root is not None and not c.tracking_uri.startswith(("http://", "https://")):
         location = (Path(artifacts_root) / name).resolve().as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags={T_EXPERIMENT_KIND: EXPERIMENT_KIND})
 
 
 def start_parent(c, exp_id: str, run_name: str, kind: str, params: Mapping[str, Any], spec_yaml: str) -> str:
@@ -166,14 +171,33 @@ def _log_flat(c, run_id: str, values: Mapping[str, Any]) -> None:
         c.log_batch(run_id, metrics=items[i:i + 500])
 
 
-def log_torch_model(c, run_id: str, checkpoint: Path) -> None:
-    """``mlflow.pytorch.log_model`` of the best checkpoint (pickle: no torch.export of control flow)."""
+def registered_name(method: str) -> str:
+    """Model Registry name of a method: ``nas-scam-<method>`` (NAS-SCAM ids already start with it)."""
+    return method if method.startswith("nas-scam-") else f"nas-scam-{method}"
+
+
+def log_torch_model(c, run_id: str, checkpoint: Path, register: bool = True) -> None:
+    """``mlflow.pytorch.log_model`` of the best checkpoint, registered as ``registered_name(method)``.
+
+    Pickle serialisation: torch.export (MLflow's default pt2) does not take the attention cells' Python
+    control flow. The signature and input example are a (2, 3, crop, crop) float32 batch (batch >= 2:
+    an example of one would read as a fixed batch size of 1) and the model's (2, 4, crop, crop) output.
+    """
     import mlflow
+    import numpy as np
     import torch
+    from mlflow.models import infer_signature
 
     from nas_core.engine.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
+    crop = int(((meta.get("config") or {}).get("data") or {}).get("crop_size") or 64)
+    example = np.random.default_rng(0).random((2, 3, crop, crop), dtype=np.float32)
+    model.eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).float().numpy()
+    tags = c.get_run(run_id).data.tags
+    method, seed = tags.get(T_METHOD), tags.get(T_SEED)
     c.log_artifact(run_id, str(checkpoint), "checkpoint")
     if meta.get("genotype"):
         from orchestrator.figures import genotype_figure
@@ -183,11 +207,23 @@ def log_torch_model(c, run_id: str, checkpoint: Path) -> None:
             c.log_artifact(run_id, str(genotype_figure(geno, Path(tmp) / "genotype_cells.png")), "figures")
     mlflow.set_tracking_uri(c.tracking_uri)
     # the fluent API needs an active run; nested=False and the caller terminates the run afterwards
+    registered = registered_name(method) if register and method else None
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(
-            model, name="model", serialization_format="pickle",
+        info = mlflow.pytorch.log_model(
+            model, name=f"model-{method}-seed{seed}" if method else "model", serialization_format="pickle",
+            signature=infer_signature(example, output), input_example=example,
+            registered_model_name=registered,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "nas-scam"],
             code_paths=[str(Path(__import__("nas_core").__file__).parent)])
+    if registered and info.registered_model_version is not None:
+        version = str(info.registered_model_version)
+        for key, value in ((T_METHOD, method), (T_SEED, seed), ("run_id", run_id),
+                           ("test_dsc_Average", c.get_run(run_id).data.metrics.get("test_dsc_Average"))):
+            if value is not None:
+                c.set_model_version_tag(registered, version, key, str(value))
+        c.update_registered_model(registered, description=f"NAS-SCAM project: best checkpoint (highest "
+                                                          f"validation DSC) of method {method}, one version per "
+                                                          f"(seed, ablation run)")
 
 
 def finish(c, run_id: str, status: str = "FINISHED") -> None:
@@ -236,6 +272,24 @@ def collect_records(c, exp_id: str, parent_id: str) -> list[dict[str, Any]]:
             records.append({"method": run.data.tags[T_METHOD], "seed": int(run.data.tags[T_SEED]),
                             **{cls: m[f"test_dsc_{cls}"] for cls in CLASSES}})
     return records
+
+
+def log_table_metrics(c, run_id: str, table: Any) -> None:
+    """Table 2 on the parent run, in %: ``avg_dsc/<method>``, ``dsc/<class>/<method>``, ``std_dsc/...``.
+
+    ``table`` is ``tables.compare``'s frame; the runs table of the MLflow UI then compares ablations.
+    """
+    from mlflow.entities import Metric
+
+    ts, items = int(time.time() * 1000), []
+    for row in table.to_dict("records"):
+        cls, method = row["class"], row["method"]
+        key = f"avg_dsc/{method}" if cls == "Average" else f"dsc/{cls}/{method}"
+        for prefix, value in (("", row["mean"]), ("std_", row["std"])):
+            if value is not None and value == value:  # NaN std (a single seed) is not logged
+                items.append(Metric(prefix + key, float(value), ts, 0))
+    for i in range(0, len(items), 500):
+        c.log_batch(run_id, metrics=items[i:i + 500])
 
 
 def log_files(c, run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:

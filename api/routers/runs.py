@@ -19,6 +19,7 @@ from api.deps import LauncherDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import (ErrorOut, GenotypeOut, LogsOut, MetricsOut, RunCreated, RunKind, RunList, RunOut,
                          RunStatus, TableOut, links, run_out)
+from orchestrator.progress import strip_ansi
 from orchestrator.settings import Settings
 from orchestrator.specs import SpecError, parse_spec
 from orchestrator.tracking import flatten_dotted
@@ -151,7 +152,8 @@ def get_run(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> RunO
 def get_logs(run_id: RunId, launcher: LauncherDep,
              tail: Annotated[int, Query(ge=1, le=10 * 2**20, description="last characters")] = 65536) -> LogsOut:
     rec = launcher.get(run_id)
-    text = launcher.logs(run_id, tail=0)
+    # served for machines and scripts: no ANSI colours, tqdm's \r-rewritten lines reduced to their last state
+    text = strip_ansi(launcher.logs(run_id, tail=0))
     return LogsOut(id=rec.id, status=rec.status, logs=text[-tail:], truncated=len(text) > tail)
 
 

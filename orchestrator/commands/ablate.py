@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="port of the UI (default 5000)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.set_defaults(func=cmd_ui)
 
@@ -47,6 +47,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--submit", action="store_true",
                    help="submit this command as a Ray job to NAS_SCAM_RAY_DASHBOARD instead of running it here")
     p.add_argument("--no-follow", action="store_true", help="with --submit: return after submitting")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Tune's status table, worker output and Ray/MLflow logging instead of one line "
+                        "per trial event (quiet mode writes them to <run folder>/logs/)")
 
 
 def _load(args, kind: str):
@@ -95,17 +98,22 @@ def _tail(args) -> list[str]:
         out.append("--resume")
     if getattr(args, "no_model", False):
         out.append("--no-model")
+    if getattr(args, "verbose", False):
+        out.append("--verbose")
     return out
 
 
 def cmd_ablate(args) -> int:
+    from orchestrator.progress import quiet_logging
     from orchestrator.runner import run_ablation
     from orchestrator.settings import get_settings
 
     spec = _load(args, "ablation")  # validated here too: a bad spec never reaches the cluster
     if args.submit:
         return _submit(args, _tail(args))
-    outcome = run_ablation(spec, get_settings(), resume=args.resume, log_model=not args.no_model)
+    with quiet_logging(get_settings().runs_root / spec.name / "logs" / "driver.log", args.verbose):
+        outcome = run_ablation(spec, get_settings(), resume=args.resume, log_model=not args.no_model,
+                               verbose=args.verbose)
     print(outcome.text)
     for f in outcome.failures:
         print(f"FAILED {f['stage']} {f['method']} seed {f['seed']}: {f['error'].splitlines()[0]}", file=sys.stderr)
@@ -149,13 +157,15 @@ def cmd_ui(args) -> int:
 
 
 def cmd_hpo(args) -> int:
+    from orchestrator.progress import quiet_logging
     from orchestrator.runner import run_hpo
     from orchestrator.settings import get_settings
 
     spec = _load(args, "hpo")
     if args.submit:
         return _submit(args, _tail(args))
-    path, params = run_hpo(spec, get_settings(), resume=args.resume)
+    with quiet_logging(get_settings().runs_root / spec.name / "logs" / "driver.log", args.verbose):
+        path, params = run_hpo(spec, get_settings(), resume=args.resume, verbose=args.verbose)
     print(f"best parameters: {params}")
     print(f"best config: {path} (load_config accepts it: nas-scam train {path})")
     return 0
