@@ -1,4 +1,4 @@
-"""What a person sees while trials run: one line per trial event and an overall line with an ETA.
+"""What a person sees while trials run: one line per trial event; a trial's end adds done/total and an ETA.
 
 ``Progress`` turns trial events into plain lines (no ANSI, no carriage returns: the same text reads
 well in a terminal, a Ray job log and ``GET /v1/runs/{id}/logs``). ``tune_callback`` feeds it from Tune's
@@ -94,14 +94,12 @@ class Progress:
         self.done.append(name)
         score = result.get("test_Average")
         what = f"test DSC {score:.2f}%" if isinstance(score, (int, float)) else "done"
-        self._emit(f"finished  {name} in {fmt_duration(took)}: {what}")
-        return self._emit(self.overall())
+        return self._emit(f"finished  {name} in {fmt_duration(took)}: {what} | {self.overall()}")
 
     def trial_failed(self, name: str, reason: str, log_hint: str = "") -> str:
         self.failed.append(name)
         first = next((ln.strip() for ln in str(reason).splitlines() if ln.strip()), "unknown error")
-        self._emit(f"FAILED    {name}: {first[:300]}{log_hint}")
-        return self._emit(self.overall())
+        return self._emit(f"FAILED    {name}: {first[:300]}{log_hint} | {self.overall()}")
 
     # ------------------------------------------------------------------ overall
     def eta(self) -> Optional[float]:
@@ -131,7 +129,7 @@ class Progress:
     def overall(self) -> str:
         n_end = len(self.done) + len(self.failed)
         eta = self.eta()
-        parts = [f"progress  {n_end}/{self.total} {self.label} done"]
+        parts = [f"{n_end}/{self.total} {self.label} done"]
         if self.failed:
             parts.append(f"{len(self.failed)} failed")
         parts.append(f"elapsed {fmt_duration(self.clock() - self.t0)}")

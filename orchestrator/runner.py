@@ -202,7 +202,8 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
             import ray
 
             ray.shutdown()
-    outcome = publish_table(c, exp_id, parent, root / "table2", title=f"Table 2 ({spec.name}, repeat={spec.repeat})")
+    outcome = publish_table(c, exp_id, parent, root / "table2", title=f"Table 2 ({spec.name}, repeat={spec.repeat})",
+                            subtitle=tables.describe(spec))
     outcome.failures = failures
     c.set_tag(parent, "failed_trials", json.dumps(failures)[:5000])
     tracking.finish(c, parent)
@@ -210,11 +211,11 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
 
 
 def publish_table(c, exp_id: str, parent: str, out_dir: Path, title: str = "Table 2",
-                  log_to_parent: bool = True) -> AblationOutcome:
+                  log_to_parent: bool = True, subtitle: str = "") -> AblationOutcome:
     """Table 2 from the parent's FINISHED train children: printed text, files, parent-run artifacts."""
     records = tracking.collect_records(c, exp_id, parent)
     table = tables.compare(tables.summarize(records))
-    paths = tables.write_all(table, out_dir, title) if records else {}
+    paths = tables.write_all(table, out_dir, title, subtitle) if records else {}
     if records and log_to_parent:
         tracking.log_files(c, parent, paths.values(), "table2")
         tracking.log_table_metrics(c, parent, table)

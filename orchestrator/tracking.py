@@ -132,7 +132,7 @@ def log_epoch(c, run_id: str, epoch: int, metrics: Mapping[str, Any]) -> None:
 
 def log_search_result(c, run_id: str, result: Any) -> None:
     """Genotype JSON, its cell figure, the alpha-evolution figure and the best validation metrics."""
-    from orchestrator.figures import alpha_figure, genotype_figure
+    from orchestrator.figures import SLOT_NAMES, alpha_figure, alpha_heatmap, alpha_slots, genotype_figure
 
     geno = result.genotype.to_dict()
     c.log_dict(run_id, geno, "genotype.json")
@@ -141,8 +141,13 @@ def log_search_result(c, run_id: str, result: Any) -> None:
         c.log_artifact(run_id, str(genotype_figure(geno, Path(tmp) / "genotype_cells.png")), "figures")
         if result.alpha_history_path and Path(result.alpha_history_path).exists():
             c.log_artifact(run_id, str(result.alpha_history_path))
-            c.log_artifact(run_id, str(alpha_figure(result.alpha_history_path, Path(tmp) / "alpha_evolution.png")),
-                           "figures")
+            npz = Path(result.alpha_history_path)
+            c.log_artifact(run_id, str(alpha_heatmap(npz, Path(tmp) / "alpha_final.png")), "figures")
+            # the evolution one slot at a time (8 slots' lines in one plot hide each other)
+            n = alpha_slots(npz)
+            for slot in range(n):
+                name = "alpha_evolution.png" if n == 1 else f"alpha_evolution_{slot}_{SLOT_NAMES[slot]}.png"
+                c.log_artifact(run_id, str(alpha_figure(npz, Path(tmp) / name, slot)), "figures")
     _log_flat(c, run_id, {"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in flatten_dotted(result.best_val).items()}})
 
 

@@ -127,8 +127,8 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
         assert steps == ([0] if r.data.tags["phase"] == "search" else [0, 1])
         arts = {a.path for a in c.list_artifacts(rid)} | {a.path for a in c.list_artifacts(rid, "figures")}
         if r.data.tags["phase"] == "search":
-            assert {"genotype.json", "alpha_history.npz", "figures/genotype_cells.png",
-                    "figures/alpha_evolution.png"} <= arts
+            assert {"genotype.json", "alpha_history.npz", "figures/genotype_cells.png", "figures/alpha_final.png",
+                    "figures/alpha_evolution_0_down1.png", "figures/alpha_evolution_7_up4.png"} <= arts
             geno = json.loads(Path(c.download_artifacts(rid, "genotype.json", str(tmp_path / rid))).read_text())
             assert geno["combine"] == "parallel" and len(geno["sam"]) == 8
         else:
