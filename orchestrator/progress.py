@@ -101,6 +101,11 @@ class Progress:
         first = next((ln.strip() for ln in str(reason).splitlines() if ln.strip()), "unknown error")
         return self._emit(f"FAILED    {name}: {first[:300]}{log_hint} | {self.overall()}")
 
+    def trial_retried(self, name: str, reason: str) -> str:
+        """Tune restarts a failed trial from its last checkpoint (``max_failures``): not an end."""
+        first = next((ln.strip() for ln in str(reason).splitlines() if ln.strip()), "unknown error")
+        return self._emit(f"retrying  {name} from its last checkpoint after: {first[:300]}")
+
     # ------------------------------------------------------------------ overall
     def eta(self) -> Optional[float]:
         """Seconds left, from the mean measured trial time; None before the first trial finished."""
@@ -155,11 +160,17 @@ def tune_callback(progress: Progress, log_dir: Optional[Path] = None):
             progress.trial_finished(str(trial), trial.last_result or {})
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            err = trial.get_error() if hasattr(trial, "get_error") else None
-            reason = _error_reason(err) if err is not None else (trial.error_msg or "error")
-            progress.trial_failed(str(trial), reason, hint)
+            progress.trial_failed(str(trial), _reason(trial), hint)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            progress.trial_retried(str(trial), _reason(trial))
 
     return _ProgressCallback()
+
+
+def _reason(trial) -> str:
+    err = trial.get_error() if hasattr(trial, "get_error") else None
+    return _error_reason(err) if err is not None else (getattr(trial, "error_msg", None) or "error")
 
 
 def _error_reason(err: BaseException) -> str:

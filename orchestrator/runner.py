@@ -277,7 +277,7 @@ def optuna_storage(settings: Settings, study: str, resume: bool):
     names = {s.study_name for s in storage.get_all_studies()}
     if study in names and not resume:
         raise RunnerError(f"Optuna study {study!r} already exists in {url}; pass --resume to continue it, "
-                          f"or give the spec another name:")
+                          f"or give the spec another name (name: or --name)")
     return storage
 
 

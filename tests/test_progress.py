@@ -114,3 +114,40 @@ def test_eta_times_pending_trials_like_finished_ones_of_their_method():
         p.trial_finished(name, {})
     # one slot: unet seed1 like unet seed0 (10 s), nas seed1 like nas seed0 (100 s)
     assert p.eta() == 110.0
+
+
+def test_a_retried_trial_is_neither_done_nor_failed():
+    p, clock, out = _progress(total=2)
+    p.trial_started("a")
+    line = p.trial_retried("a", "ValueError: boom\ntraceback")
+    assert line == "retrying  a from its last checkpoint after: ValueError: boom"
+    assert p.overall().startswith("0/2 trials done")
+
+
+def test_tune_callback_reports_events_and_the_user_error_of_a_failed_trial():
+    from orchestrator.progress import tune_callback
+
+    class FakeTrial:
+        def __init__(self, name, error=None):
+            self.name, self.error, self.last_result = name, error, {"test_Average": 33.3}
+
+        def __str__(self):
+            return self.name
+
+        def get_error(self):
+            return self.error
+
+    wrapped = RuntimeError("Trial raised a RayTaskError:\n  ... 40 lines ...")
+    wrapped.__cause__ = ValueError("data.crop_size must be a multiple of 16")
+    p, clock, out = _progress(total=2)
+    cb = tune_callback(p, log_dir="/runs/x/logs")
+    ok, bad = FakeTrial("full__unet__seed0"), FakeTrial("full__cbam__seed0", wrapped)
+    cb.on_trial_start(0, [], ok), cb.on_trial_start(0, [], bad)
+    cb.on_trial_result(0, [], ok, {"phase": "train", "epoch": 0, "epochs": 2, "val_dsc": 0.25})
+    cb.on_trial_complete(0, [], ok)
+    cb.on_trial_error(0, [], bad)
+    lines = out.getvalue().splitlines()
+    assert lines[2] == "  full__unet__seed0: train epoch 1/2, val DSC 25.00"
+    assert lines[3].startswith("finished  full__unet__seed0 in 0s: test DSC 33.30% | 1/2 trials done")
+    assert lines[4].startswith("FAILED    full__cbam__seed0: ValueError: data.crop_size must be a multiple of 16 "
+                               "(worker log: /runs/x/logs) | 2/2 trials done, 1 failed")
