@@ -109,6 +109,13 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
     print(f"smoke 2x2 ablation wall time: {time.monotonic() - t0:.1f} s\n{out[-3000:]}")
     assert proc.returncode == 0, out[-5000:]
     assert "Table 2" in out and "NAS-SCAM-P, synchronous search" in out and "65.01 ± 1.07" in out
+    # what a person sees: a line per trial event and an ETA, none of Tune's or the workers' chatter
+    assert "started   full__unet__seed0" in out and "4/4 full trials done" in out and "ETA" in out
+    for noise in ("Trial status", "(ablation_trial pid", "snapshotting", "Checkpoint successfully", "\x1b[",
+                  "tensorboard", "Saving pytorch model by Pickle"):
+        assert noise not in out, noise
+    assert len(out.splitlines()) <= 45, out
+    assert (home / "runs" / "smoke2x2" / "logs" / "full__unet__seed0.log").is_file()
 
     c, exp, runs = _runs(home, "smoke2x2")
     parents = [r for r in runs if r.data.tags.get("nas_scam_kind") == "ablation"]
@@ -138,6 +145,11 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
     models = c.search_logged_models(experiment_ids=[exp.experiment_id])
     train_ids = {r.info.run_id for r in kids if r.data.tags["phase"] == "train"}
     assert {m.source_run_id for m in models} == train_ids
+    # Table 2 on the parent; each (method, seed)'s best model registered under its method
+    assert {"avg_dsc/unet", "avg_dsc/nas-scam-p-sync", "dsc/Neutrophil/unet"} <= set(parents[0].data.metrics)
+    for name in ("nas-scam-unet", "nas-scam-p-sync"):
+        versions = c.search_model_versions(f"name = '{name}'")
+        assert sorted(v.tags["seed"] for v in versions) == ["0", "1"]
 
     # the table rebuilt from MLflow alone matches the printed one
     table_out = tmp_path / "rebuilt"
