@@ -185,22 +185,24 @@ def log_torch_model(c, run_id: str, checkpoint: Path, register: bool = True) -> 
     """``mlflow.pytorch.log_model`` of the best checkpoint, registered as ``registered_name(method)``.
 
     Pickle serialisation: torch.export (MLflow's default pt2) does not take the attention cells' Python
-    control flow. The signature and input example are a (2, 3, crop, crop) float32 batch (batch >= 2:
-    an example of one would read as a fixed batch size of 1) and the model's (2, 4, crop, crop) output.
+    control flow. Signature: (B, 3, H, W) float32 in, (B, 4, H, W) class probabilities out, any B and
+    any H, W divisible by 16 (the nets are fully convolutional). The input example is a small (2, 3, 32,
+    32) batch: batch >= 2, as an example of one would read as a fixed batch size; a crop-sized example
+    would store megabytes of JSON per model version.
     """
     import mlflow
     import numpy as np
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
     from nas_core.engine.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
-    crop = int(((meta.get("config") or {}).get("data") or {}).get("crop_size") or 64)
-    example = np.random.default_rng(0).random((2, 3, crop, crop), dtype=np.float32)
-    model.eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).float().numpy()
+    example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 4, -1, -1), "probabilities")]))
     tags = c.get_run(run_id).data.tags
     method, seed = tags.get(T_METHOD), tags.get(T_SEED)
     c.log_artifact(run_id, str(checkpoint), "checkpoint")
@@ -216,7 +218,7 @@ def log_torch_model(c, run_id: str, checkpoint: Path, register: bool = True) -> 
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model, name=f"model-{method}-seed{seed}" if method else "model", serialization_format="pickle",
-            signature=infer_signature(example, output), input_example=example,
+            signature=signature, input_example=example,
             registered_model_name=registered,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "nas-scam"],
             code_paths=[str(Path(__import__("nas_core").__file__).parent)])

@@ -54,14 +54,15 @@ def test_best_model_is_registered_and_loads_as_a_working_model(store, tmp_path):
     assert versions[0].run_id == rid
     uri = "models:/nas-scam-cbam/1"
     info = mlflow.models.get_model_info(uri)
-    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, -1, -1]
+    assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 4, -1, -1]
     assert info.saved_input_example_info is not None
 
     loaded = mlflow.pytorch.load_model(uri)
-    x = torch.rand(3, 3, 32, 32)  # another batch size than the example's
+    x = torch.rand(3, 3, 48, 64)  # another batch size and image size than the example's
     with torch.no_grad():
         y, want = loaded(x), model(x)
-    assert y.shape == (3, 4, 32, 32)
+    assert y.shape == (3, 4, 48, 64)
     torch.testing.assert_close(y, want)
     assert tracking.registered_name("nas-scam-p-sync") == "nas-scam-p-sync"
     assert tracking.registered_name("unet") == "nas-scam-unet"
