@@ -119,9 +119,18 @@ def cmd_ablate(args) -> int:
         print(f"FAILED {f['stage']} {f['method']} seed {f['seed']}: {f['error'].splitlines()[0]}", file=sys.stderr)
     if outcome.paths:
         print(f"written: {', '.join(str(p) for p in outcome.paths.values())}")
-    print(f"MLflow: experiment {spec.name!r}, parent run {outcome.parent_run_id} at {get_settings().tracking_uri}"
-          f" (open it with: nas-scam ui)")
+    print(f"MLflow: experiment {spec.name!r}, parent run {outcome.parent_run_id} at {get_settings().tracking_uri}; "
+          f"nas-scam ui, then {ui_link(outcome.experiment_id)}")
     return 1 if outcome.failures else 0
+
+
+def ui_link(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs table in the MLflow UI.
+
+    MLflow 3.17's UI picks its view from ``workflowType`` (URL, else the sidebar switch remembered in the
+    browser, default GenAI); the experiment's ``mlflow.experimentKind`` tag alone does not open the runs.
+    """
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def cmd_table(args) -> int:
@@ -149,7 +158,8 @@ def cmd_ui(args) -> int:
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port), "--workers", "1",
            "--backend-store-uri", uri, "--artifacts-destination", str(s.artifacts_root)]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it. The runs view: "
+          f"http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning", flush=True)
     try:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
