@@ -24,8 +24,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 def strip_ansi(text: str) -> str:
     """Remove ANSI escapes and keep only the last state of ``\\r``-rewritten lines (tqdm)."""
     text = _ANSI.sub("", text)
-    return "\n".join(line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r")
-                     for line in text.split("\n"))
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
 def fmt_duration(seconds: float) -> str:

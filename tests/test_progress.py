@@ -84,6 +84,7 @@ def test_strip_ansi_keeps_text_and_the_last_state_of_rewritten_lines():
     raw = ("\x1b[36m(ablation_trial pid=1)\x1b[0m train 1/4:   0%|  | 0/8\r"
            "\x1b[36m(ablation_trial pid=1)\x1b[0m train 1/4: 100%|##| 8/8\n\x1b[1;31mError\x1b[0m: boom\n")
     assert strip_ansi(raw) == "(ablation_trial pid=1) train 1/4: 100%|##| 8/8\nError: boom\n"
+    assert strip_ansi("a\rb\r\nwindows line\r\n") == "b\nwindows line\n"
     assert fmt_duration(3725) == "1h02m" and fmt_duration(59.6) == "1m00s" and fmt_duration(-3) == "0s"
 
 
