@@ -100,6 +100,11 @@ class Progress:
         first = next((ln.strip() for ln in str(reason).splitlines() if ln.strip()), "unknown error")
         return self._emit(f"FAILED    {name}: {first[:300]}{log_hint} | {self.overall()}")
 
+    def already_done(self, name: str) -> None:
+        """A trial that finished in an earlier session (``--resume``): counted, but not timed."""
+        if name not in self.done:
+            self.done.append(name)
+
     def trial_retried(self, name: str, reason: str) -> str:
         """Tune restarts a failed trial from its last checkpoint (``max_failures``): not an end."""
         first = next((ln.strip() for ln in str(reason).splitlines() if ln.strip()), "unknown error")
@@ -150,6 +155,10 @@ def tune_callback(progress: Progress, log_dir: Optional[Path] = None):
 
     class _ProgressCallback(tune.Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
+            # a resumed experiment: its finished trials never start again, count them once here
+            for t in trials:
+                if t.status == "TERMINATED":
+                    progress.already_done(str(t))
             progress.trial_started(str(trial))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):

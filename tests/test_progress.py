@@ -129,8 +129,8 @@ def test_tune_callback_reports_events_and_the_user_error_of_a_failed_trial():
     from orchestrator.progress import tune_callback
 
     class FakeTrial:
-        def __init__(self, name, error=None):
-            self.name, self.error, self.last_result = name, error, {"test_Average": 33.3}
+        def __init__(self, name, error=None, status="RUNNING"):
+            self.name, self.error, self.last_result, self.status = name, error, {"test_Average": 33.3}, status
 
         def __str__(self):
             return self.name
@@ -140,15 +140,16 @@ def test_tune_callback_reports_events_and_the_user_error_of_a_failed_trial():
 
     wrapped = RuntimeError("Trial raised a RayTaskError:\n  ... 40 lines ...")
     wrapped.__cause__ = ValueError("data.crop_size must be a multiple of 16")
-    p, clock, out = _progress(total=2)
+    p, clock, out = _progress(total=3)
     cb = tune_callback(p, log_dir="/runs/x/logs")
     ok, bad = FakeTrial("full__unet__seed0"), FakeTrial("full__cbam__seed0", wrapped)
-    cb.on_trial_start(0, [], ok), cb.on_trial_start(0, [], bad)
+    earlier = FakeTrial("full__scse__seed0", status="TERMINATED")  # finished before a --resume
+    cb.on_trial_start(0, [earlier, ok, bad], ok), cb.on_trial_start(0, [earlier, ok, bad], bad)
     cb.on_trial_result(0, [], ok, {"phase": "train", "epoch": 0, "epochs": 2, "val_dsc": 0.25})
     cb.on_trial_complete(0, [], ok)
     cb.on_trial_error(0, [], bad)
     lines = out.getvalue().splitlines()
     assert lines[2] == "  full__unet__seed0: train epoch 1/2, val DSC 25.00"
-    assert lines[3].startswith("finished  full__unet__seed0 in 0s: test DSC 33.30% | 1/2 trials done")
+    assert lines[3].startswith("finished  full__unet__seed0 in 0s: test DSC 33.30% | 2/3 trials done")
     assert lines[4].startswith("FAILED    full__cbam__seed0: ValueError: data.crop_size must be a multiple of 16 "
-                               "(worker log: /runs/x/logs) | 2/2 trials done, 1 failed")
+                               "(worker log: /runs/x/logs) | 3/3 trials done, 1 failed")
