@@ -213,24 +213,28 @@ def log_torch_model(c, run_id: str, checkpoint: Path, register: bool = True) -> 
         with tempfile.TemporaryDirectory() as tmp:
             c.log_artifact(run_id, str(genotype_figure(geno, Path(tmp) / "genotype_cells.png")), "figures")
     mlflow.set_tracking_uri(c.tracking_uri)
-    # the fluent API needs an active run; nested=False and the caller terminates the run afterwards
     registered = registered_name(method) if register and method else None
-    with mlflow.start_run(run_id=run_id):
+    # the fluent API needs an active run. Leaving it with end_run(RUNNING), not FINISHED: the caller's
+    # finish() is the run's one FINISHED transition (a reader polling for FINISHED runs, such as a
+    # resume, then never sees an end time that changes afterwards)
+    mlflow.start_run(run_id=run_id)
+    try:
         info = mlflow.pytorch.log_model(
             model, name=f"model-{method}-seed{seed}" if method else "model", serialization_format="pickle",
-            signature=signature, input_example=example,
-            registered_model_name=registered,
+            signature=signature, input_example=example, registered_model_name=registered,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "nas-scam"],
             code_paths=[str(Path(__import__("nas_core").__file__).parent)])
-    if registered and info.registered_model_version is not None:
-        version = str(info.registered_model_version)
-        for key, value in ((T_METHOD, method), (T_SEED, seed), ("run_id", run_id),
-                           ("test_dsc_Average", c.get_run(run_id).data.metrics.get("test_dsc_Average"))):
-            if value is not None:
-                c.set_model_version_tag(registered, version, key, str(value))
-        c.update_registered_model(registered, description=f"NAS-SCAM project: best checkpoint (highest "
-                                                          f"validation DSC) of method {method}, one version per "
-                                                          f"(seed, ablation run)")
+        if registered and info.registered_model_version is not None:
+            version = str(info.registered_model_version)
+            score = c.get_run(run_id).data.metrics.get("test_dsc_Average")
+            for key, value in ((T_METHOD, method), (T_SEED, seed), ("run_id", run_id), ("test_dsc_Average", score)):
+                if value is not None:
+                    c.set_model_version_tag(registered, version, key, str(value))
+            c.update_registered_model(registered, description=f"NAS-SCAM project: best checkpoint (highest "
+                                                              f"validation DSC) of method {method}, one version "
+                                                              f"per (seed, ablation run)")
+    finally:
+        mlflow.end_run(status="RUNNING")
 
 
 def finish(c, run_id: str, status: str = "FINISHED") -> None:

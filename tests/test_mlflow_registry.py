@@ -47,6 +47,7 @@ def test_best_model_is_registered_and_loads_as_a_working_model(store, tmp_path):
     ck = save_checkpoint(tmp_path / "best.pt", model=model, config={"data": {"crop_size": 32}}, phase="train",
                          epoch=0)
     tracking.log_torch_model(c, rid, ck)
+    assert c.get_run(rid).info.status == "RUNNING"  # the caller's finish() ends it, once
 
     versions = c.search_model_versions("name = 'nas-scam-cbam'")
     assert [str(v.version) for v in versions] == ["1"]
