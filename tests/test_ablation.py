@@ -172,6 +172,10 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(home, tmp_path)
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(1.0)
+            # the driver writes its state after creating the store: a client opened earlier would race it
+            # through MLflow's table creation (two alembic migrations on one sqlite file)
+            if not (home / "runs" / "resume2x2" / "ablation.json").exists():
+                continue
             try:
                 c, exp, runs = _runs(home, "resume2x2")
             except Exception:  # the store is being created
@@ -181,6 +185,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(home, tmp_path)
                 finished = done[0]
                 break
     finally:
+        if proc.poll() is not None:  # the driver must still be running to be killed: say why it is not
+            print(f"driver exited {proc.returncode}:\n{proc.stdout.read()[-5000:]}")
         os.kill(proc.pid, signal.SIGKILL)  # the driver only
         proc.wait(timeout=30)
         time.sleep(3)
