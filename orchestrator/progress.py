@@ -190,6 +190,14 @@ def _error_reason(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+class _LazyFileHandler(logging.FileHandler):
+    """Creates its folder and file at the first record: input rejected before any run leaves no run folder."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 @contextmanager
 def quiet_logging(log_file: Optional[Path], verbose: bool = False) -> Iterator[None]:
     """Ray/MLflow logging below ERROR goes to ``log_file`` instead of the terminal (nothing when verbose).
@@ -205,8 +213,7 @@ def quiet_logging(log_file: Optional[Path], verbose: bool = False) -> Iterator[N
 
     file_handler = None
     if log_file is not None:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler = _LazyFileHandler(log_file, encoding="utf-8", delay=True)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     saved = []
     for name in CHATTY_LOGGERS:

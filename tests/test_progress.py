@@ -153,3 +153,9 @@ def test_tune_callback_reports_events_and_the_user_error_of_a_failed_trial():
     assert lines[3].startswith("finished  full__unet__seed0 in 0s: test DSC 33.30% | 2/3 trials done")
     assert lines[4].startswith("FAILED    full__cbam__seed0: ValueError: data.crop_size must be a multiple of 16 "
                                "(worker log: /runs/x/logs) | 3/3 trials done, 1 failed")
+
+
+def test_quiet_logging_creates_no_run_folder_without_records(tmp_path):
+    with quiet_logging(tmp_path / "runs" / "x" / "logs" / "driver.log"):
+        pass
+    assert not (tmp_path / "runs").exists()  # a spec rejected before any run leaves nothing behind
