@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, TextIO
 
 # loggers whose INFO/WARNING chatter leaves the terminal in quiet mode (alembic: MLflow's db migrations)
-CHATTY_LOGGERS = ("ray", "mlflow", "alembic")
+CHATTY_LOGGERS = ("ray", "mlflow", "alembic", "optuna")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 
 
