@@ -6,9 +6,13 @@ Routes: unversioned /healthz and /readyz; everything else under /v1 behind the X
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Optional
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import TypeAdapter
 
 from api.deps import require_api_key
@@ -29,6 +33,33 @@ shape `{"error": {"code", "message", "details"}}`: 401 bad key, 403 a path outsi
 active runs or predictions, 503 Ray or MLflow unreachable or a prediction past its time limit."""
 
 
+DOCS_STATIC = "/docs-static"
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc from files shipped in the fastapi-offline wheel, never a CDN."""
+    import fastapi_offline
+
+    static = Path(fastapi_offline.__file__).parent / "static"
+    app.mount(DOCS_STATIC, StaticFiles(directory=static), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - Swagger UI",
+                                   swagger_js_url=f"{root}{DOCS_STATIC}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}{DOCS_STATIC}/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}{DOCS_STATIC}/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        # with_google_fonts=False: the page must not reach out for fonts either
+        return get_redoc_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{root}{DOCS_STATIC}/redoc.standalone.js",
+                              redoc_favicon_url=f"{root}{DOCS_STATIC}/favicon.png", with_google_fonts=False)
+
+
 def create_app(settings: Optional[Settings] = None, launcher: Optional[Launcher] = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -38,8 +69,10 @@ def create_app(settings: Optional[Settings] = None, launcher: Optional[Launcher]
         app.state.inference.stop()
 
     app = FastAPI(title="nas-scam API", version="1", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   openapi_tags=[{"name": "runs", "description": "run specs as Ray jobs"},
                                 {"name": "experiments"}, {"name": "predict"}, {"name": "health"}])
+    _offline_docs(app)
     app.state.settings = settings
     app.state.launcher = launcher or Launcher(settings)
     app.state.inference = Inference(settings.api_max_predictions, settings.api_predict_timeout_s)

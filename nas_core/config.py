@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # registry name: unet, deeplabv3plus, unet-cbam, unet-scse, nas-scam-s, nas-scam-p
+    # registry name: unet, deeplabv3plus, cbam, scse, nas-scam-s, nas-scam-p (old: unet-cbam, unet-scse)
     name: str = "nas-scam-p"
     # NAS-SCAM search mode: one alpha per slot (synchronous) or one per module kind (shared)
     search: Literal["synchronous", "shared"] = "synchronous"

@@ -15,11 +15,26 @@ import sys
 COMMAND_MODULES = ["model", "data", "engine", "ablate", "serve"]
 
 
+def version() -> str:
+    """The installed distribution's version (the source tree's when run uninstalled)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("nas-scam")
+    except PackageNotFoundError:
+        from nas_core import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nas-scam",
         description="NAS-SCAM: searched spatial/channel attention for nuclei segmentation, reproducibly.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

@@ -155,19 +155,34 @@ def _begin(spec, settings: Settings, kind: str, resume: bool, seeds: list[int], 
 
 
 def _tuner(trainable, name: str, storage: Path, param_space: dict, tune_config, resources: dict,
-           max_failures: int, resume: bool):
+           max_failures: int, resume: bool, progress=None, verbose: bool = False):
     from ray import tune
+
+    from orchestrator.progress import tune_callback
 
     trainable = tune.with_resources(trainable, resources)
     path = storage / name
+    # quiet: our one-line-per-event callback instead of Tune's status table. Tune's new output engine
+    # prints its configuration box and a TensorBoard hint even at verbose=0; the legacy one, read from
+    # RAY_AIR_NEW_OUTPUT when fit() starts, is silent at 0
+    callbacks = [tune_callback(progress, storage.parent / "logs")] if progress is not None else []
+    if not verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if resume and tune.Tuner.can_restore(str(path)):
         # finished trials stay finished; errored ones get another go
-        return tune.Tuner.restore(str(path), trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+        # the stored RunConfig holds the first session's callbacks and verbosity: use this session's
+        # (Tuner.restore has no argument for them; only a local tuner keeps its RunConfig in-process)
+        local = getattr(tuner, "_local_tuner", None)
+        if local is not None:
+            local.get_run_config().callbacks = callbacks
+            local.get_run_config().verbose = 2 if verbose else 0
+        return tuner
     run_config = tune.RunConfig(
         name=name, storage_path=str(storage),
         failure_config=tune.FailureConfig(max_failures=max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        verbose=1)
+        callbacks=callbacks, verbose=2 if verbose else 0)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
@@ -176,10 +191,15 @@ def _trial_name(trial) -> str:
     return f"{cfg['stage']}__{cfg['method']}__seed{cfg['seed']}"
 
 
-def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, log_model: bool = True) -> AblationOutcome:
-    """Run (or resume) the grid, then build, print and record Table 2."""
+def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, log_model: bool = True,
+                 verbose: bool = False) -> AblationOutcome:
+    """Run (or resume) the grid, then build, print and record Table 2.
+
+    ``verbose=False``: one progress line per trial event instead of Tune's table; worker output in
+    ``<run folder>/logs/``."""
     from ray import tune
 
+    from orchestrator.progress import Progress
     from orchestrator.trials import ablation_trial
 
     preflight(spec, settings)
@@ -189,15 +209,18 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
     try:
         _log_plan(c, parent, spec, settings)
         ctx = {"tracking_uri": settings.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent,
-               "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model}
+               "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model,
+               "verbose": verbose}
         resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
         for stage, methods, seeds in _stages(spec):
             space = {"method": tune.grid_search(methods), "seed": tune.grid_search(seeds), "stage": stage,
                      "spec": spec.model_dump(mode="json"), "ctx": ctx}
             tc = tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, trial_name_creator=_trial_name,
                                  trial_dirname_creator=_trial_name)
+            names = [f"{stage}__{m}__seed{s}" for m in methods for s in seeds]  # as _trial_name names them
+            progress = None if verbose else Progress(len(names), spec.max_concurrent, f"{stage} trials", names=names)
             grid = _tuner(ablation_trial, f"stage-{stage}", root / "tune", space, tc, resources,
-                          spec.max_failures, resume).fit()
+                          spec.max_failures, resume, progress, verbose).fit()
             for res in grid:
                 if res.error is not None:
                     failures.append({"stage": stage, "method": res.config["method"], "seed": res.config["seed"],
@@ -209,7 +232,7 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
 
             ray.shutdown()
     outcome = publish_table(c, exp_id, parent, root / "table2", title=f"Table 2 ({spec.name})", std=spec.std,
-                            repeat=spec.repeat)
+                            repeat=spec.repeat, subtitle=tables.describe(spec))
     outcome.failures = failures
     c.set_tag(parent, "failed_trials", json.dumps(failures)[:5000])
     tracking.finish(c, parent)
@@ -218,7 +241,7 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
 
 def publish_table(c, exp_id: str, parent: str, out_dir: Path, title: str = "Table 2",
                   log_to_parent: bool = True, std: Optional[str] = None,
-                  repeat: Optional[str] = None) -> AblationOutcome:
+                  repeat: Optional[str] = None, subtitle: str = "") -> AblationOutcome:
     """Table 2 from the parent's FINISHED train children: printed text, files, parent-run artifacts.
 
     ``std`` / ``repeat`` None: read from the parent run's spec params (a parent logged before ``std``
@@ -229,9 +252,10 @@ def publish_table(c, exp_id: str, parent: str, out_dir: Path, title: str = "Tabl
         repeat = repeat or params.get("repeat")
     records = tracking.collect_records(c, exp_id, parent)
     table = tables.with_flags(tables.compare(tables.summarize(records, std)), records)
-    paths = tables.write_all(table, out_dir, title, std, repeat) if records else {}
+    paths = tables.write_all(table, out_dir, title, std, repeat, subtitle) if records else {}
     if records and log_to_parent:
         tracking.log_files(c, parent, paths.values(), "table2")
+        tracking.log_table_metrics(c, parent, table)
     text = tables.to_text(table, title, std, repeat) if records else f"{title}: no finished train runs under parent {parent}"
     return AblationOutcome(parent_run_id=parent, experiment_id=exp_id, table=table, paths=paths, text=text)
 
@@ -271,30 +295,60 @@ def _space(spec: HpoSpec) -> dict[str, Any]:
     return out
 
 
-def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Optuna TPE + ASHA over retraining hyperparameters; returns (best_config.yaml, best params)."""
+def optuna_storage(settings: Settings, study: str, resume: bool):
+    """The RDB storage of the HPO studies (SQLite under home by default); a fresh run needs a new study name.
+
+    Study name = the spec's name, so ``optuna-dashboard <url>`` lists one study per HPO spec and
+    ``--resume`` continues the same study (its finished trials inform the sampler).
+    """
+    import optuna
+
+    url = settings.optuna_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = optuna.storages.RDBStorage(url)
+    except Exception as exc:  # bad URL, missing driver, unreachable server
+        raise RunnerError(f"Optuna storage {url} cannot be opened ({type(exc).__name__}: {exc}); "
+                          f"set NAS_SCAM_OPTUNA_STORAGE to a database URL") from None
+    names = {s.study_name for s in storage.get_all_studies()}
+    if study in names and not resume:
+        raise RunnerError(f"Optuna study {study!r} already exists in {url}; pass --resume to continue it, "
+                          f"or give the spec another name (name: or --name)")
+    return storage
+
+
+def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
+            verbose: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Optuna TPE + ASHA over retraining hyperparameters; returns (best_config.yaml, best params).
+
+    The Optuna study persists in ``settings.optuna_url`` under the spec's name (optuna-dashboard shows it)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from orchestrator.progress import Progress
     from orchestrator.trials import hpo_trial
 
     preflight(spec, settings)
+    storage = optuna_storage(settings, spec.name, resume)
     started = start_ray(settings, spec.resources.cpu, spec.resources.gpu)
     c, exp_id, parent, root = _begin(spec, settings, "hpo", resume, [spec.seed], started)
     try:
         max_t = build_config(spec, spec.method, spec.seed).train.epochs
         ctx = {"tracking_uri": settings.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent,
-               "runs_dir": str(root), "data_root": str(settings.data_root)}
+               "runs_dir": str(root), "data_root": str(settings.data_root), "verbose": verbose}
+        searcher = OptunaSearch(seed=spec.seed, storage=storage, study_name=spec.name)
         tc = tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-            search_alg=OptunaSearch(seed=spec.seed), max_concurrent_trials=spec.max_concurrent,
+            search_alg=searcher, max_concurrent_trials=spec.max_concurrent,
             trial_name_creator=lambda t: f"hpo_{t.trial_id}", trial_dirname_creator=lambda t: f"hpo_{t.trial_id}",
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=spec.grace_period,
                                     reduction_factor=spec.reduction_factor))
         space = {"params": _space(spec), "spec": spec.model_dump(mode="json"), "ctx": ctx}
+        progress = None if verbose else Progress(spec.num_samples, spec.max_concurrent, label="HPO trials")
         grid = _tuner(hpo_trial, "hpo", root / "tune", space, tc,
-                      {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}, 0, resume).fit()
+                      {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}, 0, resume, progress, verbose).fit()
         if len(grid) and grid.num_errors == len(grid):
             # get_best_result returns the only trial even when it errored: a search without one
             # finished trial has no best configuration
@@ -317,6 +371,8 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False) -> tuple[Pa
     tracking.log_files(c, parent, [path])
     tracking.log_params(c, parent, {"best": params})
     c.set_tag(parent, "best_score", str(best.metrics.get(spec.metric)))
+    c.set_tag(parent, "optuna_study", spec.name)
+    c.set_tag(parent, "optuna_storage", settings.optuna_url)
     tracking.finish(c, parent)
     return path, params
 

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     runs_dir: Optional[Path] = None
     mlflow_tracking_uri: Optional[str] = None
     mlflow_artifacts_dir: Optional[Path] = None
+    # Optuna studies of `nas-scam hpo` (one per HPO spec name); None -> sqlite under home. A server URL
+    # (postgresql://..., mysql://...) shares them between machines; optuna-dashboard <url> shows them
+    optuna_storage: Optional[str] = None
     # None -> start a local Ray on loopback; "auto" or "ray://host:10001" or "host:6379" -> attach
     ray_address: Optional[str] = None
     ray_dashboard: str = "http://127.0.0.1:8265"
@@ -88,6 +91,12 @@ class Settings(BaseSettings):
             return self.mlflow_tracking_uri
         db = (self.home / "mlflow" / "mlflow.db").expanduser()
         return f"sqlite:///{db}"
+
+    @property
+    def optuna_url(self) -> str:
+        if self.optuna_storage:
+            return self.optuna_storage
+        return f"sqlite:///{(self.home / 'optuna' / 'optuna.db').expanduser()}"
 
     @property
     def allowed_data_roots(self) -> list[Path]:

@@ -37,8 +37,8 @@ class Method:
 METHODS: dict[str, Method] = {m.id: m for m in (
     Method("unet", "U-Net", "unet"),
     Method("deeplabv3plus", "DeepLabV3+", "deeplabv3plus"),
-    Method("cbam", "CBAM", "unet-cbam"),
-    Method("scse", "scSE", "unet-scse"),
+    Method("cbam", "CBAM", "cbam"),
+    Method("scse", "scSE", "scse"),
     Method("nas-scam-s-shared", "NAS-SCAM-S, shared search", "nas-scam-s", "shared"),
     Method("nas-scam-p-shared", "NAS-SCAM-P, shared search", "nas-scam-p", "shared"),
     Method("nas-scam-s-sync", "NAS-SCAM-S, synchronous search", "nas-scam-s", "synchronous"),

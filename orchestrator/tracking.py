@@ -21,6 +21,9 @@ from orchestrator.tables import CLASSES
 # tag keys without dots: MLflow's filter syntax needs backticks around dotted keys
 T_KIND, T_ABLATION, T_METHOD, T_SEED, T_PHASE = "nas_scam_kind", "ablation", "method", "seed", "phase"
 T_PARENT = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment in the view this tag names; untagged ones open in the GenAI (traces)
+# view. "custom_model_development" is the model-training view: the runs table and charts.
+T_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class TrackingError(ValueError):
@@ -60,12 +63,14 @@ def ensure_experiment(c, name: str, artifacts_root: Optional[Path]) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if exp.tags.get(T_EXPERIMENT_KIND) != EXPERIMENT_KIND:  # experiments made before the tag existed
+            c.set_experiment_tag(exp.experiment_id, T_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return exp.experiment_id
     # a tracking server proxies artifacts itself; only a local store needs an explicit location
     location = None
     if artifacts_root is not None and not c.tracking_uri.startswith(("http://", "https://")):
         location = (Path(artifacts_root) / name).resolve().as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags={T_EXPERIMENT_KIND: EXPERIMENT_KIND})
 
 
 def start_parent(c, exp_id: str, run_name: str, kind: str, params: Mapping[str, Any], spec_yaml: str) -> str:
@@ -127,7 +132,7 @@ def log_epoch(c, run_id: str, epoch: int, metrics: Mapping[str, Any]) -> None:
 
 def log_search_result(c, run_id: str, result: Any) -> None:
     """Genotype JSON, its cell figure, the alpha-evolution figure and the best validation metrics."""
-    from orchestrator.figures import alpha_figure, genotype_figure
+    from orchestrator.figures import SLOT_NAMES, alpha_figure, alpha_heatmap, alpha_slots, genotype_figure
 
     geno = result.genotype.to_dict()
     c.log_dict(run_id, geno, "genotype.json")
@@ -136,8 +141,13 @@ def log_search_result(c, run_id: str, result: Any) -> None:
         c.log_artifact(run_id, str(genotype_figure(geno, Path(tmp) / "genotype_cells.png")), "figures")
         if result.alpha_history_path and Path(result.alpha_history_path).exists():
             c.log_artifact(run_id, str(result.alpha_history_path))
-            c.log_artifact(run_id, str(alpha_figure(result.alpha_history_path, Path(tmp) / "alpha_evolution.png")),
-                           "figures")
+            npz = Path(result.alpha_history_path)
+            c.log_artifact(run_id, str(alpha_heatmap(npz, Path(tmp) / "alpha_final.png")), "figures")
+            # the evolution one slot at a time (8 slots' lines in one plot hide each other)
+            n = alpha_slots(npz)
+            for slot in range(n):
+                name = "alpha_evolution.png" if n == 1 else f"alpha_evolution_{slot}_{SLOT_NAMES[slot]}.png"
+                c.log_artifact(run_id, str(alpha_figure(npz, Path(tmp) / name, slot)), "figures")
     _log_flat(c, run_id, {"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in flatten_dotted(result.best_val).items()}})
 
 
@@ -166,14 +176,35 @@ def _log_flat(c, run_id: str, values: Mapping[str, Any]) -> None:
         c.log_batch(run_id, metrics=items[i:i + 500])
 
 
-def log_torch_model(c, run_id: str, checkpoint: Path) -> None:
-    """``mlflow.pytorch.log_model`` of the best checkpoint (pickle: no torch.export of control flow)."""
+def registered_name(method: str) -> str:
+    """Model Registry name of a method: ``nas-scam-<method>`` (NAS-SCAM ids already start with it)."""
+    return method if method.startswith("nas-scam-") else f"nas-scam-{method}"
+
+
+def log_torch_model(c, run_id: str, checkpoint: Path, register: bool = True) -> None:
+    """``mlflow.pytorch.log_model`` of the best checkpoint, registered as ``registered_name(method)``.
+
+    Pickle serialisation: torch.export (MLflow's default pt2) does not take the attention cells' Python
+    control flow. Signature: (B, 3, H, W) float32 in, (B, 4, H, W) class probabilities out, any B and
+    any H, W divisible by 16 (the nets are fully convolutional). The input example is a small (2, 3, 32,
+    32) batch: batch >= 2, as an example of one would read as a fixed batch size; a crop-sized example
+    would store megabytes of JSON per model version.
+    """
     import mlflow
+    import numpy as np
     import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
     from nas_core.engine.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
+    example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 4, -1, -1), "probabilities")]))
+    tags = c.get_run(run_id).data.tags
+    method, seed = tags.get(T_METHOD), tags.get(T_SEED)
     c.log_artifact(run_id, str(checkpoint), "checkpoint")
     if meta.get("genotype"):
         from orchestrator.figures import genotype_figure
@@ -182,12 +213,28 @@ def log_torch_model(c, run_id: str, checkpoint: Path) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             c.log_artifact(run_id, str(genotype_figure(geno, Path(tmp) / "genotype_cells.png")), "figures")
     mlflow.set_tracking_uri(c.tracking_uri)
-    # the fluent API needs an active run; nested=False and the caller terminates the run afterwards
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(
-            model, name="model", serialization_format="pickle",
+    registered = registered_name(method) if register and method else None
+    # the fluent API needs an active run. Leaving it with end_run(RUNNING), not FINISHED: the caller's
+    # finish() is the run's one FINISHED transition (a reader polling for FINISHED runs, such as a
+    # resume, then never sees an end time that changes afterwards)
+    mlflow.start_run(run_id=run_id)
+    try:
+        info = mlflow.pytorch.log_model(
+            model, name=f"model-{method}-seed{seed}" if method else "model", serialization_format="pickle",
+            signature=signature, input_example=example, registered_model_name=registered,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "nas-scam"],
             code_paths=[str(Path(__import__("nas_core").__file__).parent)])
+        if registered and info.registered_model_version is not None:
+            version = str(info.registered_model_version)
+            score = c.get_run(run_id).data.metrics.get("test_dsc_Average")
+            for key, value in ((T_METHOD, method), (T_SEED, seed), ("run_id", run_id), ("test_dsc_Average", score)):
+                if value is not None:
+                    c.set_model_version_tag(registered, version, key, str(value))
+            c.update_registered_model(registered, description=f"NAS-SCAM project: best checkpoint (highest "
+                                                              f"validation DSC) of method {method}, one version "
+                                                              f"per (seed, ablation run)")
+    finally:
+        mlflow.end_run(status="RUNNING")
 
 
 def finish(c, run_id: str, status: str = "FINISHED") -> None:
@@ -238,6 +285,24 @@ def collect_records(c, exp_id: str, parent_id: str) -> list[dict[str, Any]]:
                             **{cls: m[f"test_dsc_{cls}"] for cls in CLASSES},
                             "no_learning": run.data.tags.get("no_learning") == "true"})
     return records
+
+
+def log_table_metrics(c, run_id: str, table: Any) -> None:
+    """Table 2 on the parent run, in %: ``avg_dsc/<method>``, ``dsc/<class>/<method>``, ``std_dsc/...``.
+
+    ``table`` is ``tables.compare``'s frame; the runs table of the MLflow UI then compares ablations.
+    """
+    from mlflow.entities import Metric
+
+    ts, items = int(time.time() * 1000), []
+    for row in table.to_dict("records"):
+        cls, method = row["class"], row["method"]
+        key = f"avg_dsc/{method}" if cls == "Average" else f"dsc/{cls}/{method}"
+        for prefix, value in (("", row["mean"]), ("std_", row["std"])):
+            if value is not None and value == value:  # NaN std (a single seed) is not logged
+                items.append(Metric(prefix + key, float(value), ts, 0))
+    for i in range(0, len(items), 500):
+        c.log_batch(run_id, metrics=items[i:i + 500])
 
 
 def log_files(c, run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:

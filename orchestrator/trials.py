@@ -9,10 +9,13 @@ a phase whose ``result.json`` exists is returned by the engine without running a
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import ray
 from ray import tune
@@ -33,14 +36,42 @@ class TuneMlflowCallback(Callback):
 
     def on_run_start(self, phase, cfg, out_dir):
         tracking.log_params(self.c, self.run_id, cfg.to_dict())
+        self.epochs = (cfg.search if phase == "search" else cfg.train).epochs
 
     def on_epoch_end(self, phase, epoch, metrics, out_dir):
         tracking.log_epoch(self.c, self.run_id, epoch, metrics)
         report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        report.update(phase=phase, run=self.run_dir.name)
+        # epochs: the driver's progress line says "epoch k/K"
+        report.update(phase=phase, run=self.run_dir.name, epochs=getattr(self, "epochs", 0))
         with tempfile.TemporaryDirectory() as tmp:
             _pack(Path(tmp), [(Path(out_dir), ("last.pt",))] + [(d, _SEARCH_FILES) for d in self.carry])
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+@contextmanager
+def worker_output(ctx: dict, name: str) -> Iterator[None]:
+    """Quiet mode (the default): this worker's stdout/stderr go to ``<run folder>/logs/<name>.log``.
+
+    File descriptors 1 and 2 are redirected, not only ``sys.stdout``: logging handlers, MLflow's
+    warnings and C++ code write to the descriptors, and Ray forwards them to the driver's terminal.
+    tqdm bars are off (NAS_SCAM_PROGRESS=0): the driver prints one line per epoch instead.
+    """
+    if ctx.get("verbose", True):
+        yield
+        return
+    os.environ["NAS_SCAM_PROGRESS"] = "0"
+    log = Path(ctx["runs_dir"]) / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "a", encoding="utf-8") as f:
+        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
 
 
 def _pack(dst: Path, sources: list[tuple[Path, tuple[str, ...]]]) -> None:
@@ -100,6 +131,11 @@ def _phase(c, ctx: dict, method: str, seed: int, phase: str, cfg, out_dir: Path,
 
 def ablation_trial(config: dict[str, Any]) -> None:
     """Tune trainable. ``config``: method, seed, stage (full|search|train), spec (dict), ctx (paths/ids)."""
+    with worker_output(config["ctx"], run_name(config["stage"], config["method"], int(config["seed"]))):
+        _ablation_trial(config)
+
+
+def _ablation_trial(config: dict[str, Any]) -> None:
     spec = AblationSpec.model_validate(config["spec"])
     ctx = config["ctx"]
     method, seed, stage = config["method"], int(config["seed"]), config["stage"]
@@ -128,6 +164,11 @@ def ablation_trial(config: dict[str, Any]) -> None:
 
 def hpo_trial(config: dict[str, Any]) -> None:
     """Tune trainable for HPO: one retrain with sampled ``params`` (dotted RunConfig keys)."""
+    with worker_output(config["ctx"], f"hpo_{tune.get_context().get_trial_id()}"):
+        _hpo_trial(config)
+
+
+def _hpo_trial(config: dict[str, Any]) -> None:
     spec = HpoSpec.model_validate(config["spec"])
     ctx = config["ctx"]
     # Tune's search space uses "__" for the dots of RunConfig keys (see runner._space)

@@ -110,6 +110,13 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
     print(f"smoke 2x2 ablation wall time: {time.monotonic() - t0:.1f} s\n{out[-3000:]}")
     assert proc.returncode == 0, out[-5000:]
     assert "Table 2" in out and "NAS-SCAM-P, synchronous search" in out and "65.01 ± 1.07" in out
+    # what a person sees: a line per trial event and an ETA, none of Tune's or the workers' chatter
+    assert "started   full__unet__seed0" in out and "4/4 full trials done" in out and "ETA" in out
+    for noise in ("Trial status", "(ablation_trial pid", "snapshotting", "Checkpoint successfully", "\x1b[",
+                  "tensorboard", "Saving pytorch model by Pickle"):
+        assert noise not in out, noise
+    assert len(out.splitlines()) <= 45, out
+    assert (home / "runs" / "smoke2x2" / "logs" / "full__unet__seed0.log").is_file()
 
     c, exp, runs = _runs(home, "smoke2x2")
     parents = [r for r in runs if r.data.tags.get("nas_scam_kind") == "ablation"]
@@ -135,8 +142,8 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
         arts = {a.path for a in c.list_artifacts(rid)} | {a.path for a in c.list_artifacts(rid, "figures")}
         assert "figures/learning_curve.png" in arts  # orchestrator.curves, every phase
         if r.data.tags["phase"] == "search":
-            assert {"genotype.json", "alpha_history.npz", "figures/genotype_cells.png",
-                    "figures/alpha_evolution.png"} <= arts
+            assert {"genotype.json", "alpha_history.npz", "figures/genotype_cells.png", "figures/alpha_final.png",
+                    "figures/alpha_evolution_0_down1.png", "figures/alpha_evolution_7_up4.png"} <= arts
             geno = json.loads(Path(c.download_artifacts(rid, "genotype.json", str(tmp_path / rid))).read_text())
             assert geno["combine"] == "parallel" and len(geno["sam"]) == 8
         else:
@@ -150,6 +157,11 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
     models = c.search_logged_models(experiment_ids=[exp.experiment_id])
     train_ids = {r.info.run_id for r in kids if r.data.tags["phase"] == "train"}
     assert {m.source_run_id for m in models} == train_ids
+    # Table 2 on the parent; each (method, seed)'s best model registered under its method
+    assert {"avg_dsc/unet", "avg_dsc/nas-scam-p-sync", "dsc/Neutrophil/unet"} <= set(parents[0].data.metrics)
+    for name in ("nas-scam-unet", "nas-scam-p-sync"):
+        versions = c.search_model_versions(f"name = '{name}'")
+        assert sorted(v.tags["seed"] for v in versions) == ["0", "1"]
 
     # the table rebuilt from MLflow alone matches the printed one
     table_out = tmp_path / "rebuilt"
@@ -172,6 +184,10 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(home, tmp_path)
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(1.0)
+            # the driver writes its state after creating the store: a client opened earlier would race it
+            # through MLflow's table creation (two alembic migrations on one sqlite file)
+            if not (home / "runs" / "resume2x2" / "ablation.json").exists():
+                continue
             try:
                 c, exp, runs = _runs(home, "resume2x2")
             except Exception:  # the store is being created
@@ -181,6 +197,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(home, tmp_path)
                 finished = done[0]
                 break
     finally:
+        if proc.poll() is not None:  # the driver must still be running to be killed: say why it is not
+            print(f"driver exited {proc.returncode}:\n{proc.stdout.read()[-5000:]}")
         os.kill(proc.pid, signal.SIGKILL)  # the driver only
         proc.wait(timeout=30)
         time.sleep(3)

@@ -201,7 +201,7 @@ def test_bad_inputs_stop_with_clear_messages(data_root, tmp_path):
     unet = create_model("unet")
     ck = save_checkpoint(tmp_path / "u.pt", model=unet, config={}, phase="train", epoch=0)
     with pytest.raises(CheckpointError, match="saved for model 'unet'"):
-        load_weights(create_model("unet-cbam"), read_checkpoint(ck), ck)
+        load_weights(create_model("cbam"), read_checkpoint(ck), ck)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt"):
         load_checkpoint(tmp_path / "junk.pt")

@@ -8,7 +8,7 @@ from orchestrator.cli import main
 from orchestrator.commands.model import MODEL_NAMES
 
 CLI_CASES = [
-    ["unet"], ["deeplabv3plus"], ["unet-cbam"], ["unet-scse"],
+    ["unet"], ["deeplabv3plus"], ["cbam"], ["scse"],
     ["nas-scam-s", "--supernet", "synchronous"], ["nas-scam-p", "--supernet", "shared", "--zero-op", "code"],
 ]
 

@@ -28,8 +28,8 @@ def fixed_genotype(combine: str, search: str = "synchronous") -> Genotype:
 CASES = [
     ("unet", {}),
     ("deeplabv3plus", {}),
-    ("unet-cbam", {}),
-    ("unet-scse", {}),
+    ("cbam", {}),
+    ("scse", {}),
     ("nas-scam-s", {"supernet": "synchronous"}),
     ("nas-scam-s", {"supernet": "shared", "zero_op": "code"}),
     ("nas-scam-p", {"supernet": "synchronous"}),
@@ -37,7 +37,7 @@ CASES = [
     ("nas-scam-s", {"genotype": fixed_genotype("serial")}),
     ("nas-scam-p", {"genotype": fixed_genotype("parallel").to_dict(), "zero_op": "code"}),
 ]
-IDS = ["unet", "deeplabv3plus", "unet-cbam", "unet-scse", "s-sync", "s-shared-code", "p-sync", "p-shared",
+IDS = ["unet", "deeplabv3plus", "cbam", "scse", "s-sync", "s-shared-code", "p-sync", "p-shared",
        "s-fixed", "p-fixed-dict-code"]
 
 
@@ -87,7 +87,7 @@ def test_input_size_must_be_a_multiple_of_16(name):
 
 
 def test_unet_slots_channels_and_placement():
-    model = create_model("unet-scse")
+    model = create_model("scse")
     assert list(model.attention) == ["down1", "down2", "down3", "down4", "up1", "up2", "up3", "up4"]
     seen = {}
     for name, module in model.attention.items():
@@ -208,7 +208,7 @@ def test_baseline_attention_handles_tiny_channel_counts(module_cls, channels):
 @pytest.mark.parametrize(
     "name, options, error, fragment",
     [
-        ("resnet", {}, ModelError, "valid names: unet, deeplabv3plus, unet-cbam, unet-scse, nas-scam-s, nas-scam-p"),
+        ("resnet", {}, ModelError, "valid names: unet, deeplabv3plus, cbam, scse, nas-scam-s, nas-scam-p"),
         ("unet", {"depth": 5}, ModelError, "unknown option 'depth' for model 'unet'"),
         ("nas-scam-p", {"genotpye": "x"}, ModelError, "unknown option 'genotpye'"),
         ("nas-scam-p", {}, ModelError, "exactly one of supernet="),

@@ -8,7 +8,6 @@ bounds (422), before anything reaches Ray. A lost, failed or cancelled run can b
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from urllib.parse import urlencode
 from typing import Annotated, Any, Literal, Optional
 
@@ -21,6 +20,7 @@ from api.errors import ApiError
 from api.schemas import (ErrorOut, GenotypeOut, LogsOut, MetricsOut, RunCreated, RunKind, RunList, RunOut,
                          RunStatus, TableOut, links, run_out)
 from api.validation import parse_body
+from orchestrator.progress import strip_ansi
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
@@ -83,7 +83,8 @@ def get_run(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> RunO
 def get_logs(run_id: RunId, launcher: LauncherDep,
              tail: Annotated[int, Query(ge=1, le=10 * 2**20, description="last characters")] = 65536) -> LogsOut:
     rec = launcher.get(run_id)
-    text = launcher.logs(run_id, tail=0)
+    # served for machines and scripts: no ANSI colours, tqdm's \r-rewritten lines reduced to their last state
+    text = strip_ansi(launcher.logs(run_id, tail=0))
     return LogsOut(id=rec.id, status=rec.status, logs=text[-tail:], truncated=len(text) > tail)
 
 

@@ -98,8 +98,12 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_weights(model: nn.Module, payload: dict, path: str | Path = "checkpoint") -> None:
     """Load weights into ``model`` after checking the checkpoint was saved for the same architecture."""
+    from nas_core.models.registry import canonical_name
+
     want = getattr(model, "model_spec", None)
     have = payload.get("model_spec")
+    if have is not None and have.get("name"):  # a checkpoint from before a model's rename
+        have = {**have, "name": canonical_name(have["name"])}
     if want is not None and have is not None and want != have:
         raise CheckpointError(
             f"checkpoint {path} was saved for model {have.get('name')!r} with options {have.get('options')}, "

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from nas_core.config import ConfigError, RunConfig
 from nas_core.engine.callbacks import Callback, CallbackList

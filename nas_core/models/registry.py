@@ -79,19 +79,29 @@ def _nas_scam(combine: str) -> Callable[..., SegmentationModel]:
 BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "unet": _unet,
     "deeplabv3plus": _deeplab,
-    "unet-cbam": _cbam,
-    "unet-scse": _scse,
+    "cbam": _cbam,
+    "scse": _scse,
     "nas-scam-s": _nas_scam("serial"),
     "nas-scam-p": _nas_scam("parallel"),
 }
+
+# Former names, still accepted (configs and checkpoints written before the rename). One name per model
+# everywhere: the registry, `nas-scam model info`, ablation method ids, the API and MLflow tags.
+MODEL_ALIASES: dict[str, str] = {"unet-cbam": "cbam", "unet-scse": "scse"}
 
 
 def model_names() -> list[str]:
     return list(BUILDERS)
 
 
+def canonical_name(name: str) -> str:
+    """The registry name of ``name`` (itself, or what an alias stands for)."""
+    return MODEL_ALIASES.get(name, name)
+
+
 def create_model(name: str, **options: Any) -> SegmentationModel:
     """Build a registry model by name. Output: (B, 3, H, W) -> (B, 4, H, W) probabilities."""
+    name = canonical_name(name)
     if name not in BUILDERS:
         raise ModelError(f"unknown model {name!r}; valid names: {', '.join(BUILDERS)}")
     builder = BUILDERS[name]

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="port of the UI (default 5000)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.set_defaults(func=cmd_ui)
 
@@ -54,6 +54,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--submit", action="store_true",
                    help="submit this command as a Ray job to NAS_SCAM_RAY_DASHBOARD instead of running it here")
     p.add_argument("--no-follow", action="store_true", help="with --submit: return after submitting")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Tune's status table, worker output and Ray/MLflow logging instead of one line "
+                        "per trial event (quiet mode writes them to <run folder>/logs/)")
 
 
 def _load(args, kind: str):
@@ -108,10 +111,13 @@ def _tail(args) -> list[str]:
         out.append("--resume")
     if getattr(args, "no_model", False):
         out.append("--no-model")
+    if getattr(args, "verbose", False):
+        out.append("--verbose")
     return out
 
 
 def cmd_ablate(args) -> int:
+    from orchestrator.progress import quiet_logging
     from orchestrator.runner import run_ablation
     from orchestrator.settings import get_settings
 
@@ -129,15 +135,26 @@ def cmd_ablate(args) -> int:
         return 0
     if args.submit:
         return _submit(args, _tail(args))
-    outcome = run_ablation(spec, get_settings(), resume=args.resume, log_model=not args.no_model)
+    with quiet_logging(get_settings().runs_root / spec.name / "logs" / "driver.log", args.verbose):
+        outcome = run_ablation(spec, get_settings(), resume=args.resume, log_model=not args.no_model,
+                               verbose=args.verbose)
     print(outcome.text)
     for f in outcome.failures:
         print(f"FAILED {f['stage']} {f['method']} seed {f['seed']}: {f['error'].splitlines()[0]}", file=sys.stderr)
     if outcome.paths:
         print(f"written: {', '.join(str(p) for p in outcome.paths.values())}")
-    print(f"MLflow: experiment {spec.name!r}, parent run {outcome.parent_run_id} at {get_settings().tracking_uri}"
-          f" (open it with: nas-scam ui)")
+    print(f"MLflow: experiment {spec.name!r}, parent run {outcome.parent_run_id} at {get_settings().tracking_uri}; "
+          f"nas-scam ui, then {ui_link(outcome.experiment_id)}")
     return 1 if outcome.failures else 0
+
+
+def ui_link(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs table in the MLflow UI.
+
+    MLflow 3.17's UI picks its view from ``workflowType`` (URL, else the sidebar switch remembered in the
+    browser, default GenAI); the experiment's ``mlflow.experimentKind`` tag alone does not open the runs.
+    """
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def cmd_table(args) -> int:
@@ -168,7 +185,8 @@ def cmd_ui(args) -> int:
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port), "--workers", "1",
            "--backend-store-uri", uri, "--artifacts-destination", str(s.artifacts_root)]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it. The runs view: "
+          f"http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning", flush=True)
     from orchestrator.commands.serve import stop_process_group
 
     # the server (gunicorn/uvicorn and its workers) in a group of its own, stopped as a whole however we
@@ -184,13 +202,15 @@ def cmd_ui(args) -> int:
 
 
 def cmd_hpo(args) -> int:
+    from orchestrator.progress import quiet_logging
     from orchestrator.runner import run_hpo
     from orchestrator.settings import get_settings
 
     spec = _load(args, "hpo")
     if args.submit:
         return _submit(args, _tail(args))
-    path, params = run_hpo(spec, get_settings(), resume=args.resume)
+    with quiet_logging(get_settings().runs_root / spec.name / "logs" / "driver.log", args.verbose):
+        path, params = run_hpo(spec, get_settings(), resume=args.resume, verbose=args.verbose)
     print(f"best parameters: {params}")
     print(f"best config: {path} (load_config accepts it: nas-scam train {path})")
     return 0

@@ -7,14 +7,17 @@ import json
 from pathlib import Path
 
 
+LAYOUT_HELP = "dataset layout (default auto: detected from the files)"
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("data", help="inspect, generate and prepare datasets")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True
 
     ins = sub.add_parser("inspect", help="per-class nuclei/pixel counts, sizes, mpp and warnings of a dataset")
-    ins.add_argument("path")
-    ins.add_argument("--layout", default="auto", choices=["auto", "monusac", "monuseg", "folder"])
+    ins.add_argument("path", help="dataset folder (MoNuSAC, MoNuSeg or images/ + masks/)")
+    ins.add_argument("--layout", default="auto", choices=["auto", "monusac", "monuseg", "folder"], help=LAYOUT_HELP)
     ins.add_argument("--channel-order", default="auto", choices=["auto", "rgb", "bgr"],
                      help="image/mask folders: images stored RGB or R/B-swapped (auto: vote on nuclei colour)")
     ins.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
@@ -22,25 +25,28 @@ def add_parser(subparsers) -> None:
     ins.set_defaults(func=_inspect)
 
     syn = sub.add_parser("synth", help="write a synthetic MoNuSAC-layout dataset")
-    syn.add_argument("--out", required=True)
-    syn.add_argument("--images", type=int, default=24)
-    syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--size", type=int, default=512)
+    syn.add_argument("--out", required=True, help="folder to write (created)")
+    syn.add_argument("--images", type=int, default=24, help="number of images (default 24)")
+    syn.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same images (default 0)")
+    syn.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     syn.add_argument("--overwrite", action="store_true", help="write into an --out that already holds files")
     syn.set_defaults(func=_synth)
 
     pre = sub.add_parser("prepare", help="build the training cache (normalised images, crops, buckets, splits)")
-    pre.add_argument("source")
+    pre.add_argument("source", help="dataset folder (MoNuSAC, MoNuSeg or images/ + masks/)")
     pre.add_argument("--out", required=True, help="cache root; the cache is a keyed folder inside it")
-    pre.add_argument("--layout", default="auto", choices=["auto", "monusac", "monuseg", "folder"])
-    pre.add_argument("--stain", default="none", choices=["none", "reinhard", "macenko"])
+    pre.add_argument("--layout", default="auto", choices=["auto", "monusac", "monuseg", "folder"], help=LAYOUT_HELP)
+    pre.add_argument("--stain", default="none", choices=["none", "reinhard", "macenko"],
+                     help="stain normalisation of every image (default none)")
     pre.add_argument("--stain-target", default=None, help="fit the stain target to this image instead")
     pre.add_argument("--split", default="0.6,0.2,0.2", help="counts '120,39,50' or fractions '0.6,0.2,0.2'")
-    pre.add_argument("--split-by", default="image", choices=["image", "patient"])
-    pre.add_argument("--seed", type=int, default=0)
-    pre.add_argument("--crop-size", type=int, default=256)
-    pre.add_argument("--stride", type=int, default=128)
-    pre.add_argument("--channel-order", default="auto", choices=["auto", "rgb", "bgr"])
+    pre.add_argument("--split-by", default="image", choices=["image", "patient"],
+                     help="split whole images (the paper) or whole patients (no patient in two splits)")
+    pre.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    pre.add_argument("--crop-size", type=int, default=256, help="training crop side in pixels (default 256)")
+    pre.add_argument("--stride", type=int, default=128, help="step between crops in pixels (default 128)")
+    pre.add_argument("--channel-order", default="auto", choices=["auto", "rgb", "bgr"],
+                     help="image/mask folders: images stored RGB or R/B-swapped (auto: vote on nuclei colour)")
     pre.add_argument("--skip-bad", action="store_true", help="skip unreadable files and report them")
     pre.set_defaults(func=_prepare)
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML run config (e.g. experiments/search.yaml); defaults otherwise")
+    p.add_argument("config", nargs="?",
+                   help="YAML run config, e.g. experiments/paper.yaml (the paper's protocol) or "
+                        "experiments/code.yaml (the authors' release); the paper's defaults otherwise")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set search.lr_w=1e-3 (repeatable)")
     p.add_argument("--preset", choices=["smoke"], help="smoke: tiny crops/epochs on synthetic data for a CPU")
@@ -116,10 +118,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="tiled evaluation of a checkpoint on a split (global DSC, PQ)")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train or search")
     p.add_argument("--data", help="evaluate on another dataset folder instead of the checkpoint's")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--out", help="folder for metrics_<split>.json (with --all: scores.json + per_image.csv; "
                                  "default eval-<folder name> beside the checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
@@ -127,9 +129,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="label masks, overlays and GeoJSON nuclei for images or SVS regions")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a best.pt written by train (any registry model)")
     p.add_argument("inputs", nargs="+", help="image files (png, jpg, tif, svs)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True,
+                   help="output folder: NAME_labels.png, NAME_overlay.png and NAME.geojson per input")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace earlier predictions of the same inputs in --out")
     p.set_defaults(func=_predict)

@@ -8,7 +8,7 @@ from typing import Any
 
 # Kept in sync with nas_core.models.registry.BUILDERS by tests/test_model_cli.py; listed here so that
 # `--help` needs no torch import.
-MODEL_NAMES = ["unet", "deeplabv3plus", "unet-cbam", "unet-scse", "nas-scam-s", "nas-scam-p"]
+MODEL_NAMES = ["unet", "deeplabv3plus", "cbam", "scse", "nas-scam-s", "nas-scam-p"]
 
 
 def add_parser(subparsers: Any) -> None:
@@ -16,7 +16,8 @@ def add_parser(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="model_command", metavar="ACTION")
     sub.required = True
     info = sub.add_parser("info", help="parameters, attention parameters, alpha shapes, FLOPs, output shape")
-    info.add_argument("name", help=f"registry name: {', '.join(MODEL_NAMES)}")
+    info.add_argument("name", help=f"registry name: {', '.join(MODEL_NAMES)} (the ablation's method ids; "
+                                   f"nas-scam-s/-p take --supernet or --genotype)")
     form = info.add_mutually_exclusive_group()
     form.add_argument("--genotype", metavar="FILE", help="genotype JSON: the fixed NAS-SCAM net (nas-scam-* only)")
     form.add_argument("--supernet", choices=["synchronous", "shared"], help="the search form (nas-scam-* only)")
@@ -48,7 +49,7 @@ def model_info(name: str, options: dict[str, Any], size: int = 256) -> dict[str,
     if hasattr(model, "alphas"):
         alphas = {kind: list(t.shape) for kind, t in model.alphas().items()}
     return {
-        "name": name,
+        "name": model.model_spec["name"],  # the registry name, also when asked by a former alias
         "options": model.model_spec["options"],
         "params_total": total,
         "params_attention": attention,

@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-local-ray", action="store_true",
                    help="never start a Ray head: serve even while NAS_SCAM_RAY_DASHBOARD does not answer "
                         "(GET /readyz says so; the cluster may come up later)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run-spec", help="run a spec JSON/YAML of any kind here (the entrypoint of API jobs)")

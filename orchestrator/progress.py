@@ -1,0 +1,243 @@
+"""What a person sees while trials run: one line per trial event; a trial's end adds done/total and an ETA.
+
+``Progress`` turns trial events into plain lines (no ANSI, no carriage returns: the same text reads
+well in a terminal, a Ray job log and ``GET /v1/runs/{id}/logs``). ``tune_callback`` feeds it from Tune's
+driver-side hooks, which replace Tune's status table (``RunConfig(verbose=0)``). ``quiet_logging``
+sends Ray's and MLflow's own logging to a file under the run folder; ``--verbose`` skips all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, TextIO
+
+# loggers whose INFO/WARNING chatter leaves the terminal in quiet mode (alembic: MLflow's db migrations)
+CHATTY_LOGGERS = ("ray", "mlflow", "alembic", "optuna")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+def strip_ansi(text: str) -> str:
+    """Remove ANSI escapes and keep only the last state of ``\\r``-rewritten lines (tqdm)."""
+    text = _ANSI.sub("", text)
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _group(name: str) -> str:
+    # trials of one method take alike times: "full__unet__seed1" is timed like "full__unet__seed0"
+    return re.sub(r"__seed\d+$", "", name)
+
+
+class Progress:
+    """Trial events -> lines. ``total`` trials, at most ``concurrency`` at once; ``clock`` for tests.
+
+    ``names``: the trials' names when known in advance (a grid); the ETA then times each pending trial
+    like the finished ones of its method instead of like the mean trial.
+    """
+
+    def __init__(self, total: int, concurrency: Optional[int] = None, label: str = "trials",
+                 out: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic,
+                 names: Optional[list[str]] = None):
+        self.total, self.label, self.clock = (len(names) if names else total), label, clock
+        self.names = list(names or [])
+        self.by_group: dict[str, list[float]] = {}
+        self.concurrency = concurrency
+        self.out = out
+        self.started: dict[str, float] = {}
+        self.durations: list[float] = []
+        self.failed: list[str] = []
+        self.done: list[str] = []
+        self.peak = 0  # most trials seen running at once: the width when ``concurrency`` is not given
+        self.t0 = clock()
+
+    def _emit(self, line: str) -> str:
+        print(line, file=self.out or sys.stdout, flush=True)
+        return line
+
+    # ------------------------------------------------------------------ events
+    def trial_started(self, name: str) -> str:
+        self.started.setdefault(name, self.clock())
+        self.peak = max(self.peak, len(self._running()))
+        return self._emit(f"started   {name}")
+
+    def trial_result(self, name: str, result: Mapping[str, Any]) -> Optional[str]:
+        """An epoch report: ``phase``, ``epoch`` (0-based), ``epochs`` and a metric; the final report prints nothing."""
+        if result.get("phase") not in ("search", "train") or "epoch" not in result:
+            return None
+        k = int(result["epoch"]) + 1
+        total = result.get("epochs")
+        parts = [f"{result['phase']} epoch {k}/{int(total)}" if total else f"{result['phase']} epoch {k}"]
+        for key, label, scale in (("val_dsc", "val DSC", 100.0), ("train_loss", "loss", 1.0)):
+            v = result.get(key)
+            if isinstance(v, (int, float)):
+                parts.append(f"{label} {v * scale:.2f}" if scale != 1 else f"{label} {v:.4f}")
+        return self._emit(f"  {name}: " + ", ".join(parts))
+
+    def trial_finished(self, name: str, result: Mapping[str, Any]) -> str:
+        took = self.clock() - self.started.get(name, self.t0)
+        self.durations.append(took)
+        self.by_group.setdefault(_group(name), []).append(took)
+        self.done.append(name)
+        score = result.get("test_Average")
+        what = f"test DSC {score:.2f}%" if isinstance(score, (int, float)) else "done"
+        return self._emit(f"finished  {name} in {fmt_duration(took)}: {what} | {self.overall()}")
+
+    def trial_failed(self, name: str, reason: str, log_hint: str = "") -> str:
+        self.failed.append(name)
+        first = next((ln.strip() for ln in str(reason).splitlines() if ln.strip()), "unknown error")
+        return self._emit(f"FAILED    {name}: {first[:300]}{log_hint} | {self.overall()}")
+
+    def already_done(self, name: str) -> None:
+        """A trial that finished in an earlier session (``--resume``): counted, but not timed."""
+        if name not in self.done:
+            self.done.append(name)
+
+    def trial_retried(self, name: str, reason: str) -> str:
+        """Tune restarts a failed trial from its last checkpoint (``max_failures``): not an end."""
+        first = next((ln.strip() for ln in str(reason).splitlines() if ln.strip()), "unknown error")
+        return self._emit(f"retrying  {name} from its last checkpoint after: {first[:300]}")
+
+    # ------------------------------------------------------------------ overall
+    def eta(self) -> Optional[float]:
+        """Seconds left, from the mean measured trial time; None before the first trial finished."""
+        if not self.durations:
+            return None
+        mean = sum(self.durations) / len(self.durations)
+
+        def expected(name: str) -> float:
+            times = self.by_group.get(_group(name))
+            return sum(times) / len(times) if times else mean
+
+        now = self.clock()
+        running = self._running()
+        ended = set(self.done) | set(self.failed)
+        if self.names:
+            work = sum(expected(n) for n in self.names if n not in ended and n not in self.started)
+        else:
+            work = max(0, self.total - len(ended) - len(running)) * mean
+        work += sum(max(0.0, expected(n) - (now - self.started[n])) for n in running)
+        return work / max(1, self.concurrency or self.peak)
+
+    def _running(self) -> list[str]:
+        ended = set(self.done) | set(self.failed)
+        return [n for n in self.started if n not in ended]
+
+    def overall(self) -> str:
+        n_end = len(self.done) + len(self.failed)
+        eta = self.eta()
+        parts = [f"{n_end}/{self.total} {self.label} done"]
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed")
+        parts.append(f"elapsed {fmt_duration(self.clock() - self.t0)}")
+        if n_end < self.total:
+            parts.append(f"ETA {fmt_duration(eta)}" if eta is not None else "ETA after the first trial")
+        return ", ".join(parts)
+
+
+def tune_callback(progress: Progress, log_dir: Optional[Path] = None):
+    """A ``ray.tune.Callback`` that reports trial events through ``progress``."""
+    from ray import tune
+
+    hint = f" (worker log: {log_dir})" if log_dir else ""
+
+    class _ProgressCallback(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            # a resumed experiment: its finished trials never start again, count them once here
+            for t in trials:
+                if t.status == "TERMINATED":
+                    progress.already_done(str(t))
+            progress.trial_started(str(trial))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            progress.trial_result(str(trial), result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            progress.trial_finished(str(trial), trial.last_result or {})
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            progress.trial_failed(str(trial), _reason(trial), hint)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            progress.trial_retried(str(trial), _reason(trial))
+
+    return _ProgressCallback()
+
+
+def _reason(trial) -> str:
+    err = trial.get_error() if hasattr(trial, "get_error") else None
+    return _error_reason(err) if err is not None else (getattr(trial, "error_msg", None) or "error")
+
+
+def _error_reason(err: BaseException) -> str:
+    # Tune wraps the trial's exception (RayTaskError(...)); its last line names the user's error
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    cause = getattr(err, "cause", None) or err.__cause__
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    return lines[-1] if lines else type(err).__name__
+
+
+class _LazyFileHandler(logging.FileHandler):
+    """Creates its folder and file at the first record: input rejected before any run leaves no run folder."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
+@contextmanager
+def quiet_logging(log_file: Optional[Path], verbose: bool = False) -> Iterator[None]:
+    """Ray/MLflow logging below ERROR goes to ``log_file`` instead of the terminal (nothing when verbose).
+
+    Records of ``ray.tune`` never reach the terminal here: the progress lines already say which trial
+    failed and why, and its traceback is in the log file and in MLflow (``error.txt``).
+    """
+    if verbose:
+        yield
+        return
+    import mlflow  # noqa: F401  (both set up their loggers' terminal handlers at import; tamed below)
+    import ray  # noqa: F401
+
+    file_handler = None
+    if log_file is not None:
+        file_handler = _LazyFileHandler(log_file, encoding="utf-8", delay=True)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = []
+    for name in CHATTY_LOGGERS:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.level, lg.propagate, [(h, h.level, list(h.filters)) for h in lg.handlers]))
+        if not lg.handlers:  # no terminal handler of its own: keep its records off the root's
+            lg.propagate = False
+        for h in lg.handlers:
+            h.setLevel(max(h.level, logging.ERROR))
+            h.addFilter(lambda r: not r.name.startswith("ray.tune"))
+        if lg.level == logging.NOTSET or lg.level > logging.INFO:
+            lg.setLevel(logging.INFO)
+        if file_handler is not None:
+            lg.addHandler(file_handler)
+    try:
+        yield
+    finally:
+        for lg, level, propagate, handlers in saved:
+            lg.setLevel(level)
+            lg.propagate = propagate
+            if file_handler is not None:
+                lg.removeHandler(file_handler)
+            for h, h_level, filters in handlers:
+                h.setLevel(h_level)
+                h.filters[:] = filters
+        if file_handler is not None:
+            file_handler.close()
