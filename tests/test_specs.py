@@ -133,3 +133,16 @@ def test_trial_configs_cover_every_method_choice_and_range_end():
     ablation = parse_spec({"methods": ["unet", "nas-scam-p-sync"], "preset": "smoke", "seeds": [5, 6]})
     assert [(label, cfg.seed) for label, cfg in ablation.configs] == [("method 'unet'", 5),
                                                                       ("method 'nas-scam-p-sync'", 5)]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_experiment_file_loads(path):
+    # a spec or run config in experiments/ that no longer validates is a broken promise to a user
+    from nas_core.config import load_config
+
+    data = yaml.safe_load(path.read_text())
+    if data.get("kind") in ("ablation", "hpo", "search", "train", "pipeline"):
+        assert load_spec(str(path)).configs
+    else:
+        assert load_config(path).protocol in ("paper", "code")
