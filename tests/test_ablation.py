@@ -111,12 +111,13 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
     assert proc.returncode == 0, out[-5000:]
     assert "Table 2" in out and "NAS-SCAM-P, synchronous search" in out and "65.01 ± 1.07" in out
     # what a person sees: a line per trial event and an ETA, none of Tune's or the workers' chatter
-    assert "started   full__unet__seed0" in out and "4/4 full trials done" in out and "ETA" in out
+    # repeat: retrain (the default): a search stage of one trial, then the 4 retrains
+    assert "started   train__unet__seed0" in out and "4/4 train trials done" in out and "ETA" in out
     for noise in ("Trial status", "(ablation_trial pid", "snapshotting", "Checkpoint successfully", "\x1b[",
                   "tensorboard", "Saving pytorch model by Pickle"):
         assert noise not in out, noise
     assert len(out.splitlines()) <= 45, out
-    assert (home / "runs" / "smoke2x2" / "logs" / "full__unet__seed0.log").is_file()
+    assert (home / "runs" / "smoke2x2" / "logs" / "train__unet__seed0.log").is_file()
 
     c, exp, runs = _runs(home, "smoke2x2")
     parents = [r for r in runs if r.data.tags.get("nas_scam_kind") == "ablation"]
