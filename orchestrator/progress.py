@@ -215,10 +215,11 @@ def quiet_logging(log_file: Optional[Path], verbose: bool = False) -> Iterator[N
     if log_file is not None:
         file_handler = _LazyFileHandler(log_file, encoding="utf-8", delay=True)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    saved = []
-    for name in CHATTY_LOGGERS:
-        lg = logging.getLogger(name)
-        saved.append((lg, lg.level, lg.propagate, [(h, h.level, list(h.filters)) for h in lg.handlers]))
+    loggers = [logging.getLogger(name) for name in CHATTY_LOGGERS]
+    # every state saved before any is changed: a handler shared by two of these loggers must come back
+    # to its own level, not to the level the first logger's pass gave it
+    saved = [(lg, lg.level, lg.propagate, [(h, h.level, list(h.filters)) for h in lg.handlers]) for lg in loggers]
+    for lg in loggers:
         if not lg.handlers:  # no terminal handler of its own: keep its records off the root's
             lg.propagate = False
         for h in lg.handlers:

@@ -35,7 +35,7 @@ def test_parent_run_carries_table2_as_metrics(store):
     m = c.get_run(parent).data.metrics
     assert m["avg_dsc/unet"] == pytest.approx(55.0)
     assert m["dsc/Macrophage/unet"] == pytest.approx(25.0)
-    assert m["std_avg_dsc/unet"] == pytest.approx(np.std([50.0, 60.0], ddof=1))
+    assert m["std_avg_dsc/unet"] == pytest.approx(np.std([50.0, 60.0], ddof=0))  # population std, the default
     assert len([k for k in m if k.endswith("/unet")]) == 2 * len(tables.CLASSES)
 
 

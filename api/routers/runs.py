@@ -138,9 +138,11 @@ def get_table(run_id: RunId, settings: SettingsDep, launcher: LauncherDep,
             raise ApiError(409, "not_ready", f"run {run_id} is {rec.status}: no train run has finished yet")
         raise ApiError(404, "no_table", f"run {run_id} ({rec.status}) has no finished train run")
     title = f"Table 2 ({rec.experiment}, run {rec.id})"
+    # what the "+-" is: the std the spec asked for (specs from before the option printed the sample std)
+    std, repeat = rec.spec.get("std", "sample"), rec.spec.get("repeat")
     if format == "csv":
         return PlainTextResponse(df.to_csv(index=False, float_format="%.4f"), media_type="text/csv")
     if format == "md":
-        return PlainTextResponse(tables.to_markdown(df, title), media_type="text/markdown")
+        return PlainTextResponse(tables.to_markdown(df, title, std, repeat), media_type="text/markdown")
     rows = json.loads(df.to_json(orient="records"))  # NaN (std of one seed) -> null, numpy -> JSON
-    return TableOut(id=rec.id, status=rec.status, note=tables.STD_NOTE, columns=list(df.columns), rows=rows)
+    return TableOut(id=rec.id, status=rec.status, note=tables.note(std, repeat), columns=list(df.columns), rows=rows)
