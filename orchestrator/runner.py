@@ -55,8 +55,12 @@ def preflight(spec, settings: Settings) -> None:
         raise RunnerError(f"genotype file {genotype} does not exist (genotype:)")
 
 
-def start_ray(settings: Settings, cpu: float, gpu: float) -> bool:
-    """Attach to the configured cluster or start a local one on loopback; True if we started it."""
+def start_ray(settings: Settings, cpu: float, gpu: float, log_to_driver: bool = True) -> bool:
+    """Attach to the configured cluster or start a local one on loopback; True if we started it.
+
+    ``log_to_driver=False`` (quiet mode): workers' output is not forwarded to this terminal; trials
+    write theirs to the run's logs/ folder, and what a worker prints outside a trial (an interpreter's
+    "Exception ignored" at exit, say) stays in Ray's own worker logs."""
     address = ray_env.resolve_address(settings.ray_address)
     ray_env.prepare(local=address is None)
     import ray
@@ -64,9 +68,9 @@ def start_ray(settings: Settings, cpu: float, gpu: float) -> bool:
     started = False
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=log_to_driver)
         else:
-            ray_env.init_local(settings.ray_num_cpus or os.cpu_count() or 1)
+            ray_env.init_local(settings.ray_num_cpus or os.cpu_count() or 1, log_to_driver=log_to_driver)
             started = True
     total = ray.cluster_resources()
     if cpu > total.get("CPU", 0) or gpu > total.get("GPU", 0):
@@ -203,7 +207,7 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
     from orchestrator.trials import ablation_trial
 
     preflight(spec, settings)
-    started = start_ray(settings, spec.resources.cpu, spec.resources.gpu)
+    started = start_ray(settings, spec.resources.cpu, spec.resources.gpu, log_to_driver=verbose)
     c, exp_id, parent, root = _begin(spec, settings, "ablation", resume, spec.seed_list, started)
     failures: list[dict[str, Any]] = []
     try:
@@ -332,7 +336,7 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
 
     preflight(spec, settings)
     storage = optuna_storage(settings, spec.name, resume)
-    started = start_ray(settings, spec.resources.cpu, spec.resources.gpu)
+    started = start_ray(settings, spec.resources.cpu, spec.resources.gpu, log_to_driver=verbose)
     c, exp_id, parent, root = _begin(spec, settings, "hpo", resume, [spec.seed], started)
     try:
         max_t = build_config(spec, spec.method, spec.seed).train.epochs
