@@ -13,6 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+def _agent_ports() -> list[str]:
+    # Ray's per-node agents default to fixed ports (dashboard agent 52365, ...): a second Ray on the
+    # machine (a foreign head, another test's) would hold them and the job agent would never answer
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,14 +72,14 @@ def cluster(tmp_path):
         procs.append(subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-             "--num-cpus=1", "--num-gpus=0", f"--temp-dir={tmp_head}", "--disable-usage-stats"],
+             "--num-cpus=1", "--num-gpus=0", f"--temp-dir={tmp_head}", "--disable-usage-stats", *_agent_ports()],
             # node addresses are 127.0.0.1 and every client here talks to loopback; a multi-node
             # cluster cannot use RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the worker node never joins)
             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
         procs.append(subprocess.Popen(
             [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-             "--num-cpus=1", "--num-gpus=0", f"--temp-dir={tmp_worker}", "--disable-usage-stats"],
+             "--num-cpus=1", "--num-gpus=0", f"--temp-dir={tmp_worker}", "--disable-usage-stats", *_agent_ports()],
             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_http(f"http://127.0.0.1:{mlp}/health", 60)
         _wait_nodes(dash, 2, 90)
