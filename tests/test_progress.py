@@ -1,3 +1,4 @@
+from pathlib import Path
 """The driver's progress lines: one per trial event, an overall line with an ETA, no ANSI; no Ray started."""
 import io
 import logging
@@ -88,39 +89,32 @@ def test_strip_ansi_keeps_text_and_the_last_state_of_rewritten_lines():
     assert fmt_duration(3725) == "1h02m" and fmt_duration(59.6) == "1m00s" and fmt_duration(-3) == "0s"
 
 
-def test_quiet_logging_moves_ray_and_mlflow_chatter_to_a_file(tmp_path, capsys):
+def test_quiet_logging_moves_ray_and_mlflow_chatter_to_a_file(tmp_path):
+    # in a fresh interpreter, as the CLI runs it: logging handlers are process-wide, and what other tests
+    # left on Ray's and MLflow's loggers (streams of earlier captures) must not decide this test
+    log = tmp_path / "logs" / "driver.log"
+    code = f"""
+import logging
+from orchestrator.progress import quiet_logging
+import ray, mlflow
+before = [(h, h.level) for h in logging.getLogger("ray").handlers]
+with quiet_logging({str(log)!r}):
+    logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+    logging.getLogger("ray.tune.execution.experiment_state").warning("Experiment state snapshotting ...")
+    logging.getLogger("ray._private.worker").error("the cluster is gone")
+assert [(h, h.level) for h in logging.getLogger("ray").handlers] == before, "handlers not restored"
+"""
+    import subprocess
     import sys
 
-    import mlflow  # noqa: F401  (quiet_logging imports both; their terminal handlers exist from here on)
-    import ray  # noqa: F401
-
-    log = tmp_path / "logs" / "driver.log"
-    # Ray's terminal handler keeps the stderr stream it found when ray was first imported (maybe inside
-    # another test's capture): point it at this test's stderr for the duration
-    terminal = [h for h in logging.getLogger("ray").handlers
-                if type(h) is logging.StreamHandler or isinstance(h, logging.StreamHandler)
-                and not isinstance(h, logging.FileHandler)]
-    streams = [h.stream for h in terminal]
-    for h in terminal:
-        h.setStream(sys.stderr)
-    try:
-        # what earlier tests in the same process left set up is what must come back
-        before = [(h, h.level) for h in logging.getLogger("ray").handlers]
-        with quiet_logging(log):
-            logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
-            logging.getLogger("ray.tune.execution.experiment_state").warning("Experiment state snapshotting ...")
-            logging.getLogger("ray._private.worker").error("the cluster is gone")
-        captured = capsys.readouterr()
-        after = [(h, h.level) for h in logging.getLogger("ray").handlers]
-    finally:
-        for h, stream in zip(terminal, streams):
-            h.setStream(stream)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
     text = log.read_text()
     assert "Creating initial MLflow database tables" in text and "snapshotting" in text
-    assert "Creating initial" not in captured.err + captured.out
-    assert "snapshotting" not in captured.err + captured.out
-    assert "the cluster is gone" in captured.err  # real errors still reach the terminal
-    assert after == before  # and everything is back as it was afterwards
+    assert "Creating initial" not in out.stderr + out.stdout
+    assert "snapshotting" not in out.stderr + out.stdout
+    assert "the cluster is gone" in out.stderr  # real errors still reach the terminal
 
 
 def test_eta_times_pending_trials_like_finished_ones_of_their_method():
