@@ -22,3 +22,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent on this machine")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh NAS_SCAM_HOME with no other NAS_SCAM_* location or cluster inherited from the shell."""
+    from orchestrator.settings import get_settings
+
+    monkeypatch.setenv("NAS_SCAM_HOME", str(tmp_path / "home"))
+    for var in ("NAS_SCAM_MLFLOW_TRACKING_URI", "NAS_SCAM_RAY_ADDRESS", "NAS_SCAM_RUNS_DIR", "NAS_SCAM_DATA_DIR",
+                "NAS_SCAM_RAY_DASHBOARD", "NAS_SCAM_RAY_NUM_CPUS"):
+        monkeypatch.delenv(var, raising=False)
+    get_settings.cache_clear()
+    yield tmp_path / "home"
+    get_settings.cache_clear()

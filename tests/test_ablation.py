@@ -29,16 +29,6 @@ EXPECTED_RUNS = {("unet", "0", "train"), ("unet", "1", "train"), ("nas-scam-p-sy
                  ("nas-scam-p-sync", "0", "train"), ("nas-scam-p-sync", "1", "train")}
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAS_SCAM_HOME", str(tmp_path / "home"))
-    for var in ("NAS_SCAM_MLFLOW_TRACKING_URI", "NAS_SCAM_RAY_ADDRESS", "NAS_SCAM_RUNS_DIR", "NAS_SCAM_DATA_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    get_settings.cache_clear()
-    yield tmp_path / "home"
-    get_settings.cache_clear()
-
-
 def _spec(tmp_path, **changes) -> Path:
     p = tmp_path / "spec.yaml"
     p.write_text(yaml.safe_dump({**TINY, **changes}))

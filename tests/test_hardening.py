@@ -35,17 +35,6 @@ SMOKE = {"name": "hardening", "methods": ["unet"], "seeds": 1, "preset": "smoke"
 
 
 @pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAS_SCAM_HOME", str(tmp_path / "home"))
-    for var in ("NAS_SCAM_MLFLOW_TRACKING_URI", "NAS_SCAM_RAY_ADDRESS", "NAS_SCAM_RUNS_DIR", "NAS_SCAM_DATA_DIR",
-                "NAS_SCAM_RAY_DASHBOARD", "NAS_SCAM_RAY_NUM_CPUS"):
-        monkeypatch.delenv(var, raising=False)
-    get_settings.cache_clear()
-    yield tmp_path / "home"
-    get_settings.cache_clear()
-
-
-@pytest.fixture()
 def ray_tmp():
     """A short temp folder for a Ray (AF_UNIX socket paths are limited to ~107 bytes), removed after."""
     path = Path(tempfile.mkdtemp(prefix="nsh-", dir="/tmp"))

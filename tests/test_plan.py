@@ -7,22 +7,11 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.plan import trial_list
-from orchestrator.settings import get_settings
 from orchestrator.specs import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["ablate", str(ROOT / "experiments" / "table2.yaml"), "--preset", "smoke",
          "--methods", "unet,nas-scam-p-sync", "--seeds", "2", "--plan"]
-
-
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAS_SCAM_HOME", str(tmp_path / "home"))
-    for var in ("NAS_SCAM_MLFLOW_TRACKING_URI", "NAS_SCAM_RAY_ADDRESS", "NAS_SCAM_RUNS_DIR", "NAS_SCAM_DATA_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    get_settings.cache_clear()
-    yield tmp_path / "home"
-    get_settings.cache_clear()
 
 
 def test_trial_list_follows_the_repeat_scope():
