@@ -122,6 +122,10 @@ class Inference:
                     raise self._timeout()
                 reply = self._conn.recv()
             except (EOFError, OSError):  # the worker died under us (killed, out of memory)
+                proc = self._proc
+                if proc is not None:
+                    proc.join(2)
+                    log.error("the inference worker (pid %s) ended with exit code %s", proc.pid, proc.exitcode)
                 self.stop()
                 raise ApiError(503, "predict_failed", "the inference process ended unexpectedly; retry") from None
         finally:
