@@ -353,14 +353,14 @@ def test_a_failed_ray_start_quotes_the_reason_from_its_log(tmp_path):
 
 # ---------------------------------------------------------------- --submit upload size
 def test_submit_checks_the_upload_size_and_names_what_to_exclude(home, tmp_path, monkeypatch, capsys):
-    from orchestrator import runner
+    from orchestrator import jobs
 
     work = tmp_path / "work"
     (work / "scans").mkdir(parents=True)
     (work / "scans" / "slide.bin").write_bytes(np.random.default_rng(0).bytes(3 * 2**20))  # incompressible
     (work / "spec.yaml").write_text(yaml.safe_dump(SMOKE))
     monkeypatch.chdir(work)
-    monkeypatch.setattr(runner, "upload_limit", lambda: 2**20)
+    monkeypatch.setattr(jobs, "upload_limit", lambda: 2**20)
     monkeypatch.setenv("NAS_SCAM_RAY_DASHBOARD", f"http://127.0.0.1:{_free_port()}")
     get_settings.cache_clear()
     rc = main(["ablate", "spec.yaml", "--submit"])
