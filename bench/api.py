@@ -36,7 +36,7 @@ def seed_home(home: Path) -> str:
     """One succeeded ablation run: store record + state file + MLflow parent/child with test metrics."""
     sys.path.insert(0, str(ROOT))
     from orchestrator import tracking
-    from orchestrator.launcher import RunRecord, RunStore
+    from api.store import RunRecord, RunStore
     from orchestrator.settings import Settings
 
     s = Settings(home=home)
