@@ -197,7 +197,7 @@ def cmd_ui(args) -> int:
            "--backend-store-uri", uri, "--artifacts-destination", str(s.artifacts_root)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it. The runs view: "
           f"http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning", flush=True)
-    from orchestrator.commands.serve import stop_process_group
+    from orchestrator.ray_head import stop_process_group
 
     # the server (gunicorn/uvicorn and its workers) in a group of its own, stopped as a whole however we
     # end: Ctrl-C, SIGTERM (made a SystemExit so the `finally` runs) or an error
