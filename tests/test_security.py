@@ -331,7 +331,7 @@ def test_a_prediction_past_its_deadline_is_stopped_and_frees_inference(settings,
 # ---------------------------------------------------------------- lost runs
 def _lost_run(settings: Settings) -> tuple[RunService, RunRecord, object, str, str]:
     """A running ablation whose Ray job is gone: an MLflow parent and one child RUNNING, its state file."""
-    launcher = _service(settings, FakeJobs())
+    service = _service(settings, FakeJobs())
     c = tracking.client(settings.tracking_uri)
     exp = tracking.ensure_experiment(c, "smoke", settings.artifacts_root)
     parent = tracking.start_parent(c, exp, "smoke", "ablation", SMOKE, json.dumps(SMOKE))
@@ -342,13 +342,13 @@ def _lost_run(settings: Settings) -> tuple[RunService, RunRecord, object, str, s
     (run_dir / "smoke" / "ablation.json").write_text(json.dumps({"parent_run_id": parent, "experiment_id": exp}))
     rec = RunRecord(id="lost1", kind="ablation", experiment="smoke", spec=SMOKE, status="running",
                     submission_id="nas-scam-lost1", run_dir=str(run_dir), created_at=time.time())
-    launcher.store.insert(rec)
-    return launcher, rec, c, parent, child
+    service.store.insert(rec)
+    return service, rec, c, parent, child
 
 
 def test_a_lost_run_closes_its_mlflow_runs_and_resumes(settings):
-    launcher, rec, c, parent, child = _lost_run(settings)
-    with TestClient(create_app(settings, launcher), raise_server_exceptions=False) as api:
+    service, rec, c, parent, child = _lost_run(settings)
+    with TestClient(create_app(settings, service), raise_server_exceptions=False) as api:
         api.headers["X-API-Key"] = KEY
         run = api.get("/v1/runs/lost1").json()
         assert run["status"] == "lost" and run["mlflow"]["parent_run_id"] == parent
@@ -360,7 +360,7 @@ def test_a_lost_run_closes_its_mlflow_runs_and_resumes(settings):
         body = resumed.json()
         assert body["status"] == "queued" and body["ray_job_id"] == "nas-scam-lost1-r1"
         assert body["links"]["resume"] == "/v1/runs/lost1/resume"
-        (job,) = launcher.jobs._fixed_client.submitted
+        (job,) = service.jobs._fixed_client.submitted
         assert job["submission_id"] == "nas-scam-lost1-r1" and job["entrypoint"].endswith(f"{rec.run_dir}/spec.json")
         assert api.get("/v1/runs/lost1").json()["status"] == "queued"  # Ray knows the new job
         _error(api.post("/v1/runs/lost1/resume"), 409, "conflict")  # active runs do not resume
@@ -368,15 +368,15 @@ def test_a_lost_run_closes_its_mlflow_runs_and_resumes(settings):
 
 
 def test_resume_respects_the_active_run_limit(settings):
-    launcher, *_ = _lost_run(settings)
-    launcher.get("lost1")  # -> lost
-    launcher.settings = settings.model_copy(update={"api_max_active_runs": 1})
-    launcher.store.insert(RunRecord(id="busy", kind="ablation", experiment="x", spec=SMOKE, status="running",
+    service, *_ = _lost_run(settings)
+    service.get("lost1")  # -> lost
+    service.settings = settings.model_copy(update={"api_max_active_runs": 1})
+    service.store.insert(RunRecord(id="busy", kind="ablation", experiment="x", spec=SMOKE, status="running",
                                     submission_id="nas-scam-busy", run_dir="/nonexistent", created_at=time.time()))
-    launcher.jobs._fixed_client.known.add("nas-scam-busy")
-    with TestClient(create_app(launcher.settings, launcher), raise_server_exceptions=False) as api:
+    service.jobs._fixed_client.known.add("nas-scam-busy")
+    with TestClient(create_app(service.settings, service), raise_server_exceptions=False) as api:
         _error(api.post("/v1/runs/lost1/resume", headers={"X-API-Key": KEY}), 429, "too_many_runs")
-    assert launcher.store.get("lost1").status == "lost"
+    assert service.store.get("lost1").status == "lost"
 
 
 # ---------------------------------------------------------------- a bounded fuzz, every run
