@@ -3,7 +3,6 @@
 A double stands in for Ray's JobSubmissionClient; the real one is exercised by test_cluster (--submit)
 and test_api_live (the API's jobs).
 """
-from pathlib import Path
 
 import pytest
 
