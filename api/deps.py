@@ -1,4 +1,4 @@
-"""Annotated dependencies: the one Settings, the launcher, and the API-key check."""
+"""Annotated dependencies: the one Settings, the run service, and the API-key check."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from api.errors import ApiError
-from orchestrator.launcher import Launcher
+from api.service import RunService
 from orchestrator.settings import Settings
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
@@ -20,12 +20,12 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_launcher(request: Request) -> Launcher:
-    return request.app.state.launcher
+def get_run_service(request: Request) -> RunService:
+    return request.app.state.run_service
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-LauncherDep = Annotated[Launcher, Depends(get_launcher)]
+RunServiceDep = Annotated[RunService, Depends(get_run_service)]
 
 
 def key_matches(given: str, keys: list[str]) -> bool:

@@ -17,11 +17,32 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.launcher import ClusterUnavailable, LauncherError, RunConflict, RunNotFound, TooManyRuns
-
 log = logging.getLogger("nas_scam.api")
 
-_LAUNCHER_STATUS = {RunNotFound: 404, RunConflict: 409, TooManyRuns: 429, ClusterUnavailable: 503}
+
+class RunError(ValueError):
+    """Base of the run service's user-facing errors; ``code`` is the error code, the class picks the status."""
+
+    code = "run_error"
+
+
+class RunNotFound(RunError):
+    code = "run_not_found"
+
+
+class RunConflict(RunError):
+    code = "conflict"
+
+
+class TooManyRuns(RunError):
+    code = "too_many_runs"
+
+
+class ClusterUnavailable(RunError):
+    code = "cluster_unavailable"
+
+
+_RUN_STATUS = {RunNotFound: 404, RunConflict: 409, TooManyRuns: 429, ClusterUnavailable: 503}
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
                415: "unsupported_media_type", 422: "validation_error", 429: "too_many_runs",
@@ -57,8 +78,8 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return _json(exc.status, error_body(exc.code, exc.message, exc.details), exc.headers)
 
 
-async def _launcher_error(request: Request, exc: LauncherError) -> JSONResponse:
-    status = next((s for cls, s in _LAUNCHER_STATUS.items() if isinstance(exc, cls)), 400)
+async def _run_error(request: Request, exc: RunError) -> JSONResponse:
+    status = next((s for cls, s in _RUN_STATUS.items() if isinstance(exc, cls)), 400)
     return _json(status, error_body(exc.code, str(exc)))
 
 
@@ -81,7 +102,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(LauncherError, _launcher_error)
+    app.add_exception_handler(RunError, _run_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -20,7 +20,7 @@ from api.errors import BodyLimitMiddleware, install_handlers
 from api.inference import Inference
 from api.routers import experiments, health, predict, runs
 from api.schemas import SPEC_EXAMPLES
-from orchestrator.launcher import Launcher
+from api.service import RunService
 from orchestrator.settings import Settings, get_settings
 from orchestrator.specs import AnySpec
 
@@ -60,7 +60,7 @@ def _offline_docs(app: FastAPI) -> None:
                               redoc_favicon_url=f"{root}{DOCS_STATIC}/favicon.png", with_google_fonts=False)
 
 
-def create_app(settings: Optional[Settings] = None, launcher: Optional[Launcher] = None) -> FastAPI:
+def create_app(settings: Optional[Settings] = None, service: Optional[RunService] = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -74,7 +74,7 @@ def create_app(settings: Optional[Settings] = None, launcher: Optional[Launcher]
                                 {"name": "experiments"}, {"name": "predict"}, {"name": "health"}])
     _offline_docs(app)
     app.state.settings = settings
-    app.state.launcher = launcher or Launcher(settings)
+    app.state.run_service = service or RunService(settings)
     app.state.inference = Inference(settings.api_max_predictions, settings.api_predict_timeout_s)
     install_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)

@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 from api.errors import ApiError
 from api.schemas import GenotypeItem, Progress, RunMetrics
+from api.store import RunRecord
 from orchestrator import tracking
-from orchestrator.launcher import RunRecord
 from orchestrator.settings import Settings
 from orchestrator.specs import METHODS
 

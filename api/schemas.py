@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.launcher import STATUSES, RunRecord
+from api.store import STATUSES, RunRecord
 
 RunStatus = Literal[STATUSES]  # type: ignore[valid-type]
 RunKind = Literal["search", "train", "pipeline", "ablation", "hpo"]

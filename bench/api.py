@@ -36,7 +36,7 @@ def seed_home(home: Path) -> str:
     """One succeeded ablation run: store record + state file + MLflow parent/child with test metrics."""
     sys.path.insert(0, str(ROOT))
     from orchestrator import tracking
-    from orchestrator.launcher import RunRecord, RunStore
+    from api.store import RunRecord, RunStore
     from orchestrator.settings import Settings
 
     s = Settings(home=home)
@@ -101,7 +101,7 @@ def main() -> int:
             run_id = seed_home(home)
             env = dict(os.environ, NAS_SCAM_HOME=str(home), NAS_SCAM_API_KEYS=key, RAY_AUTH_MODE="disabled",
                        NAS_SCAM_RAY_DASHBOARD=f"http://127.0.0.1:{_free_port()}")
-            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
+            proc = subprocess.Popen([sys.executable, "-m", "nas_scam.cli", "serve", "--port", str(port),
                                      "--no-local-ray", "--log-level", "warning"], env=env, cwd=tmp.name,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             url = f"http://127.0.0.1:{port}"

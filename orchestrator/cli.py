@@ -1,7 +1,9 @@
-"""`nas-scam` command line: one sub-command module per area under ``orchestrator/commands``.
+"""The orchestrator's commands: one sub-command module per area under ``orchestrator/commands``.
 
-Each command module exposes ``add_parser(subparsers)`` and sets ``func`` on its parser. Heavy
-imports (torch, ray, mlflow) happen inside the command functions so ``nas-scam --help`` is fast.
+``python -m orchestrator.cli`` runs them (the entrypoint of Ray jobs); the console command
+``nas-scam`` (nas_scam/cli.py) is this parser plus the API's ``serve``. Each command module exposes
+``add_parser(subparsers)`` and sets ``func`` on its parser. Heavy imports (torch, ray, mlflow) happen
+inside the command functions so ``nas-scam --help`` is fast.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 
 # order = order in --help
-COMMAND_MODULES = ["model", "data", "engine", "ablate", "serve"]
+COMMAND_MODULES = [f"orchestrator.commands.{name}" for name in ("model", "data", "engine", "ablate", "serve")]
 
 
 def version() -> str:
@@ -28,7 +31,8 @@ def version() -> str:
         return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The parser of the commands that ``modules`` (module names, in --help order) add."""
     parser = argparse.ArgumentParser(
         prog="nas-scam",
         description="NAS-SCAM: searched spatial/channel attention for nuclei segmentation, reproducibly.",
@@ -37,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"orchestrator.commands.{name}").add_parser(sub)
+    for name in modules:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 
@@ -54,10 +58,10 @@ def os_error_line(exc: OSError) -> str:
     return f"{path}: {exc.strerror}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, modules: Sequence[str] = COMMAND_MODULES) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    parser = build_parser()
+    parser = build_parser(modules)
     args = parser.parse_args(argv)
     try:
         result = args.func(args)

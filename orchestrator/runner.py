@@ -1,4 +1,4 @@
-"""The only Tuner / grid code: ablations (methods x seeds), HPO (Optuna + ASHA), job submission.
+"""The only Tuner / grid code: ablations (methods x seeds), HPO (Optuna + ASHA).
 
 Flow of ``run_ablation``: checks (tracking URI, Ray address, data folder) -> Ray (resources) -> data ->
 MLflow experiment + parent run (tagged with its repeat scope and std, the plan attached) -> one Tune
@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -379,95 +376,3 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
     c.set_tag(parent, "optuna_storage", settings.optuna_url)
     tracking.finish(c, parent)
     return path, params
-
-
-# ---------------------------------------------------------------- cluster jobs
-_FORWARD_ENV = ("RAY_AUTH_MODE", "MLFLOW_DISABLE_TELEMETRY", "NO_ALBUMENTATIONS_UPDATE")
-UPLOAD_EXCLUDES = [".venv", ".git", "*.pt", "runs", "mlruns", "__pycache__", ".pytest_cache"]
-
-
-def upload_limit() -> int:
-    """Bytes a job's zipped working_dir may have: the dashboard's HTTP body limit (413 above it) and
-    the GCS's gRPC message limit, whichever is smaller."""
-    from ray._private import ray_constants
-    from ray._private.runtime_env import packaging
-
-    return min(ray_constants.DASHBOARD_CLIENT_MAX_SIZE, packaging.GCS_STORAGE_MAX_SIZE)
-
-
-def check_upload(working_dir: Path, excludes: list[str], limit: Optional[int] = None) -> None:
-    """Refuse before submitting a working_dir Ray would reject, naming its largest entries.
-
-    Walks it with Ray's own rules (``excludes``, .gitignore, .rayignore); only when the files add up
-    past the limit is the zip built, as Ray would, to measure it exactly.
-    """
-    import logging
-    import tempfile
-
-    from ray._private.runtime_env import packaging
-
-    limit = upload_limit() if limit is None else limit
-    root = working_dir.resolve()
-    sizes: dict[str, int] = {}
-
-    def add(path: Path) -> None:
-        if path.is_file() and not path.is_symlink():
-            top = path.relative_to(root).parts[0]
-            sizes[top] = sizes.get(top, 0) + path.stat().st_size
-
-    quiet = logging.getLogger("nas_scam.upload_check")
-    quiet.setLevel(logging.WARNING)  # Ray's info lines ("Creating a file package") would be noise here
-    packaging._dir_travel(root, [packaging._get_excludes(root, excludes)], add, include_gitignore=True, logger=quiet)
-    if sum(sizes.values()) < limit:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        package = Path(tmp) / "package.zip"
-        packaging.create_package(str(root), package, include_gitignore=True, excludes=excludes, logger=quiet)
-        zipped = package.stat().st_size
-    if zipped < limit:
-        return
-    mib = 1024 ** 2
-    largest = [kv for kv in sorted(sizes.items(), key=lambda kv: -kv[1])[:5] if kv[1] >= limit // 100]
-    raise RunnerError(f"--submit would upload {root} as {zipped / mib:.1f} MiB zipped, over Ray's limit of "
-                      f"{limit / mib:.0f} MiB; largest entries: "
-                      f"{', '.join(f'{name} ({n / mib:.1f} MiB)' for name, n in largest)}. Exclude them "
-                      f"(list them in {root / '.rayignore'}) or submit from a smaller folder")
-
-
-def submit(argv: list[str], settings: Settings, working_dir: Path, follow: bool = True,
-           python: Optional[str] = None, poll_s: float = 2.0) -> int:
-    """``ray job submit`` done from Python: the same command, minus ``--submit``, runs as the job's driver."""
-    ray_env.prepare(local=False)
-    check_upload(working_dir, UPLOAD_EXCLUDES)
-    ray_env.check_dashboard(settings.ray_dashboard)
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    env = {k: v for k, v in os.environ.items()
-           if (k.startswith("NAS_SCAM_") and k != "NAS_SCAM_RAY_ADDRESS") or k in _FORWARD_ENV}
-    entrypoint = shlex.join([python or sys.executable, "-m", "orchestrator.cli", *argv])
-    client = JobSubmissionClient(settings.ray_dashboard)
-    try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env={
-            "working_dir": str(working_dir), "env_vars": env, "excludes": UPLOAD_EXCLUDES})
-    except RuntimeError as exc:
-        if " 413" not in str(exc):
-            raise
-        # the cluster's limit is lower than this Ray's default
-        raise RunnerError(f"--submit: {settings.ray_dashboard} refused the upload of {working_dir} as too large "
-                          f"(HTTP 413); exclude large files (list them in .rayignore) or submit from a "
-                          f"smaller folder") from None
-    print(f"submitted job {job_id} to {settings.ray_dashboard}: {entrypoint}", flush=True)
-    if not follow:
-        return 0
-    seen = 0
-    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    while True:
-        status = client.get_job_status(job_id)
-        logs = client.get_job_logs(job_id)
-        if len(logs) > seen:
-            print(logs[seen:], end="", flush=True)
-            seen = len(logs)
-        if status in terminal:
-            print(f"job {job_id}: {status.value}", flush=True)
-            return 0 if status == JobStatus.SUCCEEDED else 1
-        time.sleep(poll_s)

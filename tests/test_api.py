@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from api.deps import key_matches
 from api.main import create_app
-from orchestrator.launcher import Launcher, RunRecord, RunStore
+from api.store import RunRecord, RunStore
 from orchestrator.settings import Settings
 
 KEY = "test-key-123"
@@ -156,7 +156,7 @@ def test_unknown_run_is_404_and_bad_id_422(client):
 
 
 def test_list_filters_and_paginates_from_the_store(client, settings):
-    store = client.app.state.launcher.store
+    store = client.app.state.run_service.store
     t = time.time()
     for i in range(5):
         _record(store, f"run{i}", status="succeeded" if i % 2 else "failed", kind="ablation" if i < 4 else "hpo",
@@ -175,7 +175,7 @@ def test_list_filters_and_paginates_from_the_store(client, settings):
 
 
 def test_finished_run_reads_without_ray(client):
-    _record(client.app.state.launcher.store, "done1", status="succeeded")
+    _record(client.app.state.run_service.store, "done1", status="succeeded")
     run = client.get("/v1/runs/done1").json()
     assert run["status"] == "succeeded" and run["ray_job_id"] == "nas-scam-done1"
     assert run["links"]["table"] == "/v1/runs/done1/table?format=json"
@@ -187,7 +187,7 @@ def test_finished_run_reads_without_ray(client):
 
 
 def test_active_run_with_ray_gone_keeps_its_status_and_says_why(client):
-    _record(client.app.state.launcher.store, "live1", status="running")
+    _record(client.app.state.run_service.store, "live1", status="running")
     run = client.get("/v1/runs/live1").json()
     assert run["status"] == "running" and run["message"].startswith("status unknown")
     _assert_error(client.get("/v1/runs/live1/table"), 409, "not_ready")
@@ -207,7 +207,7 @@ def test_run_store_survives_reopening(tmp_path):
 def test_too_many_active_runs_is_429(settings):
     settings = settings.model_copy(update={"api_max_active_runs": 1})
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
-        _record(c.app.state.launcher.store, "busy1", status="running")
+        _record(c.app.state.run_service.store, "busy1", status="running")
         _assert_error(c.post("/v1/runs", json=SMOKE, headers={"X-API-Key": KEY}), 429, "too_many_runs")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.commands.serve import ray_env_vars, ray_head_command, stop_process_group, wait_dashboard
+from orchestrator.ray_head import ray_env_vars, ray_head_command, stop_process_group, wait_dashboard
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -82,7 +82,7 @@ class Server:
                    NAS_SCAM_RAY_DASHBOARD=self.dashboard, RAY_AUTH_MODE="disabled", **env_extra)
         env.pop("NAS_SCAM_RAY_ADDRESS", None)
         self.log = open(self.home / f"serve-{port}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
+        self.proc = subprocess.Popen([sys.executable, "-m", "nas_scam.cli", "serve", "--port", str(port),
                                       "--log-level", "warning", *([] if local_ray else ["--no-local-ray"])],
                                      env=env, cwd=str(self.home), stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -4,7 +4,8 @@ import time
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from orchestrator.launcher import Launcher, RunRecord
+from api.service import RunService
+from api.store import RunRecord
 from orchestrator.settings import Settings
 
 RAW = ("\x1b[36m(ablation_trial pid=7)\x1b[0m train 1/4:  50%|#####     | 4/8\r"
@@ -12,7 +13,7 @@ RAW = ("\x1b[36m(ablation_trial pid=7)\x1b[0m train 1/4:  50%|#####     | 4/8\r"
        "finished  full__unet__seed0 in 4s: test DSC 14.72% | 1/4 full trials done\n")
 
 
-class StubLauncher(Launcher):
+class StubService(RunService):
     def get(self, run_id, refresh=True):
         return RunRecord(id=run_id, kind="ablation", experiment="smoke", spec={}, status="running",
                          submission_id=f"nas-scam-{run_id}", run_dir="/nonexistent", created_at=time.time())
@@ -23,7 +24,7 @@ class StubLauncher(Launcher):
 
 def test_logs_route_serves_plain_text(tmp_path):
     settings = Settings(home=tmp_path / "home", api_keys=["k"])
-    with TestClient(create_app(settings, launcher=StubLauncher(settings))) as client:
+    with TestClient(create_app(settings, service=StubService(settings))) as client:
         body = client.get("/v1/runs/abc123/logs", headers={"X-API-Key": "k"}).json()
     assert body["logs"] == ("(ablation_trial pid=7) train 1/4: 100%|##########| 8/8\n"
                             "finished  full__unet__seed0 in 4s: test DSC 14.72% | 1/4 full trials done\n")

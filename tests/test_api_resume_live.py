@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.commands.serve import ray_env_vars, ray_head_command, stop_process_group, wait_dashboard
+from orchestrator.ray_head import ray_env_vars, ray_head_command, stop_process_group, wait_dashboard
 from test_api_live import SMOKE, TERMINAL, Server, free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

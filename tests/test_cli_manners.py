@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import build_parser, main, version
+from nas_scam.cli import build_parser, main
+from orchestrator.cli import version
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -56,7 +56,7 @@ def flags(argv: list[str]) -> list[str]:
 def check_command(argv: list[str]) -> None:
     """The command line parses with the CLI it names."""
     if argv[0] == "nas-scam":
-        from orchestrator.cli import build_parser
+        from nas_scam.cli import build_parser
 
         args = build_parser().parse_args(argv[1:])  # SystemExit on an unknown flag
         assert args.command == argv[1]

@@ -271,7 +271,7 @@ def _cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     for var in ("NAS_SCAM_RAY_ADDRESS", "NAS_SCAM_MLFLOW_TRACKING_URI", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         env.pop(var, None)
     with open(log, "wb") as f:
-        return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env,
+        return subprocess.Popen([sys.executable, "-m", "nas_scam.cli", *args], cwd=ROOT, env=env,
                                 stdout=f, stderr=subprocess.STDOUT)
 
 
@@ -333,8 +333,8 @@ def test_serve_refuses_a_dashboard_port_in_rays_worker_range(tmp_path):
 
 
 def test_a_failed_ray_start_quotes_the_reason_from_its_log(tmp_path):
-    from orchestrator.commands.serve import wait_dashboard
     from orchestrator.ray_env import ClusterError
+    from orchestrator.ray_head import wait_dashboard
 
     log = tmp_path / "ray-head.log"
     log.write_text("an earlier run's line: RuntimeError: old\n")
@@ -353,14 +353,14 @@ def test_a_failed_ray_start_quotes_the_reason_from_its_log(tmp_path):
 
 # ---------------------------------------------------------------- --submit upload size
 def test_submit_checks_the_upload_size_and_names_what_to_exclude(home, tmp_path, monkeypatch, capsys):
-    from orchestrator import runner
+    from orchestrator import jobs
 
     work = tmp_path / "work"
     (work / "scans").mkdir(parents=True)
     (work / "scans" / "slide.bin").write_bytes(np.random.default_rng(0).bytes(3 * 2**20))  # incompressible
     (work / "spec.yaml").write_text(yaml.safe_dump(SMOKE))
     monkeypatch.chdir(work)
-    monkeypatch.setattr(runner, "upload_limit", lambda: 2**20)
+    monkeypatch.setattr(jobs, "upload_limit", lambda: 2**20)
     monkeypatch.setenv("NAS_SCAM_RAY_DASHBOARD", f"http://127.0.0.1:{_free_port()}")
     get_settings.cache_clear()
     rc = main(["ablate", "spec.yaml", "--submit"])
@@ -402,7 +402,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_a_retry(home, tmp_path, ray_t
 def foreign_head(ray_tmp):
     """A `ray start --head` of someone else on this machine, in the temp folder our Ray uses, so its
     "current cluster" file lies where a plain ray.init() would find and join it. Stopped by its group."""
-    from orchestrator.commands.serve import ray_env_vars, ray_head_command, stop_process_group
+    from orchestrator.ray_head import ray_env_vars, ray_head_command, stop_process_group
 
     # every port free (none in 10002-19999): no clash with other Rays on the machine
     cmd = ray_head_command(_free_port(), 1, ray_tmp)

@@ -23,8 +23,10 @@ from fastapi.testclient import TestClient
 
 from api.images import image_size
 from api.main import create_app
+from api.service import RunService
+from api.store import RunRecord
 from orchestrator import tracking
-from orchestrator.launcher import Launcher, RunRecord
+from orchestrator.jobs import JobServer
 from orchestrator.settings import Settings
 from orchestrator.specs import PATH_KEYS
 
@@ -42,7 +44,7 @@ def _closed_port() -> int:
 
 
 class FakeJobs:
-    """Ray's JobSubmissionClient as far as the launcher uses it; ``known`` job ids answer, others do not exist."""
+    """Ray's JobSubmissionClient as far as the job server uses it; ``known`` job ids answer, others do not exist."""
 
     def __init__(self, delay: float = 0.0):
         self.delay, self.submitted, self.known = delay, [], set()
@@ -74,9 +76,13 @@ def settings(tmp_path: Path) -> Settings:
                     api_max_cpu=2, api_max_gpu=1)
 
 
+def _service(settings: Settings, fake: FakeJobs) -> RunService:
+    return RunService(settings, jobs=JobServer(settings.ray_dashboard, client=fake))
+
+
 def _client(settings: Settings, jobs=None) -> TestClient:
-    launcher = Launcher(settings, jobs=jobs) if jobs is not None else None
-    c = TestClient(create_app(settings, launcher), raise_server_exceptions=False)
+    service = _service(settings, jobs) if jobs is not None else None
+    c = TestClient(create_app(settings, service), raise_server_exceptions=False)
     c.headers["X-API-Key"] = KEY
     return c
 
@@ -89,7 +95,7 @@ def client(settings):
 
 @pytest.fixture
 def accepting(settings):
-    """A client whose launcher submits to a job-client double: valid specs get 202."""
+    """A client whose run service submits to a job-client double: valid specs get 202."""
     jobs = FakeJobs()
     with _client(settings, jobs) as c:
         c.jobs = jobs
@@ -206,7 +212,7 @@ def test_kind_is_required(accepting):
 def test_concurrent_posts_respect_the_active_run_limit(settings):
     limited = settings.model_copy(update={"api_max_active_runs": 3})
     jobs = FakeJobs(delay=0.3)
-    app = create_app(limited, Launcher(limited, jobs=jobs))
+    app = create_app(limited, _service(limited, jobs))
 
     async def burst():
         transport = httpx.ASGITransport(app=app)
@@ -215,7 +221,7 @@ def test_concurrent_posts_respect_the_active_run_limit(settings):
 
     codes = sorted(r.status_code for r in asyncio.run(burst()))
     assert codes == [202, 202, 202, 429, 429]
-    assert len(jobs.submitted) == 3 and app.state.launcher.store.count_active() == 3
+    assert len(jobs.submitted) == 3 and app.state.run_service.store.count_active() == 3
 
 
 def test_a_refused_submission_frees_its_slot(settings):
@@ -223,7 +229,7 @@ def test_a_refused_submission_frees_its_slot(settings):
     with _client(limited) as c:  # Ray unreachable: 503, and the reserved slot is given back
         _error(c.post("/v1/runs", json=SMOKE), 503, "cluster_unavailable")
         _error(c.post("/v1/runs", json=SMOKE), 503, "cluster_unavailable")
-        assert c.app.state.launcher.store.count_active() == 0
+        assert c.app.state.run_service.store.count_active() == 0
 
 
 # ---------------------------------------------------------------- parser bombs
@@ -323,9 +329,9 @@ def test_a_prediction_past_its_deadline_is_stopped_and_frees_inference(settings,
 
 
 # ---------------------------------------------------------------- lost runs
-def _lost_run(settings: Settings) -> tuple[Launcher, RunRecord, object, str, str]:
+def _lost_run(settings: Settings) -> tuple[RunService, RunRecord, object, str, str]:
     """A running ablation whose Ray job is gone: an MLflow parent and one child RUNNING, its state file."""
-    launcher = Launcher(settings, jobs=FakeJobs())
+    service = _service(settings, FakeJobs())
     c = tracking.client(settings.tracking_uri)
     exp = tracking.ensure_experiment(c, "smoke", settings.artifacts_root)
     parent = tracking.start_parent(c, exp, "smoke", "ablation", SMOKE, json.dumps(SMOKE))
@@ -336,13 +342,13 @@ def _lost_run(settings: Settings) -> tuple[Launcher, RunRecord, object, str, str
     (run_dir / "smoke" / "ablation.json").write_text(json.dumps({"parent_run_id": parent, "experiment_id": exp}))
     rec = RunRecord(id="lost1", kind="ablation", experiment="smoke", spec=SMOKE, status="running",
                     submission_id="nas-scam-lost1", run_dir=str(run_dir), created_at=time.time())
-    launcher.store.insert(rec)
-    return launcher, rec, c, parent, child
+    service.store.insert(rec)
+    return service, rec, c, parent, child
 
 
 def test_a_lost_run_closes_its_mlflow_runs_and_resumes(settings):
-    launcher, rec, c, parent, child = _lost_run(settings)
-    with TestClient(create_app(settings, launcher), raise_server_exceptions=False) as api:
+    service, rec, c, parent, child = _lost_run(settings)
+    with TestClient(create_app(settings, service), raise_server_exceptions=False) as api:
         api.headers["X-API-Key"] = KEY
         run = api.get("/v1/runs/lost1").json()
         assert run["status"] == "lost" and run["mlflow"]["parent_run_id"] == parent
@@ -354,7 +360,7 @@ def test_a_lost_run_closes_its_mlflow_runs_and_resumes(settings):
         body = resumed.json()
         assert body["status"] == "queued" and body["ray_job_id"] == "nas-scam-lost1-r1"
         assert body["links"]["resume"] == "/v1/runs/lost1/resume"
-        (job,) = launcher._fixed_client.submitted
+        (job,) = service.jobs._fixed_client.submitted
         assert job["submission_id"] == "nas-scam-lost1-r1" and job["entrypoint"].endswith(f"{rec.run_dir}/spec.json")
         assert api.get("/v1/runs/lost1").json()["status"] == "queued"  # Ray knows the new job
         _error(api.post("/v1/runs/lost1/resume"), 409, "conflict")  # active runs do not resume
@@ -362,15 +368,15 @@ def test_a_lost_run_closes_its_mlflow_runs_and_resumes(settings):
 
 
 def test_resume_respects_the_active_run_limit(settings):
-    launcher, *_ = _lost_run(settings)
-    launcher.get("lost1")  # -> lost
-    launcher.settings = settings.model_copy(update={"api_max_active_runs": 1})
-    launcher.store.insert(RunRecord(id="busy", kind="ablation", experiment="x", spec=SMOKE, status="running",
+    service, *_ = _lost_run(settings)
+    service.get("lost1")  # -> lost
+    service.settings = settings.model_copy(update={"api_max_active_runs": 1})
+    service.store.insert(RunRecord(id="busy", kind="ablation", experiment="x", spec=SMOKE, status="running",
                                     submission_id="nas-scam-busy", run_dir="/nonexistent", created_at=time.time()))
-    launcher._fixed_client.known.add("nas-scam-busy")
-    with TestClient(create_app(launcher.settings, launcher), raise_server_exceptions=False) as api:
+    service.jobs._fixed_client.known.add("nas-scam-busy")
+    with TestClient(create_app(service.settings, service), raise_server_exceptions=False) as api:
         _error(api.post("/v1/runs/lost1/resume", headers={"X-API-Key": KEY}), 429, "too_many_runs")
-    assert launcher.store.get("lost1").status == "lost"
+    assert service.store.get("lost1").status == "lost"
 
 
 # ---------------------------------------------------------------- a bounded fuzz, every run

@@ -6,15 +6,15 @@ from datetime import datetime, timezone
 
 from fastapi import APIRouter
 
-from api.deps import LauncherDep
+from api.deps import RunServiceDep
 from api.schemas import ExperimentList, ExperimentOut
 
 router = APIRouter(tags=["experiments"])
 
 
 @router.get("/experiments", response_model=ExperimentList, summary="experiments with their run counts")
-def list_experiments(launcher: LauncherDep) -> ExperimentList:
+def list_experiments(service: RunServiceDep) -> ExperimentList:
     items = [ExperimentOut(name=row["experiment"], kind=row["kind"], runs=row["runs"],
                            last_created=datetime.fromtimestamp(row["last_created"], tz=timezone.utc))
-             for row in launcher.store.experiments()]
+             for row in service.store.experiments()]
     return ExperimentList(items=items)

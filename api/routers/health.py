@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 from fastapi import APIRouter, Security
 from fastapi.responses import JSONResponse
 
-from api.deps import LauncherDep, SettingsDep, api_key_header, key_matches
+from api.deps import RunServiceDep, SettingsDep, api_key_header, key_matches
 from api.schemas import HealthOut, ReadyOut
 
 router = APIRouter(tags=["health"])
@@ -24,13 +24,13 @@ def healthz() -> HealthOut:
 
 @router.get("/readyz", response_model=ReadyOut, summary="Ray and MLflow are reachable",
             responses={503: {"model": ReadyOut, "description": "Ray or MLflow unreachable"}})
-def readyz(settings: SettingsDep, launcher: LauncherDep,
+def readyz(settings: SettingsDep, service: RunServiceDep,
            key: Annotated[Optional[str], Security(api_key_header)] = None):
     from orchestrator import tracking
 
     checks: dict[str, str] = {}
     try:
-        launcher.ping()
+        service.ping()
         checks["ray"] = "ok"
     except Exception as exc:  # noqa: BLE001 - the probe reports, never raises
         checks["ray"] = f"unavailable: {str(exc)[:200]}"

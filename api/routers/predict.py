@@ -17,13 +17,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from api import results
-from api.deps import LauncherDep, SettingsDep
-from api.errors import ApiError
+from api.deps import RunServiceDep, SettingsDep
+from api.errors import ApiError, RunNotFound
 from api.images import decode_image
 from api.inference import Inference
 from api.routers.runs import _errors
+from api.service import RunService
 from api.validation import check_path
-from orchestrator.launcher import Launcher, RunNotFound
 from orchestrator.settings import Settings
 
 router = APIRouter(tags=["predict"])
@@ -40,7 +40,7 @@ def _train_runs(settings: Settings, rec) -> list:
 
 
 def resolve_checkpoint(model: Optional[str], checkpoint: Optional[str], settings: Settings,
-                       launcher: Launcher) -> Path:
+                       service: RunService) -> Path:
     """The .pt file to load: a checkpoint under a data root, or the one an API/MLflow run logged."""
     if (model is None) == (checkpoint is None):
         raise ApiError(422, "validation_error", "give exactly one of model (run id) and checkpoint (path)",
@@ -51,10 +51,10 @@ def resolve_checkpoint(model: Optional[str], checkpoint: Optional[str], settings
     mlflow_id = model
     if not _MLFLOW_ID.match(model):
         try:
-            rec = launcher.get(model, refresh=False)
+            rec = service.get(model, refresh=False)
         except RunNotFound:
             raise ApiError(404, "model_not_found", f"model: no API run or MLflow run {model!r}") from None
-        launcher.find_parent(rec)
+        service.find_parent(rec)
         runs = _train_runs(settings, rec)
         if not runs:
             raise ApiError(409, "not_ready", f"model: run {model} has no finished train phase")
@@ -98,7 +98,7 @@ def _respond(path: Path, image, labels, fmt: str):
                               "content": {"application/geo+json": {"schema": {"type": "object"}},
                                           "image/png": {"schema": {"type": "string", "format": "binary"}}}},
                         **_errors(403, 404, 409, 413, 429, 503)})
-async def predict(request: Request, settings: SettingsDep, launcher: LauncherDep,
+async def predict(request: Request, settings: SettingsDep, service: RunServiceDep,
                   model: Annotated[Optional[str], Query(max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
                                                         description="API run id or MLflow run id")] = None,
                   checkpoint: Annotated[Optional[str], Query(max_length=4096,
@@ -109,7 +109,7 @@ async def predict(request: Request, settings: SettingsDep, launcher: LauncherDep
     try:
         deadline = inference.deadline()
         raw = await request.body()
-        path = await run_in_threadpool(resolve_checkpoint, model, checkpoint, settings, launcher)
+        path = await run_in_threadpool(resolve_checkpoint, model, checkpoint, settings, service)
         image = await run_in_threadpool(decode_image, raw, settings.api_max_image_pixels)
         if min(image.shape[:2]) < 16:
             raise ApiError(422, "bad_image", "image: both sides must be at least 16 pixels")

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Path as PathParam, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 
 from api import results
-from api.deps import LauncherDep, SettingsDep
+from api.deps import RunServiceDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import (ErrorOut, GenotypeOut, LogsOut, MetricsOut, RunCreated, RunKind, RunList, RunOut,
                          RunStatus, TableOut, links, run_out)
@@ -44,23 +44,23 @@ _SPEC_BODY = {"requestBody": {"required": True, "description": "a run spec (orch
 
 @router.post("", status_code=202, response_model=RunCreated, summary="launch a run spec as a Ray job",
              openapi_extra=_SPEC_BODY, responses=_errors(403, 413, 429, 503))
-async def create_run(request: Request, response: Response, settings: SettingsDep, launcher: LauncherDep) -> RunCreated:
+async def create_run(request: Request, response: Response, settings: SettingsDep, service: RunServiceDep) -> RunCreated:
     from starlette.concurrency import run_in_threadpool
 
     spec = parse_body(await request.body(), settings)
-    rec = await run_in_threadpool(launcher.submit, spec)
+    rec = await run_in_threadpool(service.submit, spec)
     response.headers["Location"] = f"/v1/runs/{rec.id}"
     return RunCreated(id=rec.id, status=rec.status, ray_job_id=rec.submission_id, links=links(rec.id))
 
 
 @router.get("", response_model=RunList, summary="runs, newest first (filter by kind, status, experiment)",
             responses=_errors())
-def list_runs(settings: SettingsDep, launcher: LauncherDep, kind: Optional[RunKind] = None,
+def list_runs(settings: SettingsDep, service: RunServiceDep, kind: Optional[RunKind] = None,
               status: Optional[RunStatus] = None,
               experiment: Annotated[Optional[str], Query(max_length=200)] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
               offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> RunList:
-    recs, total = launcher.list(kind=kind, status=status, experiment=experiment, limit=limit, offset=offset)
+    recs, total = service.list(kind=kind, status=status, experiment=experiment, limit=limit, offset=offset)
     items = [run_out(r, settings.tracking_uri) for r in recs]
     nxt = None
     if offset + len(items) < total:
@@ -72,49 +72,49 @@ def list_runs(settings: SettingsDep, launcher: LauncherDep, kind: Optional[RunKi
 
 @router.get("/{run_id}", response_model=RunOut, summary="status, progress, Ray job id and MLflow run ids",
             responses=_errors(404))
-def get_run(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> RunOut:
-    rec = launcher.get(run_id)
+def get_run(run_id: RunId, settings: SettingsDep, service: RunServiceDep) -> RunOut:
+    rec = service.get(run_id)
     runs = results.children(settings, rec)
     return run_out(rec, settings.tracking_uri, [r.info.run_id for r in runs], results.progress(rec, runs))
 
 
 @router.get("/{run_id}/logs", response_model=LogsOut, summary="the Ray job's driver log (tail)",
             responses=_errors(404, 503))
-def get_logs(run_id: RunId, launcher: LauncherDep,
+def get_logs(run_id: RunId, service: RunServiceDep,
              tail: Annotated[int, Query(ge=1, le=10 * 2**20, description="last characters")] = 65536) -> LogsOut:
-    rec = launcher.get(run_id)
+    rec = service.get(run_id)
     # served for machines and scripts: no ANSI colours, tqdm's \r-rewritten lines reduced to their last state
-    text = strip_ansi(launcher.logs(run_id, tail=0))
+    text = strip_ansi(service.logs(run_id, tail=0))
     return LogsOut(id=rec.id, status=rec.status, logs=text[-tail:], truncated=len(text) > tail)
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut, summary="stop the run's Ray job",
              responses=_errors(404, 409, 503))
-def cancel_run(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> RunOut:
-    rec = launcher.cancel(run_id)
+def cancel_run(run_id: RunId, settings: SettingsDep, service: RunServiceDep) -> RunOut:
+    rec = service.cancel(run_id)
     return run_out(rec, settings.tracking_uri)
 
 
 @router.post("/{run_id}/resume", status_code=202, response_model=RunOut,
              summary="submit a lost, failed or cancelled run again; finished phases are not re-run",
              responses=_errors(404, 409, 429, 503))
-def resume_run(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> RunOut:
-    rec = launcher.resume(run_id)
+def resume_run(run_id: RunId, settings: SettingsDep, service: RunServiceDep) -> RunOut:
+    rec = service.resume(run_id)
     return run_out(rec, settings.tracking_uri)
 
 
 @router.get("/{run_id}/metrics", response_model=MetricsOut, summary="latest metrics of the parent and each phase run",
             responses=_errors(404, 503))
-def get_metrics(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> MetricsOut:
-    rec = launcher.get(run_id)
+def get_metrics(run_id: RunId, settings: SettingsDep, service: RunServiceDep) -> MetricsOut:
+    rec = service.get(run_id)
     parent, runs = results.metrics(settings, rec)
     return MetricsOut(id=rec.id, status=rec.status, parent=parent, runs=runs)
 
 
 @router.get("/{run_id}/genotype", response_model=GenotypeOut, summary="genotypes of the finished searches",
             responses=_errors(404, 409, 503))
-def get_genotype(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) -> GenotypeOut:
-    rec = launcher.get(run_id)
+def get_genotype(run_id: RunId, settings: SettingsDep, service: RunServiceDep) -> GenotypeOut:
+    rec = service.get(run_id)
     items = results.genotypes(settings, rec)
     if not items:
         if not rec.terminal:
@@ -127,11 +127,11 @@ def get_genotype(run_id: RunId, settings: SettingsDep, launcher: LauncherDep) ->
             responses={200: {"model": TableOut, "content": {"text/csv": {"schema": {"type": "string"}},
                                                             "text/markdown": {"schema": {"type": "string"}}}},
                        **_errors(404, 409, 503)})
-def get_table(run_id: RunId, settings: SettingsDep, launcher: LauncherDep,
+def get_table(run_id: RunId, settings: SettingsDep, service: RunServiceDep,
               format: Literal["json", "csv", "md"] = "json"):
     from orchestrator import tables
 
-    rec = launcher.get(run_id)
+    rec = service.get(run_id)
     df = results.table(settings, rec)
     if df is None:
         if not rec.terminal:

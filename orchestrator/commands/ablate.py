@@ -88,7 +88,9 @@ def _load(args, kind: str):
 
 
 def _submit(args, argv_tail: list[str]) -> int:
-    from orchestrator.runner import submit
+    """``ray job submit`` done from Python: the same command, minus ``--submit``, runs as the job's driver
+    over the current folder (uploaded); follows its log unless ``--no-follow``."""
+    from orchestrator.jobs import JobServer, entrypoint, job_env
     from orchestrator.settings import get_settings
 
     spec_path = Path(args.spec).resolve()
@@ -96,7 +98,15 @@ def _submit(args, argv_tail: list[str]) -> int:
     if not spec_path.is_relative_to(cwd):
         raise ValueError(f"--submit uploads the current folder {cwd}; the spec {spec_path} must lie inside it")
     argv = [args.command, str(spec_path.relative_to(cwd)), *argv_tail]
-    return submit(argv, get_settings(), cwd, follow=not args.no_follow, python=get_settings().job_python)
+    settings = get_settings()
+    server = JobServer(settings.ray_dashboard)
+    job_id = server.submit(argv, job_env(), python=settings.job_python, working_dir=cwd)
+    print(f"submitted job {job_id} to {settings.ray_dashboard}: {entrypoint(argv, settings.job_python)}", flush=True)
+    if args.no_follow:
+        return 0
+    status = server.follow(job_id)
+    print(f"job {job_id}: {status}", flush=True)
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def _tail(args) -> list[str]:
@@ -187,7 +197,7 @@ def cmd_ui(args) -> int:
            "--backend-store-uri", uri, "--artifacts-destination", str(s.artifacts_root)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it. The runs view: "
           f"http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning", flush=True)
-    from orchestrator.commands.serve import stop_process_group
+    from orchestrator.ray_head import stop_process_group
 
     # the server (gunicorn/uvicorn and its workers) in a group of its own, stopped as a whole however we
     # end: Ctrl-C, SIGTERM (made a SystemExit so the `finally` runs) or an error

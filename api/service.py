@@ -1,0 +1,259 @@
+"""The API's run service: run specs become Ray jobs (through ``orchestrator.jobs``); their records live
+in the run store (``api.store``).
+
+A run = one validated spec submitted as the Ray job ``nas-scam-<id>`` whose entrypoint is
+``<python> -m orchestrator.cli run-spec <runs>/api/<id>/spec.json``. The job writes everything under
+``<runs>/api/<id>`` (NAS_SCAM_RUNS_DIR) and into the shared MLflow store. The service asks Ray for the
+live status of active runs; a job Ray no longer knows (the head was restarted) gets its status from
+the MLflow parent run, else ``lost``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from api.errors import ClusterUnavailable, RunConflict, RunNotFound, TooManyRuns
+from api.store import RESUMABLE, RunRecord, RunStore
+from orchestrator.jobs import JobError, JobNotFound, JobServer, job_env
+from orchestrator.settings import Settings
+
+# the message of a record whose Ray job is being submitted
+SUBMITTING = "submitting to Ray"
+_RAY_STATUS = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
+               "STOPPED": "cancelled"}
+_MLFLOW_STATUS = {"FINISHED": "succeeded", "FAILED": "failed", "KILLED": "cancelled"}
+# the state file each kind of job writes under <run_dir>/<experiment>/ (parent run and experiment ids)
+STATE_FILES = ("ablation.json", "run.json")
+
+
+class RunService:
+    """Submit, list, follow, resume and stop runs: the run store plus the job server."""
+
+    def __init__(self, settings: Settings, store: Optional[RunStore] = None, jobs: Optional[JobServer] = None):
+        """``jobs``: the job server to use instead of the one at ``settings.ray_dashboard`` (tests)."""
+        self.settings = settings
+        self.store = store or RunStore(settings.api_home / "runs.db")
+        self.jobs = jobs or JobServer(settings.ray_dashboard)
+        self._submitting: set[str] = set()  # run ids between their record and Ray's answer: not lost
+
+    @staticmethod
+    def _ray(fn: Callable, *args, **kwargs):
+        """A job-server call with the API's errors: unknown job -> RunNotFound, no cluster -> ClusterUnavailable."""
+        try:
+            return fn(*args, **kwargs)
+        except JobNotFound as exc:
+            raise RunNotFound(str(exc)) from None
+        except JobError as exc:
+            raise ClusterUnavailable(str(exc)) from None
+
+    def ping(self) -> dict[str, Any]:
+        """Dashboard reachable and the job API answering; returns the cluster's job count."""
+        return {"dashboard": self.jobs.dashboard, "jobs": len(self._ray(self.jobs.list))}
+
+    # ------------------------------------------------------------ submit
+    def _too_many(self) -> TooManyRuns:
+        return TooManyRuns(f"{self.settings.api_max_active_runs} runs are queued or running "
+                           f"(NAS_SCAM_API_MAX_ACTIVE_RUNS); wait or cancel one")
+
+    def submit(self, spec) -> RunRecord:
+        """Write the spec under ``<runs>/api/<id>``, submit the Ray job, record it (status ``queued``).
+
+        The record is inserted first, only if fewer than ``api_max_active_runs`` runs are active (one
+        transaction), and removed again when Ray refuses the job."""
+        run_id = uuid.uuid4().hex[:16]
+        run_dir = (self.settings.runs_root / "api" / run_id).resolve()
+        spec_dict = spec.model_dump(mode="json")
+        rec = RunRecord(id=run_id, kind=spec.kind, experiment=spec.name, spec=spec_dict, status="queued",
+                        submission_id=f"nas-scam-{run_id}", run_dir=str(run_dir), created_at=time.time(),
+                        message=SUBMITTING)
+        if not self.store.insert_if_room(rec, self.settings.api_max_active_runs):
+            raise self._too_many()
+        self._submitting.add(run_id)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "spec.json").write_text(json.dumps(spec_dict, indent=2))
+            self._submit_job(rec)
+        except BaseException:
+            self.store.delete(run_id)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        finally:
+            self._submitting.discard(run_id)
+        rec.message = ""
+        self.store.update(run_id, message="")
+        return rec
+
+    def _submit_job(self, rec: RunRecord) -> None:
+        """The Ray job ``rec.submission_id`` running ``run-spec <run_dir>/spec.json`` over this API's stores."""
+        run_dir = Path(rec.run_dir)
+        # a single run trains in the job's driver: reserve its resources there; Tune drivers only coordinate
+        single = rec.kind in ("search", "train", "pipeline")
+        resources = rec.spec.get("resources") or {}
+        self._ray(self.jobs.submit, ["run-spec", str(run_dir / "spec.json")], job_env(self.settings, run_dir),
+                  python=self.settings.job_python, submission_id=rec.submission_id,
+                  metadata={"nas_scam_run": rec.id, "kind": rec.kind, "experiment": rec.experiment},
+                  num_cpus=resources.get("cpu", 1.0) if single else 0,
+                  num_gpus=resources.get("gpu", 0.0) if single else 0)
+
+    def resume(self, run_id: str) -> RunRecord:
+        """Submit a lost, failed or cancelled run again as a new Ray job over the same run folder.
+
+        The job resumes: an ablation or HPO reopens its MLflow parent and restores its Tuner (finished
+        trials are not re-run), a single run continues from its last checkpoint under a new parent."""
+        rec = self.get(run_id)
+        if rec.status not in RESUMABLE:
+            raise RunConflict(f"run {run_id} is {rec.status}; only {', '.join(RESUMABLE)} runs can be resumed")
+        base = f"nas-scam-{rec.id}"
+        attempt = int(rec.submission_id.rsplit("-r", 1)[1]) + 1 if rec.submission_id != base else 1
+        before = {"status": rec.status, "message": rec.message, "submission_id": rec.submission_id,
+                  "parent_run_id": rec.parent_run_id, "experiment_id": rec.experiment_id}
+        values = {"status": "queued", "message": SUBMITTING, "submission_id": f"{base}-r{attempt}",
+                  "cancel_requested": 0, "ended_at": None}
+        single = rec.kind in ("search", "train", "pipeline")
+        if single:
+            values.update(parent_run_id=None, experiment_id=None)
+        if not self.store.update_if_room(rec.id, self.settings.api_max_active_runs, **values):
+            raise self._too_many()
+        state = Path(rec.run_dir) / rec.experiment / "run.json"
+        if single and state.is_file():
+            # a single run opens a new MLflow parent each time: its old state file must not name the old one
+            state.rename(state.with_name(f"run.{attempt - 1}.json"))
+        resumed = self.store.get(rec.id)
+        self._submitting.add(rec.id)
+        try:
+            self._submit_job(resumed)
+        except BaseException:
+            self.store.update(rec.id, **before)
+            raise
+        finally:
+            self._submitting.discard(rec.id)
+        self.store.update(rec.id, message="")
+        resumed.message = ""
+        return resumed
+
+    # ------------------------------------------------------------ read
+    def get(self, run_id: str, refresh: bool = True) -> RunRecord:
+        rec = self.store.get(run_id)
+        if rec is None:
+            raise RunNotFound(f"no run {run_id!r}")
+        return self._refresh(rec) if refresh else rec
+
+    def list(self, kind: Optional[str] = None, status: Optional[str] = None, experiment: Optional[str] = None,
+             limit: int = 50, offset: int = 0) -> tuple[list[RunRecord], int]:
+        # refresh the active runs first, so a status filter sees the true status
+        active, _ = self.store.query(kind=kind, experiment=experiment, limit=1000)
+        for rec in active:
+            if not rec.terminal:
+                self._refresh(rec)
+        return self.store.query(kind=kind, status=status, experiment=experiment, limit=limit, offset=offset)
+
+    def _refresh(self, rec: RunRecord) -> RunRecord:
+        """Ask Ray (then MLflow) for the live status of an active run; persist what changed."""
+        if rec.terminal:
+            self.find_parent(rec)
+            return rec
+        try:
+            info = self._ray(self.jobs.info, rec.submission_id)
+        except RunNotFound:
+            if rec.id in self._submitting:
+                return rec  # the submitting request has not reached Ray yet
+            status, message = self._status_from_mlflow(rec)
+            info = None
+        except ClusterUnavailable as exc:
+            rec.message = f"status unknown: {exc}"
+            return rec
+        if info is not None:
+            status = _RAY_STATUS.get(info.status.value if hasattr(info.status, "value") else str(info.status), "queued")
+            if status in ("queued", "running") and rec.cancel_requested:
+                status = "cancelling"
+            message = (info.message or "")[:2000]
+            rec.started_at = info.start_time / 1000 if info.start_time else rec.started_at
+            rec.ended_at = info.end_time / 1000 if info.end_time else rec.ended_at
+        changed = (status, message) != (rec.status, rec.message)
+        lost_now = status == "lost" and rec.status != "lost"
+        rec.status, rec.message = status, message
+        self.find_parent(rec)
+        if lost_now:
+            # nobody will close its MLflow runs any more: the parent and the phases in flight are FAILED
+            self._close_mlflow(rec, "FAILED", "lost: the Ray job is gone (the cluster was restarted)")
+        if changed or rec.terminal:
+            self.store.update(rec.id, status=rec.status, message=rec.message, started_at=rec.started_at,
+                              ended_at=rec.ended_at, parent_run_id=rec.parent_run_id, experiment_id=rec.experiment_id)
+        return rec
+
+    def find_parent(self, rec: RunRecord) -> None:
+        if rec.parent_run_id:
+            return
+        for name in STATE_FILES:
+            path = Path(rec.run_dir) / rec.experiment / name
+            if path.is_file():
+                try:
+                    state = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    return  # being written; next time
+                rec.parent_run_id, rec.experiment_id = state.get("parent_run_id"), state.get("experiment_id")
+                self.store.update(rec.id, parent_run_id=rec.parent_run_id, experiment_id=rec.experiment_id)
+                return
+
+    def _status_from_mlflow(self, rec: RunRecord) -> tuple[str, str]:
+        self.find_parent(rec)
+        if rec.parent_run_id:
+            try:
+                from orchestrator import tracking
+
+                status = tracking.client(self.settings.tracking_uri).get_run(rec.parent_run_id).info.status
+                if status in _MLFLOW_STATUS:
+                    return _MLFLOW_STATUS[status], f"Ray no longer knows job {rec.submission_id}; status from MLflow"
+            except Exception:  # noqa: BLE001 - the store may be gone too: then the run is lost
+                pass
+        return "lost", f"Ray no longer knows job {rec.submission_id} (the cluster was restarted) and MLflow has no end"
+
+    def logs(self, run_id: str, tail: int = 65536) -> str:
+        rec = self.get(run_id, refresh=False)
+        try:
+            text = self._ray(self.jobs.logs, rec.submission_id)
+        except RunNotFound:
+            return ""
+        return text[-tail:] if tail else text
+
+    # ------------------------------------------------------------ stop
+    def cancel(self, run_id: str) -> RunRecord:
+        """Stop the Ray job; its MLflow runs still RUNNING are marked KILLED."""
+        rec = self.get(run_id)
+        if rec.terminal:
+            raise RunConflict(f"run {run_id} is already {rec.status}")
+        self.store.update(rec.id, cancel_requested=1)
+        rec.cancel_requested = True
+        try:
+            self._ray(self.jobs.stop, rec.submission_id)
+        except RunNotFound:
+            pass
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            rec = self._refresh(rec)
+            if rec.terminal:
+                break
+            time.sleep(0.5)
+        self._close_mlflow(rec, "KILLED", "cancelled through the API")
+        return rec
+
+    def _close_mlflow(self, rec: RunRecord, status: str, reason: str) -> None:
+        """The run's MLflow parent and its children still RUNNING end with ``status`` and a ``stopped`` tag."""
+        self.find_parent(rec)
+        if not rec.parent_run_id:
+            return
+        try:
+            from orchestrator import tracking
+
+            c = tracking.client(self.settings.tracking_uri)
+            tracking.kill_dangling(c, rec.experiment_id, rec.parent_run_id, reason, status=status)
+            if c.get_run(rec.parent_run_id).info.status == "RUNNING":
+                c.set_tag(rec.parent_run_id, "stopped", reason)
+                tracking.finish(c, rec.parent_run_id, status)
+        except Exception:  # noqa: BLE001 - the Ray job is gone either way; MLflow is bookkeeping
+            pass

@@ -1,0 +1,27 @@
+"""`nas-scam`: the orchestrator's commands plus the API's ``serve``, in one parser.
+
+It lives above both packages because ``serve`` needs the API and the API needs the orchestrator:
+imports run nas_scam -> api -> orchestrator -> nas_core. Ray jobs run ``python -m orchestrator.cli``
+instead, which knows every command but ``serve`` and never imports the API.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from orchestrator import cli
+
+# order = order in --help
+COMMAND_MODULES = [*cli.COMMAND_MODULES, "api.serve"]
+
+
+def build_parser():
+    return cli.build_parser(COMMAND_MODULES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(argv, COMMAND_MODULES)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
