@@ -124,7 +124,8 @@ class _ConfigSpec(_Spec):
     overrides: dict[str, Any] = Field(default_factory=dict)
     resources: ResourceSpec = ResourceSpec()
     # built once by validation (trial_configs): every checked config, and each method's own config,
-    # from which every trial's config is derived (trial_config)
+    # from which every trial's config is derived (trial_config). model_copy(update=...) skips validation
+    # and keeps them: fine for the grid fields (methods, seeds, repeat, name), stale for the others
     _configs: list = PrivateAttr(default_factory=list)
     _bases: dict = PrivateAttr(default_factory=dict)
 
