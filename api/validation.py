@@ -1,9 +1,9 @@
 """A POST /v1/runs body -> a spec the server accepts, or ApiError 403/422 naming the field.
 
 Order: JSON (finite numbers, bounded nesting), ``kind`` present, the orchestrator's spec models (strict
-types, identifier names), then every trial config the spec expands into (``AnySpec.configs``: methods,
-HPO choices and range ends) is checked for paths outside the data roots and sizes over the server's
-bounds. The check reads the built RunConfig, so a path or size is caught whichever spec key, override
+types, identifier names), then every config the spec's validation built (``spec.configs``: one per
+method, from which ``orchestrator.plan`` derives every trial's config, and each HPO choice and range
+end) is checked for paths outside the data roots and sizes over the server's bounds. The check reads the built RunConfig, so a path or size is caught whichever spec key, override
 or search-space value set it.
 """
 

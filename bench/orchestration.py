@@ -122,16 +122,19 @@ def tune_trial(spec, method: str, seed: int, root: Path, settings, track, log_mo
     """One ``ablation_trial`` through ``runner._tuner`` on the running Ray: its final metrics."""
     from ray import tune
 
+    from orchestrator import plan
     from orchestrator.runner import _trial_name, _tuner
     from orchestrator.trials import ablation_trial
 
     c, exp_id, parent = track
     ctx = {"tracking_uri": settings.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent,
            "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model}
-    space = {"method": tune.grid_search([method]), "seed": tune.grid_search([seed]), "stage": "full",
-             "spec": spec.model_dump(mode="json"), "ctx": ctx}
+    one = spec.model_copy(update={"methods": [method], "seeds": [seed], "repeat": "full"})
+    (trial,) = plan.expand(one, root, settings.data_root)
+    space = {"trial": tune.grid_search([trial.name]), "ctx": ctx}
     tc = tune.TuneConfig(trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
-    grid = _tuner(ablation_trial, "stage-full", root / "tune", space, tc, {"cpu": 1, "gpu": 0}, 0, False).fit()
+    trainable = tune.with_parameters(ablation_trial, trials={trial.name: trial.to_dict()})
+    grid = _tuner(trainable, "stage-full", root / "tune", space, tc, {"cpu": 1, "gpu": 0}, 0, False).fit()
     res = grid[0]
     if res.error is not None:
         raise RuntimeError(f"the Tune trial failed: {res.error}")

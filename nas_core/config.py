@@ -365,6 +365,24 @@ def parse_override(item: str) -> dict[str, Any]:
     return out
 
 
+def nest_dotted(data: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": "1e-3", "data": {"stain": "none"}}`` -> ``{"train": {"lr": 0.001}, "data": {...}}``:
+    dotted keys expanded at any depth, YAML 1.1's float strings read as the floats a user means."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        value = nest_dotted(value) if isinstance(value, dict) else _fix_yaml_floats(value)
+        for part in reversed(str(key).split(".")):
+            value = {part: value}
+        out = _deep_merge(out, value)
+    return out
+
+
+def apply_overrides(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (a config dict, whole or partial) with ``update`` (nested or dotted keys) merged over it;
+    neither argument changes."""
+    return _deep_merge(base, nest_dotted(update))
+
+
 def _fix_yaml_floats(data: Any) -> Any:
     if isinstance(data, dict):
         return {k: _fix_yaml_floats(v) for k, v in data.items()}

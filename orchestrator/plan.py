@@ -1,10 +1,13 @@
-"""What an ablation will do, before anything runs: ``nas-scam ablate SPEC --plan``.
+"""A spec becomes trials here, once: ``expand`` (ablations) and ``hpo_base`` (HPO) are the one expansion
+the runner, ``--plan``, the CLI and ``--submit`` use. Each trial carries plain RunConfig dicts and its
+identity (stage, method, seed, run names); a Ray trial calls ``config_from_dict`` and never sees the spec.
 
-``build_plan`` resolves every trial's RunConfig, prepares (or opens) the dataset to count crops and
-iterations per epoch (``nas_core.engine.loop.epoch_lengths``), counts each model's FLOPs per step on
-the meta device and measures this machine's rate with a short conv benchmark, then estimates FLOPs and
-time per trial. It starts no Ray and no MLflow run. ``to_text`` / ``to_markdown`` render it; the same
-dict goes to the MLflow parent run as plan.json / plan.md when the ablation really runs.
+``build_plan`` (``nas-scam ablate SPEC --plan``) says what an ablation will do before anything runs: it
+prepares (or opens) the dataset to count crops and iterations per epoch
+(``nas_core.engine.loop.epoch_lengths``), counts each model's FLOPs per step on the meta device and
+measures this machine's rate with a short conv benchmark, then estimates FLOPs and time per trial. It
+starts no Ray and no MLflow run. ``to_text`` / ``to_markdown`` render it; the same dict goes to the
+MLflow parent run as plan.json / plan.md when the ablation really runs.
 
 Each protocol line names its source in ../shared/docs/method.md (section numbers), so a reader can
 check it against the paper and the release.
@@ -12,12 +15,13 @@ check it against the paper and the release.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from nas_core.config import RunConfig, diff_from_protocol
+from nas_core.config import RunConfig, config_from_dict, diff_from_protocol
 from orchestrator.settings import Settings
-from orchestrator.specs import METHODS, AblationSpec, build_config, run_name
+from orchestrator.specs import METHODS, AblationSpec, HpoSpec, run_name, trial_config
 
 # fields that name a trial rather than change the protocol
 IDENTITY = ("model.name", "model.search", "model.genotype", "seed", "data.cache_dir")
@@ -34,14 +38,84 @@ class PlanError(ValueError):
     """The plan cannot be made (missing data folder, for instance); the message names the culprit."""
 
 
+@dataclass(frozen=True)
+class Run:
+    """One engine run (a search or a retrain): its identity and its RunConfig as a plain dict."""
+
+    phase: str
+    method: str
+    seed: int
+    name: str  # run_name(phase, method, seed): the run folder and the MLflow run name
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One Ray Tune trial of an ablation: the runs it makes, in order. ``carry``: the search run whose
+    files (genotype, result) the retrain reads, kept in the trial's checkpoints."""
+
+    stage: str  # full | search | train: the Tune grid it belongs to
+    method: str
+    seed: int
+    runs: tuple[Run, ...]
+    carry: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return run_name(self.stage, self.method, self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, as a Ray trial receives it."""
+        return {**asdict(self), "runs": [asdict(r) for r in self.runs], "name": self.name}
+
+
+def expand(spec: AblationSpec, runs_dir: Path, data_root: Optional[Path] = None) -> list[Trial]:
+    """Every trial of the ablation in the runner's order, grouped by stage: ``full`` is one grid of search +
+    retrain per seed; ``retrain`` (the default) a grid of searches on the first seed, then one of retrains
+    per seed, each NAS-SCAM retrain reading its method's search under ``runs_dir``."""
+    seeds = spec.seed_list
+
+    def run(phase: str, method: str, seed: int, genotype: Optional[Path] = None) -> Run:
+        name = run_name(phase, method, seed)
+        return Run(phase, method, seed, name, trial_config(spec, method, seed, data_root=data_root, genotype=genotype))
+
+    def search_of(method: str, seed: int) -> Optional[str]:
+        if not METHODS[method].needs_search:
+            return None
+        return run_name("search", method, seed if spec.repeat == "full" else seeds[0])
+
+    def train(method: str, seed: int) -> Run:
+        search = search_of(method, seed)
+        return run("train", method, seed, runs_dir / search / "genotype.json" if search else None)
+
+    if spec.repeat == "full":
+        return [Trial("full", m, s, ((run("search", m, s),) if search_of(m, s) else ()) + (train(m, s),),
+                      search_of(m, s)) for m in spec.methods for s in seeds]
+    searches = [Trial("search", m, seeds[0], (run("search", m, seeds[0]),), search_of(m, seeds[0]))
+                for m in spec.search_methods]
+    return searches + [Trial("train", m, s, (train(m, s),), search_of(m, s)) for m in spec.methods for s in seeds]
+
+
+def stages(trials: list[Trial]) -> list[tuple[str, list[Trial]]]:
+    """The trials grouped into Tune grids, in order: [(stage, trials)]."""
+    out: list[tuple[str, list[Trial]]] = []
+    for t in trials:
+        if not out or out[-1][0] != t.stage:
+            out.append((t.stage, []))
+        out[-1][1].append(t)
+    return out
+
+
 def trial_list(spec: AblationSpec) -> list[tuple[str, str, int]]:
     """(phase, method, seed) of every run the ablation makes, in the runner's order."""
-    seeds = spec.seed_list
-    if spec.repeat == "full":
-        return [(phase, m, s) for m in spec.methods for s in seeds
-                for phase in (("search", "train") if METHODS[m].needs_search else ("train",))]
-    return ([("search", m, seeds[0]) for m in spec.search_methods]
-            + [("train", m, s) for m in spec.methods for s in seeds])
+    return [(r.phase, r.method, r.seed) for t in expand(spec, Path(".")) for r in t.runs]
+
+
+def hpo_base(spec: HpoSpec, data_root: Optional[Path] = None) -> dict[str, Any]:
+    """The config dict every HPO trial starts from; a trial applies its sampled values to it
+    (``nas_core.config.apply_overrides``)."""
+    genotype = Path(spec.genotype) if spec.genotype else None
+    return trial_config(spec, spec.method, spec.seed, data_root=data_root, genotype=genotype)
 
 
 def _model_builder(cfg: RunConfig, phase: str):
@@ -151,9 +225,9 @@ def _protocol_lines(cfg: RunConfig, spec: AblationSpec) -> list[dict]:
 
 
 def build_plan(spec: AblationSpec, settings: Settings, rate: Optional[dict] = None,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, trials: Optional[list[Trial]] = None) -> dict[str, Any]:
     """The plan of ``spec`` as a JSON-ready dict. ``rate``: a ``measure_conv_rate`` result to reuse
-    (default: measured now, about a second)."""
+    (default: measured now, about a second); ``trials``: ``expand``'s, when the caller has them."""
     from nas_core.data import ensure_dataset
     from nas_core.engine.device import resolve_device, set_float32_precision
     from nas_core.engine.loop import epoch_lengths
@@ -161,29 +235,24 @@ def build_plan(spec: AblationSpec, settings: Settings, rate: Optional[dict] = No
 
     if spec.data.source is not None and not Path(spec.data.source).expanduser().is_dir():
         raise PlanError(f"data folder {spec.data.source} does not exist (data.source / --data)")
-    root = settings.runs_root / spec.name
-    runs = trial_list(spec)
-    configs = []
-    for phase, method, seed in runs:
-        genotype = None
-        if phase == "train" and METHODS[method].needs_search:
-            search_seed = seed if spec.repeat == "full" else spec.seed_list[0]
-            genotype = root / run_name("search", method, search_seed) / "genotype.json"
-        configs.append(build_config(spec, method, seed, data_root=settings.data_root, genotype=genotype))
+    if trials is None:
+        trials = expand(spec, settings.runs_root / spec.name, settings.data_root)
+    runs = [r for t in trials for r in t.runs]
+    configs = [config_from_dict(r.config) for r in runs]
     first = configs[0]
     if rate is None:
         device = resolve_device(first.device)
         set_float32_precision(device, first.tf32)
         rate = measure_conv_rate(device, amp=first.amp)
     datasets: dict = {}
-    trials = []
-    for (phase, method, seed), cfg in zip(runs, configs):
+    rows = []
+    for r, cfg in zip(runs, configs):
         if cfg.data not in datasets:
             data = ensure_dataset(cfg.data, settings.data_root, cfg.data.seed, progress=progress)
             datasets[cfg.data] = (len(datasets), data)
         index, data = datasets[cfg.data]
-        trial = _trial(cfg, phase, method, seed, epoch_lengths(cfg, data), data, rate["flops_per_s"])
-        trials.append({**trial, "data": index})
+        row = _trial(cfg, r.phase, r.method, r.seed, epoch_lengths(cfg, data), data, rate["flops_per_s"])
+        rows.append({**row, "data": index})
     data_info = []
     for dcfg, (index, data) in datasets.items():
         source = dcfg.source or f"synthetic: {dcfg.synthetic_images} images of {dcfg.synthetic_size} px"
@@ -191,14 +260,14 @@ def build_plan(spec: AblationSpec, settings: Settings, rate: Optional[dict] = No
                           "images": {s: len(data.image_ids(s)) for s in ("train", "val", "test")},
                           "crops": {s: int(len(data.crops(s))) for s in ("train", "val", "test")},
                           "bucket_sizes": {str(c): int(len(v)) for c, v in data.buckets.items()}})
-    common = _common_overrides(trials)
+    common = _common_overrides(rows)
     return {
         "kind": "ablation", "name": spec.name, "protocol": spec.protocol, "preset": spec.preset,
         "repeat": spec.repeat, "std": spec.std, "seeds": spec.seed_list, "methods": spec.methods,
         "protocol_lines": _protocol_lines(first, spec),
-        "common_overrides": common, "data": data_info, "rate": rate, "trials": trials,
-        "totals": {"trials": len(trials), "flops": int(sum(t["flops"] for t in trials)),
-                   "time_s": sum(t["time_s"] for t in trials)},
+        "common_overrides": common, "data": data_info, "rate": rate, "trials": rows,
+        "totals": {"trials": len(rows), "flops": int(sum(t["flops"] for t in rows)),
+                   "time_s": sum(t["time_s"] for t in rows)},
         "notes": [
             "FLOPs: convolutions and matrix products per step (torch FlopCounterMode on the meta device), "
             "times the batch; element-wise work is not counted. Evaluation = validation and test windows "

@@ -93,29 +93,16 @@ def _prepare_data(spec, settings: Settings, seeds: list[int]) -> None:
 
 
 # ---------------------------------------------------------------- ablation
-def _log_plan(c, parent: str, spec: AblationSpec, settings: Settings) -> None:
-    """The ``--plan`` of this ablation as parent-run artifacts (plan.json, plan.md) and its repeat
-    scope and std as tags, before any trial starts."""
+def _log_plan(c, parent: str, spec: AblationSpec, settings: Settings, trials) -> None:
+    """The ``--plan`` of this ablation (``trials``: its ``plan.expand``) as parent-run artifacts
+    (plan.json, plan.md) and its repeat scope and std as tags, before any trial starts."""
     from orchestrator import plan
 
     c.set_tag(parent, "repeat", spec.repeat)
     c.set_tag(parent, "std", spec.std)
-    p = plan.build_plan(spec, settings)
+    p = plan.build_plan(spec, settings, trials=trials)
     c.log_text(parent, json.dumps(p, indent=2), "plan.json")
     c.log_text(parent, plan.to_markdown(p), "plan.md")
-
-
-def _stages(spec: AblationSpec) -> list[tuple[str, list[str], list[int]]]:
-    """(stage, methods, seeds) per Tune grid: ``full`` is one grid of search + retrain per seed;
-    ``retrain`` (the default) a grid of searches on the first seed, then one of retrains per seed."""
-    seeds = spec.seed_list
-    if spec.repeat == "full":
-        return [("full", spec.methods, seeds)]
-    stages = []
-    if spec.search_methods:
-        stages.append(("search", spec.search_methods, seeds[:1]))
-    stages.append(("train", spec.methods, seeds))
-    return stages
 
 
 def _open_parent(spec, settings: Settings, kind: str, resume: bool) -> tuple[Any, str, str, Path]:
@@ -188,8 +175,7 @@ def _tuner(trainable, name: str, storage: Path, param_space: dict, tune_config, 
 
 
 def _trial_name(trial) -> str:
-    cfg = trial.config
-    return f"{cfg['stage']}__{cfg['method']}__seed{cfg['seed']}"
+    return trial.config["trial"]  # plan.Trial.name
 
 
 def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, log_model: bool = True,
@@ -200,31 +186,38 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
     ``<run folder>/logs/``."""
     from ray import tune
 
+    from orchestrator import plan
     from orchestrator.progress import Progress
     from orchestrator.trials import ablation_trial
 
     preflight(spec, settings)
+    root = settings.runs_root / spec.name
+    trials = plan.expand(spec, root, settings.data_root)
     started = start_ray(settings, spec.resources.cpu, spec.resources.gpu, log_to_driver=verbose)
     c, exp_id, parent, root = _begin(spec, settings, "ablation", resume, spec.seed_list, started)
     failures: list[dict[str, Any]] = []
     try:
-        _log_plan(c, parent, spec, settings)
+        _log_plan(c, parent, spec, settings, trials)
         ctx = {"tracking_uri": settings.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent,
                "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model,
                "verbose": verbose}
         resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-        for stage, methods, seeds in _stages(spec):
-            space = {"method": tune.grid_search(methods), "seed": tune.grid_search(seeds), "stage": stage,
-                     "spec": spec.model_dump(mode="json"), "ctx": ctx}
+        for stage, group in plan.stages(trials):
+            # a grid over trial names; each trial's config dicts reach it through the object store
+            # (tune.with_parameters), not through every result row as a Tune config would
+            table = {t.name: t.to_dict() for t in group}
+            space = {"trial": tune.grid_search(list(table)), "ctx": ctx}
             tc = tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, trial_name_creator=_trial_name,
                                  trial_dirname_creator=_trial_name)
-            names = [f"{stage}__{m}__seed{s}" for m in methods for s in seeds]  # as _trial_name names them
-            progress = None if verbose else Progress(len(names), spec.max_concurrent, f"{stage} trials", names=names)
-            grid = _tuner(ablation_trial, f"stage-{stage}", root / "tune", space, tc, resources,
+            progress = None if verbose else Progress(len(table), spec.max_concurrent, f"{stage} trials",
+                                                     names=list(table))
+            trainable = tune.with_parameters(ablation_trial, trials=table)
+            grid = _tuner(trainable, f"stage-{stage}", root / "tune", space, tc, resources,
                           spec.max_failures, resume, progress, verbose).fit()
             for res in grid:
                 if res.error is not None:
-                    failures.append({"stage": stage, "method": res.config["method"], "seed": res.config["seed"],
+                    t = table[res.config["trial"]]
+                    failures.append({"stage": stage, "method": t["method"], "seed": t["seed"],
                                      "error": f"{type(res.error).__name__}: {res.error}"[:2000]})
     finally:
         tracking.kill_dangling(c, exp_id, parent, "the trial ended without closing its run")
@@ -328,15 +321,18 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from nas_core.config import apply_overrides, config_from_dict
+    from orchestrator import plan
     from orchestrator.progress import Progress
     from orchestrator.trials import hpo_trial
 
     preflight(spec, settings)
+    base = plan.hpo_base(spec, settings.data_root)
     storage = optuna_storage(settings, spec.name, resume)
     started = start_ray(settings, spec.resources.cpu, spec.resources.gpu, log_to_driver=verbose)
     c, exp_id, parent, root = _begin(spec, settings, "hpo", resume, [spec.seed], started)
     try:
-        max_t = build_config(spec, spec.method, spec.seed).train.epochs
+        max_t = base["train"]["epochs"]
         ctx = {"tracking_uri": settings.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent,
                "runs_dir": str(root), "data_root": str(settings.data_root), "verbose": verbose}
         searcher = OptunaSearch(seed=spec.seed, storage=storage, study_name=spec.name)
@@ -346,7 +342,8 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
             trial_name_creator=lambda t: f"hpo_{t.trial_id}", trial_dirname_creator=lambda t: f"hpo_{t.trial_id}",
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=spec.grace_period,
                                     reduction_factor=spec.reduction_factor))
-        space = {"params": _space(spec), "spec": spec.model_dump(mode="json"), "ctx": ctx}
+        trial = {"method": spec.method, "seed": spec.seed, "config": base}
+        space = {"params": _space(spec), "trial": trial, "ctx": ctx}
         progress = None if verbose else Progress(spec.num_samples, spec.max_concurrent, label="HPO trials")
         grid = _tuner(hpo_trial, "hpo", root / "tune", space, tc,
                       {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}, 0, resume, progress, verbose).fit()
@@ -365,8 +362,7 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
 
             ray.shutdown()
     params = {k.replace("__", "."): v for k, v in best.config["params"].items()}
-    cfg = build_config(spec, spec.method, spec.seed, data_root=settings.data_root,
-                       genotype=Path(spec.genotype) if spec.genotype else None, extra=params)
+    cfg = config_from_dict(apply_overrides(base, params))
     path = root / "best_config.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tracking.log_files(c, parent, [path])

@@ -1,14 +1,14 @@
 """Run, ablation and HPO specs (pydantic v2, unknown keys are errors), shared with the API.
 
-A spec is data: which methods, which seeds, which protocol and how to shrink or change the
-``RunConfig``. ``build_config`` is the one place that turns (spec, method, seed, phase) into the
-``RunConfig`` the engine runs, layered as protocol defaults < preset < spec overrides < data/epoch
-options < method identity < seed < genotype.
+A spec is data: which methods and seeds (the grid), which protocol, and one partial ``RunConfig``
+(``override``: ``overrides:`` plus the ``data:`` / ``epochs:`` shorthands) laid over the protocol table
+and preset. Validation builds each method's config once (``trial_configs``, which the API checks);
+``orchestrator.plan`` derives every trial's config dict from those (``trial_config``: + seed, genotype).
+Trials receive the dicts, never the spec.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, TypeAdapter, ValidationError,
                       field_validator, model_validator)
 
-from nas_core.config import ConfigError, RunConfig, load_config, read_yaml_mapping
+from nas_core.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, load_config, nest_dotted,
+                             read_yaml_mapping)
 
 
 @dataclass(frozen=True)
@@ -107,30 +108,13 @@ class EpochSpec(_Spec):
     train_iters: Optional[int] = Field(None, ge=1)
 
 
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"train.lr": 1e-3, "data": {"stain": "none"}}`` -> nested dict (dotted keys expanded)."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        if isinstance(value, dict):
-            value = _nest(value)
-        elif isinstance(value, str) and _FLOAT.match(value):
-            value = float(value)  # YAML 1.1 reads "1e-3" as a string
-        node = out
-        parts = str(key).split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            node[parts[-1]].update(value)
-        else:
-            node[parts[-1]] = value
-    return out
+# the ``epochs:`` shorthand of a spec -> the RunConfig key each of its fields sets
+EPOCH_KEYS = {"search": "search.epochs", "warmup": "search.warmup_epochs", "train": "train.epochs",
+              "search_iters": "search.iters_per_epoch", "train_iters": "train.iters_per_epoch"}
 
 
 class _ConfigSpec(_Spec):
-    """The fields every spec kind shares: how to build the RunConfig."""
+    """The fields every spec kind shares: a partial RunConfig laid over the protocol table and preset."""
 
     protocol: Literal["paper", "code"] = "paper"
     preset: Optional[str] = None
@@ -139,59 +123,72 @@ class _ConfigSpec(_Spec):
     # any RunConfig keys, nested or dotted ("train.lr": 1e-3); checked against RunConfig on load
     overrides: dict[str, Any] = Field(default_factory=dict)
     resources: ResourceSpec = ResourceSpec()
-    # the built trial configs (trial_configs), kept by validation so that callers need not rebuild them
+    # built once by validation (trial_configs): every checked config, and each method's own config,
+    # from which every trial's config is derived (trial_config). model_copy(update=...) skips validation
+    # and keeps them: fine for the grid fields (methods, seeds, repeat, name), stale for the others
     _configs: list = PrivateAttr(default_factory=list)
+    _bases: dict = PrivateAttr(default_factory=dict)
 
     @property
     def configs(self) -> list[tuple[str, RunConfig]]:
         """``trial_configs(self)``, as validation built them."""
         return self._configs or trial_configs(self)
 
-    def base_layer(self) -> dict[str, Any]:
-        layer = _nest(self.overrides)
+    def override(self) -> dict[str, Any]:
+        """The partial RunConfig (nested dict) of this spec: ``overrides:``, then the ``data:`` and
+        ``epochs:`` shorthands, then ``protocol:``."""
+        layer = nest_dotted(self.overrides)
         if layer.get("protocol", self.protocol) != self.protocol:
             raise ConfigError(f"overrides.protocol {layer['protocol']!r}: the spec's protocol: field "
                               f"({self.protocol!r}) picks the protocol table; set it there")
-        layer["protocol"] = self.protocol
-        data = {k: v for k, v in self.data.model_dump().items() if v is not None}
-        if data:
-            layer["data"] = {**layer.get("data", {}), **data}
-        e = self.epochs
-        for section, key, value in (("search", "epochs", e.search), ("search", "warmup_epochs", e.warmup),
-                                    ("train", "epochs", e.train), ("search", "iters_per_epoch", e.search_iters),
-                                    ("train", "iters_per_epoch", e.train_iters)):
-            if value is not None:
-                layer.setdefault(section, {})[key] = value
-        return layer
+        short = {f"data.{k}": v for k, v in self.data.model_dump(exclude_none=True).items()}
+        short.update({EPOCH_KEYS[k]: v for k, v in self.epochs.model_dump(exclude_none=True).items()})
+        return apply_overrides(layer, {**short, "protocol": self.protocol})
+
+    def base_config(self, method: str) -> RunConfig:
+        """The config of ``method`` at the spec's first seed (and genotype, when it names one), as
+        validation built it."""
+        if method not in self._bases:
+            self._bases[method] = _method_config(self, method)
+        return self._bases[method]
 
 
 # RunConfig keys that name files or folders (a test keeps this in step with RunConfig's string fields)
 PATH_KEYS = ("data.source", "data.cache_dir", "model.genotype", "out_dir")
 
 
-def build_config(spec: _ConfigSpec, method: str, seed: int, *, data_root: Optional[Path] = None,
-                 genotype: Optional[Path] = None, extra: Optional[dict[str, Any]] = None) -> RunConfig:
-    """The RunConfig for one (method, seed) of ``spec``; ``genotype`` for a NAS-SCAM retrain."""
+def _first_seed(spec: _ConfigSpec) -> int:
+    return spec.seed_list[0] if isinstance(spec, AblationSpec) else spec.seed
+
+
+def _method_config(spec: _ConfigSpec, method: str) -> RunConfig:
+    """Protocol table < preset < the spec's override < the method's identity, first seed, spec genotype."""
     m = get_method(method)
-    layer = spec.base_layer()
-    if extra:
-        layer = _merge(layer, _nest(extra))
-    model = {**layer.get("model", {}), "name": m.model}
+    model: dict[str, Any] = {"name": m.model, "genotype": getattr(spec, "genotype", None)}
     if m.search is not None:
         model["search"] = m.search
-    model["genotype"] = str(genotype) if genotype is not None else None
-    layer["model"] = model
-    layer["seed"] = seed
-    if data_root is not None:
-        layer.setdefault("data", {})["cache_dir"] = str(data_root)
+    layer = apply_overrides(spec.override(), {"model": model, "seed": _first_seed(spec)})
     return load_config(preset=spec.preset, base=layer)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def trial_config(spec: _ConfigSpec, method: str, seed: int, *, data_root: Optional[Path] = None,
+                 genotype: Optional[Path] = None, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The RunConfig dict of one (method, seed) of ``spec``: the method's validated config with ``extra``
+    (dotted RunConfig keys, an HPO sample) applied, then this seed, ``genotype`` (a NAS-SCAM retrain)
+    and ``data_root``. ``config_from_dict`` turns it into the RunConfig."""
+    cfg = spec.base_config(method).to_dict()
+    if extra:
+        cfg = apply_overrides(cfg, extra)
+    identity: dict[str, Any] = {"seed": seed, "model": {"genotype": str(genotype) if genotype is not None else None}}
+    if data_root is not None:
+        identity["data"] = {"cache_dir": str(data_root)}
+    return apply_overrides(cfg, identity)
+
+
+def build_config(spec: _ConfigSpec, method: str, seed: int, *, data_root: Optional[Path] = None,
+                 genotype: Optional[Path] = None, extra: Optional[dict[str, Any]] = None) -> RunConfig:
+    """``trial_config`` as a RunConfig (for one run outside a plan: ``serve``, the benchmarks)."""
+    return config_from_dict(trial_config(spec, method, seed, data_root=data_root, genotype=genotype, extra=extra))
 
 
 class RunSpec(_ConfigSpec):
@@ -334,7 +331,7 @@ class HpoSpec(_ConfigSpec):
 
 
 def trial_configs(spec: _ConfigSpec) -> list[tuple[str, RunConfig]]:
-    """Every RunConfig a spec's trials can be built from, each with where it comes from.
+    """Every RunConfig a spec's trials are built from, each with where it comes from.
 
     One config per method (at its first seed, with the spec's genotype when it gives one) and, for HPO,
     one per choice value and per range end of each space dimension, each taken alone so that no other
@@ -342,22 +339,24 @@ def trial_configs(spec: _ConfigSpec) -> list[tuple[str, RunConfig]]:
     them. Raises ConfigError naming the source and the dotted key.
     """
     methods = spec.methods if isinstance(spec, AblationSpec) else [spec.method]
-    seed = spec.seed_list[0] if isinstance(spec, AblationSpec) else spec.seed
-    genotype = getattr(spec, "genotype", None)
-    samples: list[tuple[str, Optional[dict[str, Any]]]] = [("", None)]
+    samples: list[tuple[str, dict[str, Any]]] = []
     for key, r in (getattr(spec, "space", None) or {}).items():
         values = r.values if r.type == "choice" else (
             [int(r.low), int(r.high)] if r.type == "int" else [r.low, r.high])
         samples += [(f", space.{key}={str(v)[:80]}", {key: v}) for v in values]
     out = []
     for m in methods:
+        label = f"method {m!r}"
+        try:
+            base = spec.base_config(m)
+        except ConfigError as exc:
+            raise ConfigError(f"config for {label}: {exc}") from None
+        out.append((label, base))
         for where, extra in samples:
-            label = f"method {m!r}{where}"
             try:
-                cfg = build_config(spec, m, seed, extra=extra, genotype=Path(genotype) if genotype else None)
+                out.append((label + where, config_from_dict(apply_overrides(base.to_dict(), extra))))
             except ConfigError as exc:
-                raise ConfigError(f"config for {label}: {exc}") from None
-            out.append((label, cfg))
+                raise ConfigError(f"config for {label}{where}: {exc}") from None
     return out
 
 
@@ -403,8 +402,9 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> Union[RunSpec, Abl
         raise SpecError(_format_errors(source, exc)) from None
 
 
-def load_spec(path: str | Path, **updates: Any) -> Union[RunSpec, AblationSpec, HpoSpec]:
-    """Read a YAML spec; ``updates`` (non-None) replace top-level fields before validation."""
+def read_spec(path: str | Path, **updates: Any) -> dict[str, Any]:
+    """A YAML spec's mapping, unvalidated; ``updates`` (non-None) replace top-level fields (a mapping
+    updates a mapping field key by key)."""
     p = Path(path)
     data = read_yaml_mapping(p, "spec file", SpecError)
     for key, value in updates.items():
@@ -414,4 +414,9 @@ def load_spec(path: str | Path, **updates: Any) -> Union[RunSpec, AblationSpec, 
             data[key] = {**data[key], **value}
         else:
             data[key] = value
-    return parse_spec(data, str(p))
+    return data
+
+
+def load_spec(path: str | Path, **updates: Any) -> Union[RunSpec, AblationSpec, HpoSpec]:
+    """Read and validate a YAML spec; ``updates`` as in ``read_spec``."""
+    return parse_spec(read_spec(path, **updates), str(path))

@@ -1,7 +1,8 @@
 """Ray Tune trainables: a plain ``fn(config: dict)`` that calls the engine and reports to Tune and MLflow.
 
 One trial = one (method, seed) of an ablation: a NAS-SCAM search (when the stage asks for it) then the
-retrain, each phase a child MLflow run. Every epoch the engine's resumable ``last.pt`` goes into a Tune
+retrain, each phase a child MLflow run. The trial receives its runs' RunConfig dicts from
+``orchestrator.plan`` (``config_from_dict``); it never sees the spec. Every epoch the engine's resumable ``last.pt`` goes into a Tune
 checkpoint, so a trial restored on another node (or after the driver died) continues where it stopped;
 a phase whose ``result.json`` exists is returned by the engine without running again.
 """
@@ -15,14 +16,14 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import ray
 from ray import tune
 
+from nas_core.config import apply_overrides, config_from_dict
 from nas_core.engine import Callback, run_search, run_train
 from orchestrator import curves, tracking
-from orchestrator.specs import AblationSpec, HpoSpec, build_config, get_method, run_name
 
 # files a finished search needs downstream; small, so they ride along in every later checkpoint
 _SEARCH_FILES = ("result.json", "genotype.json", "alpha_history.npz")
@@ -129,58 +130,51 @@ def _phase(c, ctx: dict, method: str, seed: int, phase: str, cfg, out_dir: Path,
     return result
 
 
-def ablation_trial(config: dict[str, Any]) -> None:
-    """Tune trainable. ``config``: method, seed, stage (full|search|train), spec (dict), ctx (paths/ids)."""
-    with worker_output(config["ctx"], run_name(config["stage"], config["method"], int(config["seed"]))):
-        _ablation_trial(config)
+def ablation_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None:
+    """Tune trainable. ``config``: trial (a name in ``trials``), ctx (paths/ids); ``trials``: name ->
+    ``plan.Trial.to_dict()`` (its runs' RunConfig dicts and identity), passed by ``tune.with_parameters``."""
+    trial = trials[config["trial"]]
+    with worker_output(config["ctx"], trial["name"]):
+        _ablation_trial(trial, config["ctx"])
 
 
-def _ablation_trial(config: dict[str, Any]) -> None:
-    spec = AblationSpec.model_validate(config["spec"])
-    ctx = config["ctx"]
-    method, seed, stage = config["method"], int(config["seed"]), config["stage"]
-    root, data_root = Path(ctx["runs_dir"]), Path(ctx["data_root"])
+def _ablation_trial(trial: dict[str, Any], ctx: dict[str, Any]) -> None:
+    root = Path(ctx["runs_dir"])
     c = tracking.client(ctx["tracking_uri"])
     _unpack(root)
-
-    search_dir: Optional[Path] = None
-    if get_method(method).needs_search:
-        search_seed = seed if spec.repeat == "full" else spec.seed_list[0]
-        search_dir = root / run_name("search", method, search_seed)
-        if stage in ("full", "search"):
-            cfg = build_config(spec, method, search_seed, data_root=data_root)
-            _phase(c, ctx, method, search_seed, "search", cfg, search_dir)
-    if stage == "search":
-        return
-    genotype = search_dir / "genotype.json" if search_dir else None
-    cfg = build_config(spec, method, seed, data_root=data_root, genotype=genotype)
-    out_dir = root / run_name("train", method, seed)
-    carry = (search_dir,) if search_dir else ()
-    result = _phase(c, ctx, method, seed, "train", cfg, out_dir, carry, log_model=ctx.get("log_model", True))
-    # a final report: the trial's result row in Tune's table (test DSC in %)
-    tune.report({"phase": "done", "run": out_dir.name,
-                 **{f"test_{k}": 100 * v for k, v in result.test["dsc"].items()}})
+    # the search run whose genotype the retrain reads: its files ride along in the retrain's checkpoints
+    carry = (root / trial["carry"],) if trial["carry"] else ()
+    for run in trial["runs"]:
+        cfg = config_from_dict(run["config"])
+        out_dir = root / run["name"]
+        if run["phase"] == "search":
+            _phase(c, ctx, run["method"], run["seed"], "search", cfg, out_dir)
+            continue
+        result = _phase(c, ctx, run["method"], run["seed"], "train", cfg, out_dir, carry,
+                        log_model=ctx.get("log_model", True))
+        # a final report: the trial's result row in Tune's table (test DSC in %)
+        tune.report({"phase": "done", "run": out_dir.name,
+                     **{f"test_{k}": 100 * v for k, v in result.test["dsc"].items()}})
 
 
 def hpo_trial(config: dict[str, Any]) -> None:
-    """Tune trainable for HPO: one retrain with sampled ``params`` (dotted RunConfig keys)."""
+    """Tune trainable for HPO: one retrain with sampled ``params`` (dotted RunConfig keys) applied to
+    ``trial``'s config dict (``plan.hpo_base``)."""
     with worker_output(config["ctx"], f"hpo_{tune.get_context().get_trial_id()}"):
         _hpo_trial(config)
 
 
 def _hpo_trial(config: dict[str, Any]) -> None:
-    spec = HpoSpec.model_validate(config["spec"])
-    ctx = config["ctx"]
+    ctx, trial = config["ctx"], config["trial"]
     # Tune's search space uses "__" for the dots of RunConfig keys (see runner._space)
     params = {k.replace("__", "."): v for k, v in config["params"].items()}
     trial_id = tune.get_context().get_trial_id()
     root, c = Path(ctx["runs_dir"]), tracking.client(ctx["tracking_uri"])
     _unpack(root)
-    genotype = Path(spec.genotype) if spec.genotype else None
-    cfg = build_config(spec, spec.method, spec.seed, data_root=Path(ctx["data_root"]), genotype=genotype,
-                       extra=params)
-    out_dir = root / f"train__{spec.method}__{trial_id}"
-    rid, status = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], spec.method, spec.seed,
+    cfg = config_from_dict(apply_overrides(trial["config"], params))
+    method, seed = trial["method"], trial["seed"]
+    out_dir = root / f"train__{method}__{trial_id}"
+    rid, status = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], method, seed,
                                      f"hpo-{trial_id}", out_dir.name)
     if status == "FINISHED":
         return

@@ -60,8 +60,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args, kind: str):
-    from nas_core.config import parse_override
-    from orchestrator.specs import _merge, load_spec
+    """The spec of the command, parsed once: the file's mapping with the flags applied, then validated."""
+    from nas_core.config import apply_overrides, parse_override
+    from orchestrator.specs import parse_spec, read_spec
 
     updates: dict = {"preset": args.preset, "name": args.name}
     if getattr(args, "seeds", None) is not None:
@@ -70,18 +71,21 @@ def _load(args, kind: str):
         updates["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.data:
         updates["data"] = {"source": str(Path(args.data).expanduser().resolve())}
-    spec = load_spec(args.spec, **updates)
-    if spec.data.source and not Path(spec.data.source).expanduser().is_absolute():
+    data = read_spec(args.spec, **updates)
+    source = data["data"].get("source") if isinstance(data.get("data"), dict) else None
+    if isinstance(source, str) and source and not Path(source).expanduser().is_absolute():
         # read from the folder the command runs in: Ray runs each trial in its own folder (chdir)
-        updates["data"] = {"source": str(Path(spec.data.source).expanduser().resolve())}
-        spec = load_spec(args.spec, **updates)
+        data["data"] = {**data["data"], "source": str(Path(source).expanduser().resolve())}
     if args.set:
         extra: dict = {}
         for item in args.set:
-            extra = _merge(extra, parse_override(item))
+            extra = apply_overrides(extra, parse_override(item))
         if "protocol" in extra:  # not a RunConfig override: the spec's protocol picks the table
-            updates["protocol"] = extra.pop("protocol")
-        spec = load_spec(args.spec, **updates, overrides=_merge(dict(spec.overrides), extra))
+            data["protocol"] = extra.pop("protocol")
+        overrides = data.get("overrides") or {}
+        # a non-mapping overrides: stays as it is, for the parser to name
+        data["overrides"] = apply_overrides(overrides, extra) if isinstance(overrides, dict) else overrides
+    spec = parse_spec(data, str(args.spec))
     if spec.kind != kind:
         raise ValueError(f"{args.spec}: kind: {spec.kind} is not an {kind} spec")
     return spec
