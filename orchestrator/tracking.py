@@ -1,5 +1,8 @@
 """MLflow: one experiment per ablation, a parent run per invocation, a child run per (method, seed, phase).
 
+``Tracker`` owns the client, the experiment and the parent run; ``Tracker.run_phase`` runs one engine
+phase in its child run with ``PhaseRecorder``, the one MLflow callback (params, epochs, results,
+figures, the model). Ablation and HPO trials, single runs and the benchmarks record phases through it.
 Everything goes through ``MlflowClient`` with explicit run ids (no fluent "active run" state), so the
 same code runs in the driver and inside Ray trials. Child runs are found again by their tags, which
 makes every call idempotent: a resumed trial continues its run instead of opening a second one.
