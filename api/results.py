@@ -36,7 +36,7 @@ def children(settings: Settings, rec: RunRecord) -> list:
     if hit is not None and time.monotonic() - hit[0] < _FINISHED_TTL_S:
         return hit[1]
     try:
-        runs = tracking.children(_client(settings), rec.experiment_id, rec.parent_run_id)
+        runs = tracking.Tracker(_client(settings), rec.experiment_id, rec.parent_run_id).children()
         if rec.terminal:
             if len(_finished) > 1000:
                 _finished.clear()
@@ -122,7 +122,7 @@ def table(settings: Settings, rec: RunRecord):
     if not rec.parent_run_id:
         return None
     try:
-        records = tracking.collect_records(_client(settings), rec.experiment_id, rec.parent_run_id)
+        records = tracking.Tracker(_client(settings), rec.experiment_id, rec.parent_run_id).collect_records()
     except ApiError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -250,10 +250,10 @@ class RunService:
         try:
             from orchestrator import tracking
 
-            c = tracking.client(self.settings.tracking_uri)
-            tracking.kill_dangling(c, rec.experiment_id, rec.parent_run_id, reason, status=status)
-            if c.get_run(rec.parent_run_id).info.status == "RUNNING":
-                c.set_tag(rec.parent_run_id, "stopped", reason)
-                tracking.finish(c, rec.parent_run_id, status)
+            tracker = tracking.Tracker.attach(self.settings.tracking_uri, rec.experiment_id, rec.parent_run_id)
+            tracker.kill_dangling(reason, status=status)
+            if tracker.client.get_run(rec.parent_run_id).info.status == "RUNNING":
+                tracker.client.set_tag(rec.parent_run_id, "stopped", reason)
+                tracker.finish(rec.parent_run_id, status)
         except Exception:  # noqa: BLE001 - the Ray job is gone either way; MLflow is bookkeeping
             pass

@@ -43,12 +43,13 @@ def seed_home(home: Path) -> str:
     c = tracking.client(s.tracking_uri)
     tracking.check_tracking_uri(s.tracking_uri)
     exp = tracking.ensure_experiment(c, "bench", s.artifacts_root)
-    parent = tracking.start_parent(c, exp, "bench", "ablation", {"name": "bench"}, "name: bench\n")
-    child, _ = tracking.child_run(c, exp, parent, "unet", 0, "train", "train__unet__seed0")
+    t = tracking.Tracker(c, exp)
+    parent = t.open_parent("bench", "ablation", {"name": "bench"}, "name: bench\n")
+    child, _ = t.child("unet", 0, "train", "train__unet__seed0")
     for epoch in range(5):
-        tracking.log_epoch(c, child, epoch, {"loss": 1.0 / (epoch + 1), "val_dsc": 0.1 * epoch})
-    tracking.finish(c, child)
-    tracking.finish(c, parent)
+        t.log_epoch(child, epoch, {"loss": 1.0 / (epoch + 1), "val_dsc": 0.1 * epoch})
+    t.finish(child)
+    t.finish(parent)
     run_id = "bench0000000001"
     run_dir = s.runs_root / "api" / run_id
     (run_dir / "bench").mkdir(parents=True)

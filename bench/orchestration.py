@@ -11,8 +11,9 @@ prepared once, untimed (``runner._prepare_data``, as the driver does before any 
 runs (without, then with MLflow) warm the process up before timing. Rows per repetition, interleaved (rep 1 of every row, then rep 2,
 ...), medians reported:
 - direct: ``run_search``/``run_train`` called in this process, no tracking;
-- direct + MLflow: the same, plus the trial's MLflow logging through ``orchestrator.tracking`` (child
-  run, params, per-epoch metrics, results, the model unless --no-model), but no Ray;
+- direct + MLflow: the same, plus the trial's MLflow logging through ``tracking.Tracker.run_phase`` (child
+  run, params, per-epoch metrics, results, learning curve, the model unless --no-model), as a trial
+  records it, but no Ray;
 - direct + MLflow, new process: the same in a fresh interpreter (``--child``), timed from spawn to exit,
   with the work's own time inside it: what any process isolation costs, Ray or not;
 - ray.init: ``runner.start_ray`` on a local cluster (loopback, ``--ray-cpus`` CPUs, no dashboard);
@@ -77,7 +78,8 @@ def make_settings(tmp: Path, ray_cpus: int):
 
 # ---------------------------------------------------------------- the direct paths
 def direct_trial(spec, method: str, seed: int, root: Path, data_root: Path, track=None, log_model: bool = True):
-    """What ``trials.ablation_trial`` does for stage "full", in this process; ``track``: (client, exp, parent)."""
+    """What ``trials.ablation_trial`` does for stage "full", in this process; ``track``: a ``tracking.Tracker``
+    with its parent run open, or None for no tracking."""
     from orchestrator.specs import build_config, get_method, run_name
 
     search_dir = None
@@ -91,30 +93,12 @@ def direct_trial(spec, method: str, seed: int, root: Path, data_root: Path, trac
 
 
 def _direct_phase(phase: str, cfg, out_dir: Path, method: str, seed: int, track, log_model: bool):
-    from nas_core.engine import Callback, run_search, run_train
-    from orchestrator import tracking
+    from nas_core.engine import run_search, run_train
 
-    engine = run_search if phase == "search" else run_train
     if track is None:
-        return engine(cfg, out_dir, resume=True)
-
-    class MlflowOnly(Callback):
-        # trials.TuneMlflowCallback without the Tune checkpoint and report (and without importing ray)
-        def on_run_start(self, phase, cfg, out_dir):
-            tracking.log_params(c, rid, cfg.to_dict())
-
-        def on_epoch_end(self, phase, epoch, metrics, out_dir):
-            tracking.log_epoch(c, rid, epoch, metrics)
-
-    c, exp_id, parent = track
-    rid, _ = tracking.child_run(c, exp_id, parent, method, seed, phase, out_dir.name)
-    result = engine(cfg, out_dir, callbacks=[MlflowOnly()], resume=True)
-    if phase == "search":
-        tracking.log_search_result(c, rid, result)
-    else:
-        tracking.log_train_result(c, rid, result, log_model=log_model)
-    tracking.finish(c, rid)
-    return result
+        return (run_search if phase == "search" else run_train)(cfg, out_dir, resume=True)
+    # a trial's phase without Ray: the same recorder, no Tune report or checkpoint
+    return track.run_phase(method, seed, phase, cfg, out_dir, log_model=log_model)[1]
 
 
 # ---------------------------------------------------------------- the Ray paths
@@ -126,9 +110,7 @@ def tune_trial(spec, method: str, seed: int, root: Path, settings, track, log_mo
     from orchestrator.runner import _trial_name, _tuner
     from orchestrator.trials import ablation_trial
 
-    c, exp_id, parent = track
-    ctx = {"tracking_uri": settings.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent,
-           "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model}
+    ctx = {**track.ctx(), "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model}
     one = spec.model_copy(update={"methods": [method], "seeds": [seed], "repeat": "full"})
     (trial,) = plan.expand(one, root, settings.data_root)
     space = {"trial": tune.grid_search([trial.name]), "ctx": ctx}
@@ -173,12 +155,11 @@ def one_rep(r: int, a, spec, settings, tmp: Path, times: dict, dsc: dict) -> Non
 
     from orchestrator import runner, tracking
 
-    c = tracking.client(settings.tracking_uri)
-    exp_id = tracking.ensure_experiment(c, "bench", settings.artifacts_root)
-
-    def parent(label: str):
+    def parent(label: str) -> tracking.Tracker:
         # untimed, like the parent run a driver opens once for all its trials
-        return c, exp_id, tracking.start_parent(c, exp_id, f"{label}-r{r}", "bench", {}, "")
+        track = tracking.Tracker.connect(settings.tracking_uri, "bench", settings.artifacts_root)
+        track.open_parent(f"{label}-r{r}", "bench", {}, "")
+        return track
 
     rep = tmp / f"rep{r}"
     res = timed(times, "direct", direct_trial, spec, a.method, a.seed, rep / "direct", settings.data_root)
@@ -189,7 +170,7 @@ def one_rep(r: int, a, spec, settings, tmp: Path, times: dict, dsc: dict) -> Non
 
     # the same as a fresh interpreter (what any process isolation pays, Ray or not)
     job = {"method": a.method, "seed": a.seed, "quick": a.quick, "tmp": str(tmp), "ray_cpus": a.ray_cpus,
-           "root": str(rep / "fresh"), "exp": exp_id, "parent": parent("fresh")[2], "log_model": not a.no_model}
+           "root": str(rep / "fresh"), **parent("fresh").ctx(), "log_model": not a.no_model}
     out = timed(times, "direct + MLflow, new process", subprocess.run,
                 [sys.executable, __file__, "--child", json.dumps(job)], stdout=subprocess.PIPE, text=True, check=True)
     child = json.loads(out.stdout.strip().splitlines()[-1])
@@ -222,7 +203,7 @@ def child(job: dict) -> None:
     from orchestrator import tracking
 
     settings = make_settings(Path(job["tmp"]), job["ray_cpus"])
-    track = (tracking.client(settings.tracking_uri), job["exp"], job["parent"])
+    track = tracking.Tracker.attach(settings.tracking_uri, job["experiment_id"], job["parent_run_id"])
     t = time.perf_counter()
     res = direct_trial(make_spec(job["method"], job["seed"], job["quick"]), job["method"], job["seed"],
                        Path(job["root"]), settings.data_root, track, job["log_model"])
@@ -313,10 +294,10 @@ def main(argv=None) -> None:
                 # MLflow's first use in a process (store migration, lazy imports) is not per-trial cost
                 from orchestrator import tracking
 
-                c = tracking.client(settings.tracking_uri)
-                exp = tracking.ensure_experiment(c, "bench", settings.artifacts_root)
-                direct_trial(spec, a.method, a.seed, tmp / "warmup-mlflow", settings.data_root,
-                             (c, exp, tracking.start_parent(c, exp, "warmup", "bench", {}, "")), not a.no_model)
+                track = tracking.Tracker.connect(settings.tracking_uri, "bench", settings.artifacts_root)
+                track.open_parent("warmup", "bench", {}, "")
+                direct_trial(spec, a.method, a.seed, tmp / "warmup-mlflow", settings.data_root, track,
+                             not a.no_model)
                 warm = time.perf_counter() - t
             print(f"untimed set-up (dataset, one warm-up run without and one with MLflow): {warm:.1f} s", flush=True)
             for r in range(a.reps):

@@ -2,7 +2,7 @@
 
 The engine's per-epoch history (``TrainResult.history`` / ``SearchResult.history``: dicts with
 ``epoch``, ``train_loss``, ``alpha_loss`` in a search, and ``val_dsc`` on validation epochs) is what
-both read; ``val_dsc`` per epoch also reaches MLflow as a metric (``tracking.log_epoch``, step = epoch).
+both read; ``val_dsc`` per epoch also reaches MLflow as a metric (``Tracker.log_epoch``, step = epoch).
 
 "No learning": every validation DSC after warm-up is 0 (within ``tol``). Warm-up is the search's
 ``search.warmup_epochs`` (the weights-only phase; alpha is frozen) and, for a retrain, which has no

@@ -1,4 +1,4 @@
-"""The only Tuner / grid code: ablations (methods x seeds), HPO (Optuna + ASHA).
+"""The only Tuner / grid code: ablations (methods x seeds), HPO (Optuna + ASHA), single runs, spec files.
 
 Flow of ``run_ablation``: checks (tracking URI, Ray address, data folder) -> Ray (resources) -> data ->
 MLflow experiment + parent run (tagged with its repeat scope and std, the plan attached) -> one Tune
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -21,7 +22,8 @@ from orchestrator import ray_env, tables, tracking
 from orchestrator.settings import Settings
 from orchestrator.specs import AblationSpec, HpoSpec, build_config
 
-STATE_FILE = "ablation.json"
+STATE_FILE = "ablation.json"  # an ablation's or HPO's parent run and spec
+SINGLE_STATE_FILE = "run.json"  # a single run's parent run
 
 
 class RunnerError(ValueError):
@@ -93,11 +95,12 @@ def _prepare_data(spec, settings: Settings, seeds: list[int]) -> None:
 
 
 # ---------------------------------------------------------------- ablation
-def _log_plan(c, parent: str, spec: AblationSpec, settings: Settings, trials) -> None:
+def _log_plan(tracker: tracking.Tracker, spec: AblationSpec, settings: Settings, trials) -> None:
     """The ``--plan`` of this ablation (``trials``: its ``plan.expand``) as parent-run artifacts
     (plan.json, plan.md) and its repeat scope and std as tags, before any trial starts."""
     from orchestrator import plan
 
+    c, parent = tracker.client, tracker.parent_run_id
     c.set_tag(parent, "repeat", spec.repeat)
     c.set_tag(parent, "std", spec.std)
     p = plan.build_plan(spec, settings, trials=trials)
@@ -105,35 +108,44 @@ def _log_plan(c, parent: str, spec: AblationSpec, settings: Settings, trials) ->
     c.log_text(parent, plan.to_markdown(p), "plan.md")
 
 
-def _open_parent(spec, settings: Settings, kind: str, resume: bool) -> tuple[Any, str, str, Path]:
+def spec_tracker(spec, settings: Settings, resume: bool) -> tuple[tracking.Tracker, Path]:
+    """A spec's tracker with its MLflow parent run open (``Tracker.open_parent``) or reopened, and its run
+    folder ``<runs>/<name>``.
+
+    An ablation or HPO keeps its parent in ``ablation.json``: a second start needs ``resume`` and the
+    same spec, and reopens that parent. A single search/train/pipeline run opens a new parent every
+    time and names it in ``run.json`` (the API's resume moves an old one aside first).
+    """
     root = settings.runs_root / spec.name
-    state_path = root / STATE_FILE
-    c = tracking.client(settings.tracking_uri)
-    exp_id = tracking.ensure_experiment(c, spec.name, settings.artifacts_root)
+    single = spec.kind in ("search", "train", "pipeline")
+    state_path = root / (SINGLE_STATE_FILE if single else STATE_FILE)
+    tracker = tracking.Tracker.connect(settings.tracking_uri, spec.name, settings.artifacts_root)
     spec_dict = spec.model_dump(mode="json")
-    if state_path.exists():
+    if state_path.exists() and not single:
         state = json.loads(state_path.read_text())
         if not resume:
-            raise RunnerError(f"{kind} {spec.name!r} already has runs in {root}; pass --resume to continue it, "
-                              f"or give the spec another name:")
+            raise RunnerError(f"{spec.kind} {spec.name!r} already has runs in {root}; pass --resume to continue "
+                              f"it, or give the spec another name:")
         if state["spec"] != spec_dict:
             diff = sorted(k for k in set(spec_dict) | set(state["spec"]) if spec_dict.get(k) != state["spec"].get(k))
             raise RunnerError(f"--resume of {spec.name!r}: the spec changed since the first run (fields: "
                               f"{', '.join(diff)}); restore them or give the spec another name:")
-        tracking.reopen(c, state["parent_run_id"])
-        return c, exp_id, state["parent_run_id"], root
+        tracker.parent_run_id = state["parent_run_id"]
+        tracker.reopen(tracker.parent_run_id)
+        return tracker, root
     root.mkdir(parents=True, exist_ok=True)
-    parent = tracking.start_parent(c, exp_id, spec.name, kind, spec_dict, yaml.safe_dump(spec_dict, sort_keys=False))
-    state_path.write_text(json.dumps({"parent_run_id": parent, "experiment_id": exp_id, "spec": spec_dict}, indent=2))
-    return c, exp_id, parent, root
+    parent = tracker.open_parent(spec.name, spec.kind, spec_dict, yaml.safe_dump(spec_dict, sort_keys=False))
+    state = {"parent_run_id": parent, "experiment_id": tracker.experiment_id, "spec": spec_dict}
+    state_path.write_text(json.dumps(state) if single else json.dumps(state, indent=2))
+    return tracker, root
 
 
-def _begin(spec, settings: Settings, kind: str, resume: bool, seeds: list[int], started: bool):
+def _begin(spec, settings: Settings, resume: bool, seeds: list[int], started: bool):
     """Data, then the parent run and state file, once Ray is up: a failed start leaves nothing that
     demands --resume. The Ray we started stops if either fails."""
     try:
         _prepare_data(spec, settings, seeds)
-        return _open_parent(spec, settings, kind, resume)
+        return spec_tracker(spec, settings, resume)
     except BaseException:
         if started:
             import ray
@@ -194,12 +206,12 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
     root = settings.runs_root / spec.name
     trials = plan.expand(spec, root, settings.data_root)
     started = start_ray(settings, spec.resources.cpu, spec.resources.gpu, log_to_driver=verbose)
-    c, exp_id, parent, root = _begin(spec, settings, "ablation", resume, spec.seed_list, started)
+    tracker, root = _begin(spec, settings, resume, spec.seed_list, started)
+    parent = tracker.parent_run_id
     failures: list[dict[str, Any]] = []
     try:
-        _log_plan(c, parent, spec, settings, trials)
-        ctx = {"tracking_uri": settings.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent,
-               "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model,
+        _log_plan(tracker, spec, settings, trials)
+        ctx = {**tracker.ctx(), "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model,
                "verbose": verbose}
         resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
         for stage, group in plan.stages(trials):
@@ -220,38 +232,40 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
                     failures.append({"stage": stage, "method": t["method"], "seed": t["seed"],
                                      "error": f"{type(res.error).__name__}: {res.error}"[:2000]})
     finally:
-        tracking.kill_dangling(c, exp_id, parent, "the trial ended without closing its run")
+        tracker.kill_dangling("the trial ended without closing its run")
         if started:
             import ray
 
             ray.shutdown()
-    outcome = publish_table(c, exp_id, parent, root / "table2", title=f"Table 2 ({spec.name})", std=spec.std,
+    outcome = publish_table(tracker, root / "table2", title=f"Table 2 ({spec.name})", std=spec.std,
                             repeat=spec.repeat, subtitle=tables.describe(spec))
     outcome.failures = failures
-    c.set_tag(parent, "failed_trials", json.dumps(failures)[:5000])
-    tracking.finish(c, parent)
+    tracker.client.set_tag(parent, "failed_trials", json.dumps(failures)[:5000])
+    tracker.finish(parent)
     return outcome
 
 
-def publish_table(c, exp_id: str, parent: str, out_dir: Path, title: str = "Table 2",
+def publish_table(tracker: tracking.Tracker, out_dir: Path, title: str = "Table 2",
                   log_to_parent: bool = True, std: Optional[str] = None,
                   repeat: Optional[str] = None, subtitle: str = "") -> AblationOutcome:
     """Table 2 from the parent's FINISHED train children: printed text, files, parent-run artifacts.
 
     ``std`` / ``repeat`` None: read from the parent run's spec params (a parent logged before ``std``
     existed printed the sample std)."""
+    parent = tracker.parent_run_id
     if std is None or repeat is None:
-        params = c.get_run(parent).data.params
+        params = tracker.client.get_run(parent).data.params
         std = std or params.get("std", "sample")
         repeat = repeat or params.get("repeat")
-    records = tracking.collect_records(c, exp_id, parent)
+    records = tracker.collect_records()
     table = tables.with_flags(tables.compare(tables.summarize(records, std)), records)
     paths = tables.write_all(table, out_dir, title, std, repeat, subtitle) if records else {}
     if records and log_to_parent:
-        tracking.log_files(c, parent, paths.values(), "table2")
-        tracking.log_table_metrics(c, parent, table)
+        tracker.log_files(parent, paths.values(), "table2")
+        tracker.log_table_metrics(parent, table)
     text = tables.to_text(table, title, std, repeat) if records else f"{title}: no finished train runs under parent {parent}"
-    return AblationOutcome(parent_run_id=parent, experiment_id=exp_id, table=table, paths=paths, text=text)
+    return AblationOutcome(parent_run_id=parent, experiment_id=tracker.experiment_id, table=table, paths=paths,
+                           text=text)
 
 
 def table_from_mlflow(experiment: str, settings: Settings, parent: Optional[str] = None,
@@ -264,11 +278,12 @@ def table_from_mlflow(experiment: str, settings: Settings, parent: Optional[str]
         names = [e.name for e in c.search_experiments()]
         raise RunnerError(f"no MLflow experiment {experiment!r} at {settings.tracking_uri}; "
                           f"experiments: {', '.join(names) or '(none)'}")
-    parent = parent or tracking.latest_parent(c, exp.experiment_id)
-    if parent is None:
+    tracker = tracking.Tracker(c, exp.experiment_id)
+    tracker.parent_run_id = parent or tracker.latest_parent()
+    if tracker.parent_run_id is None:
         raise RunnerError(f"experiment {experiment!r} holds no ablation parent run")
     out = out_dir or settings.runs_root / experiment / "table2-rebuilt"
-    return publish_table(c, exp.experiment_id, parent, out, title=f"Table 2 ({experiment})", log_to_parent=False)
+    return publish_table(tracker, out, title=f"Table 2 ({experiment})", log_to_parent=False)
 
 
 # ---------------------------------------------------------------- HPO
@@ -330,11 +345,11 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
     base = plan.hpo_base(spec, settings.data_root)
     storage = optuna_storage(settings, spec.name, resume)
     started = start_ray(settings, spec.resources.cpu, spec.resources.gpu, log_to_driver=verbose)
-    c, exp_id, parent, root = _begin(spec, settings, "hpo", resume, [spec.seed], started)
+    tracker, root = _begin(spec, settings, resume, [spec.seed], started)
+    parent = tracker.parent_run_id
     try:
         max_t = base["train"]["epochs"]
-        ctx = {"tracking_uri": settings.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent,
-               "runs_dir": str(root), "data_root": str(settings.data_root), "verbose": verbose}
+        ctx = {**tracker.ctx(), "runs_dir": str(root), "data_root": str(settings.data_root), "verbose": verbose}
         searcher = OptunaSearch(seed=spec.seed, storage=storage, study_name=spec.name)
         tc = tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
@@ -352,11 +367,11 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
             # finished trial has no best configuration
             first = str(grid.errors[0]).strip().splitlines() if grid.errors else []
             err = RunnerError(f"all {len(grid)} HPO trials failed; the first: {first[-1][:500] if first else '?'}")
-            tracking.mark_failed(c, parent, err)
+            tracker.fail(parent, err)
             raise err
         best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="all")
     finally:
-        tracking.kill_dangling(c, exp_id, parent, "stopped early by ASHA")
+        tracker.kill_dangling("stopped early by ASHA")
         if started:
             import ray
 
@@ -365,10 +380,70 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
     cfg = config_from_dict(apply_overrides(base, params))
     path = root / "best_config.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tracking.log_files(c, parent, [path])
-    tracking.log_params(c, parent, {"best": params})
-    c.set_tag(parent, "best_score", str(best.metrics.get(spec.metric)))
-    c.set_tag(parent, "optuna_study", spec.name)
-    c.set_tag(parent, "optuna_storage", settings.optuna_url)
-    tracking.finish(c, parent)
+    tracker.log_files(parent, [path])
+    tracker.log_params(parent, {"best": params})
+    for key, value in (("best_score", str(best.metrics.get(spec.metric))), ("optuna_study", spec.name),
+                       ("optuna_storage", settings.optuna_url)):
+        tracker.client.set_tag(parent, key, value)
+    tracker.finish(parent)
     return path, params
+
+
+# ---------------------------------------------------------------- single runs and spec files
+def run_single(spec, settings: Settings, log_model: bool = True) -> dict[str, Any]:
+    """A search, train or pipeline RunSpec in this process, no Ray: a new MLflow parent and one child run
+    per phase, each recorded as an ablation trial's phase is (``Tracker.run_phase``)."""
+    import torch
+
+    from orchestrator.specs import run_name
+
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))  # the CPUs Ray reserved for this job's driver
+    tracking.check_tracking_uri(settings.tracking_uri)
+    tracker, root = spec_tracker(spec, settings, resume=False)
+    parent = tracker.parent_run_id
+    phases = {"search": ["search"], "train": ["train"], "pipeline": ["search", "train"]}[spec.kind]
+    genotype = Path(spec.genotype) if spec.genotype else None
+    out: dict[str, Any] = {"parent_run_id": parent, "experiment_id": tracker.experiment_id, "phases": {}}
+    try:
+        for phase in phases:
+            out_dir = root / run_name(phase, spec.method, spec.seed)
+            cfg = build_config(spec, spec.method, spec.seed, data_root=settings.data_root,
+                               genotype=genotype if phase == "train" else None)
+            rid, result = tracker.run_phase(spec.method, spec.seed, phase, cfg, out_dir, log_model=log_model)
+            if phase == "search":
+                genotype = Path(result.genotype_path)
+            out["phases"][phase] = {"run_id": rid, "out_dir": str(out_dir)}
+    except Exception as exc:
+        tracker.fail(parent, exc)
+        raise
+    tracker.finish(parent)
+    return out
+
+
+def run_spec_file(path: Path, settings: Optional[Settings] = None, log_model: bool = True) -> int:
+    """``nas-scam run-spec``, the entrypoint of the API's Ray jobs: one spec file (JSON or YAML) of any
+    kind, resumable; ``<runs>/outcome.json`` says what it made. Exit status 1 when a trial failed."""
+    from orchestrator.settings import get_settings
+    from orchestrator.specs import parse_spec
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"spec file {path} does not exist")
+    spec = parse_spec(yaml.safe_load(path.read_text()) or {}, str(path))  # JSON is YAML
+    settings = settings or get_settings()
+    outcome: dict[str, Any] = {"kind": spec.kind, "experiment": spec.name}
+    if spec.kind == "ablation":
+        result = run_ablation(spec, settings, resume=True, log_model=log_model)
+        print(result.text, flush=True)
+        outcome.update(parent_run_id=result.parent_run_id, experiment_id=result.experiment_id,
+                       failures=result.failures, files={k: str(v) for k, v in result.paths.items()})
+    elif spec.kind == "hpo":
+        best_path, params = run_hpo(spec, settings, resume=True)
+        outcome.update(best_config=str(best_path), best_params=params, failures=[])
+    else:
+        outcome.update(run_single(spec, settings, log_model=log_model), failures=[])
+    (settings.runs_root / "outcome.json").write_text(json.dumps(outcome, indent=2, default=str))
+    for f in outcome["failures"]:
+        print(f"FAILED {f['stage']} {f['method']} seed {f['seed']}: {f['error'].splitlines()[0]}", file=sys.stderr)
+    return 1 if outcome["failures"] else 0
+

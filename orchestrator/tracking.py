@@ -1,5 +1,8 @@
 """MLflow: one experiment per ablation, a parent run per invocation, a child run per (method, seed, phase).
 
+``Tracker`` owns the client, the experiment and the parent run; ``Tracker.run_phase`` runs one engine
+phase in its child run with ``PhaseRecorder``, the one MLflow callback (params, epochs, results,
+figures, the model). Ablation and HPO trials, single runs and the benchmarks record phases through it.
 Everything goes through ``MlflowClient`` with explicit run ids (no fluent "active run" state), so the
 same code runs in the driver and inside Ray trials. Child runs are found again by their tags, which
 makes every call idempotent: a resumed trial continues its run instead of opening a second one.
@@ -14,8 +17,9 @@ import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from nas_core.engine.callbacks import Callback
 from orchestrator.tables import CLASSES
 
 # tag keys without dots: MLflow's filter syntax needs backticks around dotted keys
@@ -73,29 +77,6 @@ def ensure_experiment(c, name: str, artifacts_root: Optional[Path]) -> str:
     return c.create_experiment(name, artifact_location=location, tags={T_EXPERIMENT_KIND: EXPERIMENT_KIND})
 
 
-def start_parent(c, exp_id: str, run_name: str, kind: str, params: Mapping[str, Any], spec_yaml: str) -> str:
-    run = c.create_run(exp_id, run_name=run_name, tags={T_KIND: kind, T_ABLATION: run_name})
-    rid = run.info.run_id
-    log_params(c, rid, params)
-    c.log_text(rid, spec_yaml, "spec.yaml")
-    return rid
-
-
-def reopen(c, run_id: str) -> None:
-    c.update_run(run_id, status="RUNNING")
-
-
-def log_params(c, run_id: str, params: Mapping[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    flat = flatten_dotted(params)
-    items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
-    existing = c.get_run(run_id).data.params
-    items = [p for p in items if p.key not in existing]  # params are write-once; a resumed run has them
-    for i in range(0, len(items), 100):
-        c.log_batch(run_id, params=items[i:i + 100])
-
-
 def flatten_dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested mapping -> {"a.b.c": value} (MLflow params, spec overrides)."""
     out: dict[str, Any] = {}
@@ -108,203 +89,313 @@ def flatten_dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def child_run(c, exp_id: str, parent_id: str, method: str, seed: int, phase: str, run_name: str) -> tuple[str, str]:
-    """Get or create the child run of (method, seed, phase) under ``parent_id``: (run_id, status)."""
-    runs = c.search_runs([exp_id], filter_string=(
-        f"tags.`{T_PARENT}` = '{parent_id}' and tags.{T_METHOD} = '{method}' and tags.{T_SEED} = '{seed}' "
-        f"and tags.{T_PHASE} = '{phase}'"), max_results=5)
-    if runs:
-        return runs[0].info.run_id, runs[0].info.status
-    run = c.create_run(exp_id, run_name=run_name, tags={
-        T_PARENT: parent_id, T_METHOD: method, T_SEED: str(seed), T_PHASE: phase, T_KIND: "trial"})
-    return run.info.run_id, run.info.status
-
-
-def log_epoch(c, run_id: str, epoch: int, metrics: Mapping[str, Any]) -> None:
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    items = [Metric(k, float(v), ts, epoch) for k, v in metrics.items()
-             if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if items:
-        c.log_batch(run_id, metrics=items)
-
-
-def log_search_result(c, run_id: str, result: Any) -> None:
-    """Genotype JSON, its cell figure, the alpha-evolution figure and the best validation metrics."""
-    from orchestrator.figures import SLOT_NAMES, alpha_figure, alpha_heatmap, alpha_slots, genotype_figure
-
-    geno = result.genotype.to_dict()
-    c.log_dict(run_id, geno, "genotype.json")
-    log_params(c, run_id, {"genotype": json.dumps(geno)})
-    with tempfile.TemporaryDirectory() as tmp:
-        c.log_artifact(run_id, str(genotype_figure(geno, Path(tmp) / "genotype_cells.png")), "figures")
-        if result.alpha_history_path and Path(result.alpha_history_path).exists():
-            c.log_artifact(run_id, str(result.alpha_history_path))
-            npz = Path(result.alpha_history_path)
-            c.log_artifact(run_id, str(alpha_heatmap(npz, Path(tmp) / "alpha_final.png")), "figures")
-            # the evolution one slot at a time (8 slots' lines in one plot hide each other)
-            n = alpha_slots(npz)
-            for slot in range(n):
-                name = "alpha_evolution.png" if n == 1 else f"alpha_evolution_{slot}_{SLOT_NAMES[slot]}.png"
-                c.log_artifact(run_id, str(alpha_figure(npz, Path(tmp) / name, slot)), "figures")
-    _log_flat(c, run_id, {"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in flatten_dotted(result.best_val).items()}})
-
-
-def log_train_result(c, run_id: str, result: Any, log_model: bool = True) -> None:
-    """Test DSC per class (as test_dsc_<class>), PQ, per-image DSC, metrics.json, genotype figure, the model."""
-    test = result.test
-    flat = {"best_epoch": result.best_epoch, "test_pixel_accuracy": test.get("pixel_accuracy"),
-            "test_n_images": test.get("n_images")}
-    for key in ("dsc", "dsc_per_image", "pq"):
-        for cls, v in (test.get(key) or {}).items():
-            flat[f"test_{key}_{cls}"] = v
-    _log_flat(c, run_id, flat)
-    if result.metrics_path and Path(result.metrics_path).exists():
-        c.log_artifact(run_id, str(result.metrics_path))
-    if log_model and Path(result.checkpoint_path).exists():
-        log_torch_model(c, run_id, Path(result.checkpoint_path))
-
-
-def _log_flat(c, run_id: str, values: Mapping[str, Any]) -> None:
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    items = [Metric(k.replace("/", "_"), float(v), ts, 0) for k, v in values.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    for i in range(0, len(items), 500):
-        c.log_batch(run_id, metrics=items[i:i + 500])
-
-
 def registered_name(method: str) -> str:
     """Model Registry name of a method: ``nas-scam-<method>`` (NAS-SCAM ids already start with it)."""
     return method if method.startswith("nas-scam-") else f"nas-scam-{method}"
 
 
-def log_torch_model(c, run_id: str, checkpoint: Path, register: bool = True) -> None:
-    """``mlflow.pytorch.log_model`` of the best checkpoint, registered as ``registered_name(method)``.
+class Tracker:
+    """One experiment's MLflow: the client, the experiment id and (once opened) the parent run.
 
-    Pickle serialisation: torch.export (MLflow's default pt2) does not take the attention cells' Python
-    control flow. Signature: (B, 3, H, W) float32 in, (B, 4, H, W) class probabilities out, any B and
-    any H, W divisible by 16 (the nets are fully convolutional). The input example is a small (2, 3, 32,
-    32) batch: batch >= 2, as an example of one would read as a fixed batch size; a crop-sized example
-    would store megabytes of JSON per model version.
+    The driver opens the parent; a trial rebuilds the same tracker from ``ctx()`` (three strings that
+    travel in Tune's config) and records each phase with ``run_phase``. Methods that log take the run id
+    explicitly, the parent's included.
     """
-    import mlflow
-    import numpy as np
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
-    from nas_core.engine.checkpoint import load_checkpoint
+    def __init__(self, c, experiment_id: str, parent_run_id: Optional[str] = None):
+        self.client, self.experiment_id, self.parent_run_id = c, experiment_id, parent_run_id
 
-    model, meta = load_checkpoint(checkpoint)
-    example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 4, -1, -1), "probabilities")]))
-    tags = c.get_run(run_id).data.tags
-    method, seed = tags.get(T_METHOD), tags.get(T_SEED)
-    c.log_artifact(run_id, str(checkpoint), "checkpoint")
-    if meta.get("genotype"):
-        from orchestrator.figures import genotype_figure
+    @classmethod
+    def connect(cls, uri: str, experiment: str, artifacts_root: Optional[Path] = None) -> "Tracker":
+        """The tracker of experiment ``experiment`` (created if new; see ``ensure_experiment``), no parent yet."""
+        c = client(uri)
+        return cls(c, ensure_experiment(c, experiment, artifacts_root))
 
-        geno = json.loads(meta["genotype"]) if isinstance(meta["genotype"], str) else meta["genotype"]
+    @classmethod
+    def attach(cls, uri: str, experiment_id: str, parent_run_id: Optional[str]) -> "Tracker":
+        """The tracker of an existing parent run (in a trial, in the API)."""
+        return cls(client(uri), experiment_id, parent_run_id)
+
+    def ctx(self) -> dict[str, Any]:
+        """What a trial needs to ``attach`` to this tracker (plain strings for Tune's config)."""
+        return {"tracking_uri": self.client.tracking_uri, "experiment_id": self.experiment_id,
+                "parent_run_id": self.parent_run_id}
+
+    # ------------------------------------------------------------ the parent run
+    def open_parent(self, run_name: str, kind: str, params: Mapping[str, Any], spec_yaml: str) -> str:
+        """A new parent run tagged with ``kind``: the spec as params and as spec.yaml. Becomes this tracker's."""
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={T_KIND: kind, T_ABLATION: run_name})
+        self.parent_run_id = run.info.run_id
+        self.log_params(self.parent_run_id, params)
+        self.client.log_text(self.parent_run_id, spec_yaml, "spec.yaml")
+        return self.parent_run_id
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def latest_parent(self, kind: str = "ablation") -> Optional[str]:
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.{T_KIND} = '{kind}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    # ------------------------------------------------------------ child runs
+    def child(self, method: str, seed: int, phase: str, run_name: str) -> tuple[str, str]:
+        """Get or create the child run of (method, seed, phase) under the parent: (run_id, status)."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.`{T_PARENT}` = '{self.parent_run_id}' and tags.{T_METHOD} = '{method}' and "
+            f"tags.{T_SEED} = '{seed}' and tags.{T_PHASE} = '{phase}'"), max_results=5)
+        if runs:
+            return runs[0].info.run_id, runs[0].info.status
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
+            T_PARENT: self.parent_run_id, T_METHOD: method, T_SEED: str(seed), T_PHASE: phase, T_KIND: "trial"})
+        return run.info.run_id, run.info.status
+
+    def children(self, phase: Optional[str] = None, status: Optional[str] = None) -> list:
+        flt = f"tags.`{T_PARENT}` = '{self.parent_run_id}'"
+        if phase:
+            flt += f" and tags.{T_PHASE} = '{phase}'"
+        if status:
+            flt += f" and attributes.status = '{status}'"
+        return self.client.search_runs([self.experiment_id], filter_string=flt, max_results=5000)
+
+    def kill_dangling(self, reason: str, status: str = "KILLED") -> int:
+        """Child runs still RUNNING after the Tuner returned (e.g. stopped by ASHA) -> KILLED (or ``status``)
+        with a reason."""
+        n = 0
+        for run in self.children(status="RUNNING"):
+            self.client.set_tag(run.info.run_id, "stopped", reason)
+            self.client.set_terminated(run.info.run_id, status=status)
+            n += 1
+        return n
+
+    def collect_records(self) -> list[dict[str, Any]]:
+        """Per (method, seed): the test DSC fractions of its FINISHED train run (input of tables.summarize)."""
+        records = []
+        for run in self.children(phase="train", status="FINISHED"):
+            m = run.data.metrics
+            if all(f"test_dsc_{cls}" in m for cls in CLASSES):
+                records.append({"method": run.data.tags[T_METHOD], "seed": int(run.data.tags[T_SEED]),
+                                **{cls: m[f"test_dsc_{cls}"] for cls in CLASSES},
+                                "no_learning": run.data.tags.get("no_learning") == "true"})
+        return records
+
+    def run_phase(self, method: str, seed: int, phase: str, cfg, out_dir: Path, callbacks: Sequence = (),
+                  log_model: bool = True, label: Optional[str] = None, params: Optional[Mapping[str, Any]] = None,
+                  tags: Optional[Mapping[str, str]] = None) -> tuple[str, Any]:
+        """Run one engine phase (``search`` or ``train``) inside its child run, recorded by ``PhaseRecorder``:
+        (the child's run id, the engine's result).
+
+        ``label``: the child run's phase tag when it is not the engine phase (an HPO trial's
+        ``hpo-<trial id>``); ``params``/``tags``: recorded before the engine starts; ``callbacks``: more
+        of the engine's callbacks, called after the recorder (Tune's report). A FINISHED run was
+        recorded completely before: the engine only reads its stored result back. A crash marks the
+        run FAILED and re-raises (a Tune stop by ASHA is no crash: the driver closes those runs).
+        """
+        from nas_core.engine import run_search, run_train
+
+        out_dir = Path(out_dir)
+        rid, status = self.child(method, seed, label or phase, out_dir.name)
+        engine = run_search if phase == "search" else run_train
+        if status == "FINISHED":
+            return rid, engine(cfg, out_dir, resume=True)
+        if status != "RUNNING":
+            self.reopen(rid)
+        if params:
+            self.log_params(rid, params)
+        for key, value in (tags or {}).items():
+            self.client.set_tag(rid, key, value)
+        recorder = PhaseRecorder(self, rid, cfg, out_dir, log_model)
+        try:
+            result = engine(cfg, out_dir, callbacks=[recorder, *callbacks], resume=True)
+            if recorder.result is None:  # a stored result.json: the engine returned without running
+                recorder.on_run_end(phase, result)
+        except Exception as exc:
+            self.fail(rid, exc)
+            raise
+        self.finish(rid)
+        return rid, result
+
+    # ------------------------------------------------------------ logging into a run
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten_dotted(params)
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        existing = self.client.get_run(run_id).data.params
+        items = [p for p in items if p.key not in existing]  # params are write-once; a resumed run has them
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, epoch) for k, v in metrics.items()
+                 if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def log_search_result(self, run_id: str, result: Any) -> None:
+        """Genotype JSON, its cell figure, the alpha-evolution figure and the best validation metrics."""
+        from orchestrator.figures import SLOT_NAMES, alpha_figure, alpha_heatmap, alpha_slots, genotype_figure
+
+        c = self.client
+        geno = result.genotype.to_dict()
+        c.log_dict(run_id, geno, "genotype.json")
+        self.log_params(run_id, {"genotype": json.dumps(geno)})
         with tempfile.TemporaryDirectory() as tmp:
             c.log_artifact(run_id, str(genotype_figure(geno, Path(tmp) / "genotype_cells.png")), "figures")
-    mlflow.set_tracking_uri(c.tracking_uri)
-    registered = registered_name(method) if register and method else None
-    # the fluent API needs an active run. Leaving it with end_run(RUNNING), not FINISHED: the caller's
-    # finish() is the run's one FINISHED transition (a reader polling for FINISHED runs, such as a
-    # resume, then never sees an end time that changes afterwards)
-    mlflow.start_run(run_id=run_id)
-    try:
-        info = mlflow.pytorch.log_model(
-            model, name=f"model-{method}-seed{seed}" if method else "model", serialization_format="pickle",
-            signature=signature, input_example=example, registered_model_name=registered,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "nas-scam"],
-            code_paths=[str(Path(__import__("nas_core").__file__).parent)])
-        if registered and info.registered_model_version is not None:
-            version = str(info.registered_model_version)
-            score = c.get_run(run_id).data.metrics.get("test_dsc_Average")
-            for key, value in ((T_METHOD, method), (T_SEED, seed), ("run_id", run_id), ("test_dsc_Average", score)):
-                if value is not None:
-                    c.set_model_version_tag(registered, version, key, str(value))
-            c.update_registered_model(registered, description=f"NAS-SCAM project: best checkpoint (highest "
-                                                              f"validation DSC) of method {method}, one version "
-                                                              f"per (seed, ablation run)")
-    finally:
-        mlflow.end_run(status="RUNNING")
+            if result.alpha_history_path and Path(result.alpha_history_path).exists():
+                c.log_artifact(run_id, str(result.alpha_history_path))
+                npz = Path(result.alpha_history_path)
+                c.log_artifact(run_id, str(alpha_heatmap(npz, Path(tmp) / "alpha_final.png")), "figures")
+                # the evolution one slot at a time (8 slots' lines in one plot hide each other)
+                n = alpha_slots(npz)
+                for slot in range(n):
+                    name = "alpha_evolution.png" if n == 1 else f"alpha_evolution_{slot}_{SLOT_NAMES[slot]}.png"
+                    c.log_artifact(run_id, str(alpha_figure(npz, Path(tmp) / name, slot)), "figures")
+        self._log_flat(run_id, {"best_epoch": result.best_epoch,
+                                **{f"best_{k}": v for k, v in flatten_dotted(result.best_val).items()}})
+
+    def log_train_result(self, run_id: str, result: Any, log_model: bool = True) -> None:
+        """Test DSC per class (as test_dsc_<class>), PQ, per-image DSC, metrics.json, genotype figure, the model."""
+        test = result.test
+        flat = {"best_epoch": result.best_epoch, "test_pixel_accuracy": test.get("pixel_accuracy"),
+                "test_n_images": test.get("n_images")}
+        for key in ("dsc", "dsc_per_image", "pq"):
+            for cls, v in (test.get(key) or {}).items():
+                flat[f"test_{key}_{cls}"] = v
+        self._log_flat(run_id, flat)
+        if result.metrics_path and Path(result.metrics_path).exists():
+            self.client.log_artifact(run_id, str(result.metrics_path))
+        if log_model and Path(result.checkpoint_path).exists():
+            self.log_model(run_id, Path(result.checkpoint_path))
+
+    def _log_flat(self, run_id: str, values: Mapping[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k.replace("/", "_"), float(v), ts, 0) for k, v in values.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i:i + 500])
+
+    def log_model(self, run_id: str, checkpoint: Path, register: bool = True) -> None:
+        """``mlflow.pytorch.log_model`` of the best checkpoint, registered as ``registered_name(method)``.
+
+        Pickle serialisation: torch.export (MLflow's default pt2) does not take the attention cells' Python
+        control flow. Signature: (B, 3, H, W) float32 in, (B, 4, H, W) class probabilities out, any B and
+        any H, W divisible by 16 (the nets are fully convolutional). The input example is a small (2, 3,
+        32, 32) batch: batch >= 2, as an example of one would read as a fixed batch size; a crop-sized
+        example would store megabytes of JSON per model version.
+        """
+        import mlflow
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from nas_core.engine.checkpoint import load_checkpoint
+
+        c = self.client
+        model, meta = load_checkpoint(checkpoint)
+        example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 4, -1, -1), "probabilities")]))
+        tags = c.get_run(run_id).data.tags
+        method, seed = tags.get(T_METHOD), tags.get(T_SEED)
+        c.log_artifact(run_id, str(checkpoint), "checkpoint")
+        if meta.get("genotype"):
+            from orchestrator.figures import genotype_figure
+
+            geno = json.loads(meta["genotype"]) if isinstance(meta["genotype"], str) else meta["genotype"]
+            with tempfile.TemporaryDirectory() as tmp:
+                c.log_artifact(run_id, str(genotype_figure(geno, Path(tmp) / "genotype_cells.png")), "figures")
+        mlflow.set_tracking_uri(c.tracking_uri)
+        registered = registered_name(method) if register and method else None
+        # the fluent API needs an active run. Leaving it with end_run(RUNNING), not FINISHED: the caller's
+        # finish() is the run's one FINISHED transition (a reader polling for FINISHED runs, such as a
+        # resume, then never sees an end time that changes afterwards)
+        mlflow.start_run(run_id=run_id)
+        try:
+            info = mlflow.pytorch.log_model(
+                model, name=f"model-{method}-seed{seed}" if method else "model", serialization_format="pickle",
+                signature=signature, input_example=example, registered_model_name=registered,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "nas-scam"],
+                code_paths=[str(Path(__import__("nas_core").__file__).parent)])
+            if registered and info.registered_model_version is not None:
+                version = str(info.registered_model_version)
+                score = c.get_run(run_id).data.metrics.get("test_dsc_Average")
+                for key, value in ((T_METHOD, method), (T_SEED, seed), ("run_id", run_id),
+                                   ("test_dsc_Average", score)):
+                    if value is not None:
+                        c.set_model_version_tag(registered, version, key, str(value))
+                c.update_registered_model(registered, description=f"NAS-SCAM project: best checkpoint (highest "
+                                                                  f"validation DSC) of method {method}, one "
+                                                                  f"version per (seed, ablation run)")
+        finally:
+            mlflow.end_run(status="RUNNING")
+
+    def log_table_metrics(self, run_id: str, table: Any) -> None:
+        """Table 2 on the parent run, in %: ``avg_dsc/<method>``, ``dsc/<class>/<method>``, ``std_dsc/...``.
+
+        ``table`` is ``tables.compare``'s frame; the runs table of the MLflow UI then compares ablations.
+        """
+        from mlflow.entities import Metric
+
+        ts, items = int(time.time() * 1000), []
+        for row in table.to_dict("records"):
+            cls, method = row["class"], row["method"]
+            key = f"avg_dsc/{method}" if cls == "Average" else f"dsc/{cls}/{method}"
+            for prefix, value in (("", row["mean"]), ("std_", row["std"])):
+                if value is not None and value == value:  # NaN std (a single seed) is not logged
+                    items.append(Metric(prefix + key, float(value), ts, 0))
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i:i + 500])
+
+    def log_files(self, run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:
+        for p in paths:
+            self.client.log_artifact(run_id, str(p), artifact_path)
+
+    # ------------------------------------------------------------ ending a run
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def fail(self, run_id: str, exc: BaseException) -> None:
+        """The run shows FAILED with the error as a tag and the traceback as an artifact."""
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+        self.client.log_text(run_id, text, "error.txt")
+        self.client.set_terminated(run_id, status="FAILED")
 
 
-def finish(c, run_id: str, status: str = "FINISHED") -> None:
-    c.set_terminated(run_id, status=status)
+class PhaseRecorder(Callback):
+    """The one MLflow callback: one engine phase into its child run.
 
-
-def mark_failed(c, run_id: str, exc: BaseException) -> None:
-    """The run shows FAILED with the error as a tag and the traceback as an artifact."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    c.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
-    c.log_text(run_id, text, "error.txt")
-    c.set_terminated(run_id, status="FAILED")
-
-
-def children(c, exp_id: str, parent_id: str, phase: Optional[str] = None, status: Optional[str] = None) -> list:
-    flt = f"tags.`{T_PARENT}` = '{parent_id}'"
-    if phase:
-        flt += f" and tags.{T_PHASE} = '{phase}'"
-    if status:
-        flt += f" and attributes.status = '{status}'"
-    return c.search_runs([exp_id], filter_string=flt, max_results=5000)
-
-
-def kill_dangling(c, exp_id: str, parent_id: str, reason: str, status: str = "KILLED") -> int:
-    """Child runs still RUNNING after the Tuner returned (e.g. stopped by ASHA) -> KILLED (or ``status``)
-    with a reason."""
-    n = 0
-    for run in children(c, exp_id, parent_id, status="RUNNING"):
-        c.set_tag(run.info.run_id, "stopped", reason)
-        c.set_terminated(run.info.run_id, status=status)
-        n += 1
-    return n
-
-
-def latest_parent(c, exp_id: str, kind: str = "ablation") -> Optional[str]:
-    runs = c.search_runs([exp_id], filter_string=f"tags.{T_KIND} = '{kind}'", order_by=["attributes.start_time DESC"],
-                         max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
-def collect_records(c, exp_id: str, parent_id: str) -> list[dict[str, Any]]:
-    """Per (method, seed): the test DSC fractions of its FINISHED train run (input of tables.summarize)."""
-    records = []
-    for run in children(c, exp_id, parent_id, phase="train", status="FINISHED"):
-        m = run.data.metrics
-        if all(f"test_dsc_{cls}" in m for cls in CLASSES):
-            records.append({"method": run.data.tags[T_METHOD], "seed": int(run.data.tags[T_SEED]),
-                            **{cls: m[f"test_dsc_{cls}"] for cls in CLASSES},
-                            "no_learning": run.data.tags.get("no_learning") == "true"})
-    return records
-
-
-def log_table_metrics(c, run_id: str, table: Any) -> None:
-    """Table 2 on the parent run, in %: ``avg_dsc/<method>``, ``dsc/<class>/<method>``, ``std_dsc/...``.
-
-    ``table`` is ``tables.compare``'s frame; the runs table of the MLflow UI then compares ablations.
+    Run start: the RunConfig as params. Each epoch: its metrics (step = epoch). Run end: the result (a
+    search's genotype, figures and best validation metrics; a retrain's test metrics, metrics.json and
+    the model unless ``log_model`` is off) and the learning curve with its "no learning" flag
+    (``curves.publish``).
     """
-    from mlflow.entities import Metric
 
-    ts, items = int(time.time() * 1000), []
-    for row in table.to_dict("records"):
-        cls, method = row["class"], row["method"]
-        key = f"avg_dsc/{method}" if cls == "Average" else f"dsc/{cls}/{method}"
-        for prefix, value in (("", row["mean"]), ("std_", row["std"])):
-            if value is not None and value == value:  # NaN std (a single seed) is not logged
-                items.append(Metric(prefix + key, float(value), ts, 0))
-    for i in range(0, len(items), 500):
-        c.log_batch(run_id, metrics=items[i:i + 500])
+    def __init__(self, tracker: Tracker, run_id: str, cfg, out_dir: Path, log_model: bool = True):
+        self.tracker, self.run_id, self.cfg, self.out_dir, self.log_model = tracker, run_id, cfg, out_dir, log_model
+        self.result = None
 
+    def on_run_start(self, phase, cfg, out_dir):
+        self.tracker.log_params(self.run_id, cfg.to_dict())
 
-def log_files(c, run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:
-    for p in paths:
-        c.log_artifact(run_id, str(p), artifact_path)
+    def on_epoch_end(self, phase, epoch, metrics, out_dir):
+        self.tracker.log_epoch(self.run_id, epoch, metrics)
+
+    def on_run_end(self, phase, result):
+        from orchestrator import curves
+
+        if phase == "search":
+            self.tracker.log_search_result(self.run_id, result)
+        else:
+            self.tracker.log_train_result(self.run_id, result, log_model=self.log_model)
+        curves.publish(self.tracker.client, self.run_id, phase, self.cfg, result, self.out_dir)
+        self.result = result

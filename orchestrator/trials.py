@@ -22,25 +22,24 @@ import ray
 from ray import tune
 
 from nas_core.config import apply_overrides, config_from_dict
-from nas_core.engine import Callback, run_search, run_train
-from orchestrator import curves, tracking
+from nas_core.engine import Callback
+from orchestrator import tracking
 
 # files a finished search needs downstream; small, so they ride along in every later checkpoint
 _SEARCH_FILES = ("result.json", "genotype.json", "alpha_history.npz")
 
 
-class TuneMlflowCallback(Callback):
-    """Per epoch: metrics to the MLflow child run, then ``tune.report`` with the resumable state."""
+class TuneReport(Callback):
+    """Per epoch, after the MLflow recorder: ``tune.report`` with the metrics and the resumable state
+    (``last.pt``, and the finished search folders in ``carry``) as a Tune checkpoint."""
 
-    def __init__(self, c, run_id: str, run_dir: Path, carry: tuple[Path, ...] = ()):
-        self.c, self.run_id, self.run_dir, self.carry = c, run_id, run_dir, carry
+    def __init__(self, run_dir: Path, carry: tuple[Path, ...] = ()):
+        self.run_dir, self.carry = run_dir, carry
 
     def on_run_start(self, phase, cfg, out_dir):
-        tracking.log_params(self.c, self.run_id, cfg.to_dict())
         self.epochs = (cfg.search if phase == "search" else cfg.train).epochs
 
     def on_epoch_end(self, phase, epoch, metrics, out_dir):
-        tracking.log_epoch(self.c, self.run_id, epoch, metrics)
         report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         # epochs: the driver's progress line says "epoch k/K"
         report.update(phase=phase, run=self.run_dir.name, epochs=getattr(self, "epochs", 0))
@@ -104,29 +103,13 @@ def _unpack(root: Path) -> None:
                     shutil.copy2(f, target / f.name)
 
 
-def _phase(c, ctx: dict, method: str, seed: int, phase: str, cfg, out_dir: Path, carry=(), log_model=True):
-    """Run one engine phase inside its MLflow child run; a crash marks the run FAILED and re-raises."""
-    rid, status = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], method, seed, phase,
-                                     out_dir.name)
-    engine = run_search if phase == "search" else run_train
-    if status == "FINISHED":
-        # logged completely before; the engine only reads the stored result back
-        return engine(cfg, out_dir, resume=True)
-    if status != "RUNNING":
-        tracking.reopen(c, rid)
-    # which Ray node ran it (a retried trial may move)
-    c.set_tag(rid, "ray_node_id", ray.get_runtime_context().get_node_id())
-    try:
-        result = engine(cfg, out_dir, callbacks=[TuneMlflowCallback(c, rid, out_dir, carry)], resume=True)
-        if phase == "search":
-            tracking.log_search_result(c, rid, result)
-        else:
-            tracking.log_train_result(c, rid, result, log_model=log_model)
-        curves.publish(c, rid, phase, cfg, result, out_dir)  # learning curve; "no learning" tag and warning
-    except Exception as exc:  # a Tune stop (ASHA) is not a failure: the driver marks those runs
-        tracking.mark_failed(c, rid, exc)
-        raise
-    tracking.finish(c, rid)
+def _phase(tracker: tracking.Tracker, method: str, seed: int, phase: str, cfg, out_dir: Path, carry=(),
+           tags=None, **kw):
+    """One engine phase in its MLflow child run (``Tracker.run_phase``), reported to Tune every epoch:
+    the engine's result. The child run is tagged with the Ray node that ran it (a retried trial may move)."""
+    tags = {"ray_node_id": ray.get_runtime_context().get_node_id(), **(tags or {})}
+    _, result = tracker.run_phase(method, seed, phase, cfg, out_dir, callbacks=[TuneReport(out_dir, carry)],
+                                  tags=tags, **kw)
     return result
 
 
@@ -140,7 +123,7 @@ def ablation_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) ->
 
 def _ablation_trial(trial: dict[str, Any], ctx: dict[str, Any]) -> None:
     root = Path(ctx["runs_dir"])
-    c = tracking.client(ctx["tracking_uri"])
+    tracker = tracking.Tracker.attach(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"])
     _unpack(root)
     # the search run whose genotype the retrain reads: its files ride along in the retrain's checkpoints
     carry = (root / trial["carry"],) if trial["carry"] else ()
@@ -148,9 +131,9 @@ def _ablation_trial(trial: dict[str, Any], ctx: dict[str, Any]) -> None:
         cfg = config_from_dict(run["config"])
         out_dir = root / run["name"]
         if run["phase"] == "search":
-            _phase(c, ctx, run["method"], run["seed"], "search", cfg, out_dir)
+            _phase(tracker, run["method"], run["seed"], "search", cfg, out_dir)
             continue
-        result = _phase(c, ctx, run["method"], run["seed"], "train", cfg, out_dir, carry,
+        result = _phase(tracker, run["method"], run["seed"], "train", cfg, out_dir, carry,
                         log_model=ctx.get("log_model", True))
         # a final report: the trial's result row in Tune's table (test DSC in %)
         tune.report({"phase": "done", "run": out_dir.name,
@@ -169,21 +152,11 @@ def _hpo_trial(config: dict[str, Any]) -> None:
     # Tune's search space uses "__" for the dots of RunConfig keys (see runner._space)
     params = {k.replace("__", "."): v for k, v in config["params"].items()}
     trial_id = tune.get_context().get_trial_id()
-    root, c = Path(ctx["runs_dir"]), tracking.client(ctx["tracking_uri"])
+    root = Path(ctx["runs_dir"])
+    tracker = tracking.Tracker.attach(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"])
     _unpack(root)
     cfg = config_from_dict(apply_overrides(trial["config"], params))
     method, seed = trial["method"], trial["seed"]
     out_dir = root / f"train__{method}__{trial_id}"
-    rid, status = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], method, seed,
-                                     f"hpo-{trial_id}", out_dir.name)
-    if status == "FINISHED":
-        return
-    tracking.log_params(c, rid, {"hpo": params})
-    c.set_tag(rid, "hpo_params", json.dumps(params))
-    try:
-        result = run_train(cfg, out_dir, callbacks=[TuneMlflowCallback(c, rid, out_dir)], resume=True)
-        tracking.log_train_result(c, rid, result, log_model=False)
-    except Exception as exc:  # a Tune stop (ASHA) is not a failure: the driver marks those runs
-        tracking.mark_failed(c, rid, exc)
-        raise
-    tracking.finish(c, rid)
+    _phase(tracker, method, seed, "train", cfg, out_dir, label=f"hpo-{trial_id}", log_model=False,
+           params={"hpo": params}, tags={"hpo_params": json.dumps(params)})

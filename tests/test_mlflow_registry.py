@@ -28,10 +28,11 @@ def test_experiments_open_in_the_model_training_view(store):
 
 def test_parent_run_carries_table2_as_metrics(store):
     s, c, exp = store
-    parent = tracking.start_parent(c, exp, "abl", "ablation", {"seeds": 2}, "name: abl\n")
+    t = tracking.Tracker(c, exp)
+    parent = t.open_parent("abl", "ablation", {"seeds": 2}, "name: abl\n")
     records = [{"method": "unet", "seed": seed, **{cls: v + seed / 10 for cls, v in zip(tables.CLASSES, (.5, .6, .7, .2, .3))}}
                for seed in (0, 1)]
-    tracking.log_table_metrics(c, parent, tables.compare(tables.summarize(records)))
+    t.log_table_metrics(parent, tables.compare(tables.summarize(records)))
     m = c.get_run(parent).data.metrics
     assert m["avg_dsc/unet"] == pytest.approx(55.0)
     assert m["dsc/Macrophage/unet"] == pytest.approx(25.0)
@@ -41,12 +42,13 @@ def test_parent_run_carries_table2_as_metrics(store):
 
 def test_best_model_is_registered_and_loads_as_a_working_model(store, tmp_path):
     s, c, exp = store
-    parent = tracking.start_parent(c, exp, "abl", "ablation", {"seeds": 1}, "name: abl\n")
-    rid, _ = tracking.child_run(c, exp, parent, "cbam", 3, "train", "train__cbam__seed3")
+    t = tracking.Tracker(c, exp)
+    t.open_parent("abl", "ablation", {"seeds": 1}, "name: abl\n")
+    rid, _ = t.child("cbam", 3, "train", "train__cbam__seed3")
     model = create_model("cbam").eval()
     ck = save_checkpoint(tmp_path / "best.pt", model=model, config={"data": {"crop_size": 32}}, phase="train",
                          epoch=0)
-    tracking.log_torch_model(c, rid, ck)
+    t.log_model(rid, ck)
     assert c.get_run(rid).info.status == "RUNNING"  # the caller's finish() ends it, once
 
     versions = c.search_model_versions("name = 'nas-scam-cbam'")

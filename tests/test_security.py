@@ -334,8 +334,9 @@ def _lost_run(settings: Settings) -> tuple[RunService, RunRecord, object, str, s
     service = _service(settings, FakeJobs())
     c = tracking.client(settings.tracking_uri)
     exp = tracking.ensure_experiment(c, "smoke", settings.artifacts_root)
-    parent = tracking.start_parent(c, exp, "smoke", "ablation", SMOKE, json.dumps(SMOKE))
-    child, _ = tracking.child_run(c, exp, parent, "unet", 0, "train", "train__unet__seed0")
+    t = tracking.Tracker(c, exp)
+    parent = t.open_parent("smoke", "ablation", SMOKE, json.dumps(SMOKE))
+    child, _ = t.child("unet", 0, "train", "train__unet__seed0")
     run_dir = settings.runs_root / "api" / "lost1"
     (run_dir / "smoke").mkdir(parents=True)
     (run_dir / "spec.json").write_text(json.dumps(SMOKE))

@@ -42,31 +42,32 @@ def test_experiment_artifacts_live_under_the_settings_folder(store):
 
 def test_child_runs_are_found_again_and_failures_recorded(store):
     s, c, exp = store
-    parent = tracking.start_parent(c, exp, "abl", "ablation", {"methods": ["unet"], "seeds": 2}, "name: abl\n")
-    rid, status = tracking.child_run(c, exp, parent, "unet", 0, "train", "train__unet__seed0")
+    t = tracking.Tracker(c, exp)
+    parent = t.open_parent("abl", "ablation", {"methods": ["unet"], "seeds": 2}, "name: abl\n")
+    rid, status = t.child("unet", 0, "train", "train__unet__seed0")
     assert status == "RUNNING"
-    again, _ = tracking.child_run(c, exp, parent, "unet", 0, "train", "train__unet__seed0")
+    again, _ = t.child("unet", 0, "train", "train__unet__seed0")
     assert again == rid
-    other, _ = tracking.child_run(c, exp, parent, "unet", 1, "train", "train__unet__seed1")
+    other, _ = t.child("unet", 1, "train", "train__unet__seed1")
     assert other != rid
     run = c.get_run(rid)
     assert run.data.tags["mlflow.parentRunId"] == parent and run.info.run_name == "train__unet__seed0"
-    tracking.log_params(c, rid, {"train": {"lr": 1e-4}, "seed": 0})
-    tracking.log_params(c, rid, {"train": {"lr": 1e-4}, "seed": 0})  # a resumed run logs them again: no error
+    t.log_params(rid, {"train": {"lr": 1e-4}, "seed": 0})
+    t.log_params(rid, {"train": {"lr": 1e-4}, "seed": 0})  # a resumed run logs them again: no error
     assert c.get_run(rid).data.params["train.lr"] == "0.0001"
     for epoch in range(3):
-        tracking.log_epoch(c, rid, epoch, {"epoch": epoch, "train_loss": 1.0 / (epoch + 1), "val_dsc": 0.1 * epoch})
+        t.log_epoch(rid, epoch, {"epoch": epoch, "train_loss": 1.0 / (epoch + 1), "val_dsc": 0.1 * epoch})
     hist = c.get_metric_history(rid, "val_dsc")
     assert [m.step for m in hist] == [0, 1, 2] and hist[-1].value == pytest.approx(0.2)
     assert "epoch" not in c.get_run(rid).data.metrics
     try:
         raise RuntimeError("NaN loss in train epoch 2")
     except RuntimeError as exc:
-        tracking.mark_failed(c, other, exc)
+        t.fail(other, exc)
     failed = c.get_run(other)
     assert failed.info.status == "FAILED" and failed.data.tags["error"] == "RuntimeError: NaN loss in train epoch 2"
     assert "error.txt" in [a.path for a in c.list_artifacts(other)]
-    assert tracking.kill_dangling(c, exp, parent, "test") == 1  # rid was still RUNNING
+    assert t.kill_dangling("test") == 1  # rid was still RUNNING
     assert c.get_run(rid).info.status == "KILLED"
 
 
@@ -80,15 +81,16 @@ def _fake_train_result(tmp: Path, dsc: dict):
 
 def test_table_rebuilt_from_mlflow_alone(store, tmp_path):
     s, c, exp = store
-    parent = tracking.start_parent(c, exp, "abl", "ablation", {}, "")
+    tracker = tracking.Tracker(c, exp)
+    parent = tracker.open_parent("abl", "ablation", {}, "")
     values = {("unet", 0): 0.5, ("unet", 1): 0.7, ("cbam", 0): 0.6}
     for (method, seed), v in values.items():
-        rid, _ = tracking.child_run(c, exp, parent, method, seed, "train", f"train__{method}__seed{seed}")
+        rid, _ = tracker.child(method, seed, "train", f"train__{method}__seed{seed}")
         dsc = {"Average": v, "Epithelial": v, "Lymphocyte": v, "Macrophage": v, "Neutrophil": v}
-        tracking.log_train_result(c, rid, _fake_train_result(tmp_path, dsc), log_model=False)
-        tracking.finish(c, rid)
+        tracker.log_train_result(rid, _fake_train_result(tmp_path, dsc), log_model=False)
+        tracker.finish(rid)
     # a failed run is not part of the table
-    rid, _ = tracking.child_run(c, exp, parent, "cbam", 1, "train", "train__cbam__seed1")
+    rid, _ = tracker.child("cbam", 1, "train", "train__cbam__seed1")
     c.set_terminated(rid, "FAILED")
     assert c.get_run(rid).info.status == "FAILED"
     out = table_from_mlflow("abl", s, out_dir=tmp_path / "t")
@@ -99,11 +101,11 @@ def test_table_rebuilt_from_mlflow_alone(store, tmp_path):
     assert "60.00 ± 14.14" in out.text and (tmp_path / "t" / "table2.md").exists()
     assert "sample std (ddof=1)" in out.text  # a parent without a std param predates it: sample std
     # an ablation's parent holds its spec as params: the rebuilt table uses its std and says so
-    tracking.log_params(c, parent, {"std": "population", "repeat": "retrain"})
+    tracker.log_params(parent, {"std": "population", "repeat": "retrain"})
     out = table_from_mlflow("abl", s, out_dir=tmp_path / "t2")
     assert "60.00 ± 10.00" in out.text and "population std (ddof=0)" in out.text and "repeat=retrain" in out.text
     # the parent holds the Table 2 artifacts when published by the ablation
-    publish_table(c, exp, parent, tmp_path / "p")
+    publish_table(tracker, tmp_path / "p")
     names = {a.path for a in c.list_artifacts(parent, "table2")}
     assert names == {"table2/table2.md", "table2/table2.csv", "table2/table2.tex", "table2/table2.png"}
     with pytest.raises(RunnerError, match="no MLflow experiment 'nope'.*experiments: .*abl"):
