@@ -11,7 +11,7 @@ from nas_core.config import ConfigError, load_config
 from nas_core.engine import (CheckpointError, TrainingError, load_checkpoint, run_search, run_train)
 from nas_core.engine.evaluate import predict_probs
 from nas_core.engine.predict import label_map, to_geojson
-from nas_core.metrics import CLASS_NAMES
+from nas_core.classes import CLASS_BY_ID
 from nas_core.search_space.genotype import Genotype
 
 TINY = [
@@ -181,7 +181,7 @@ def test_label_map_takes_most_probable_channel():
     p[:, 0, 0] = [0.9, 0.6, 0, 0]
     p[:, 0, 1] = [0.6, 0.2, 0.1, 0.95]
     assert label_map(p).tolist() == [[1, 4, 0]]
-    assert set(CLASS_NAMES) == {1, 2, 3, 4}
+    assert set(CLASS_BY_ID) == {1, 2, 3, 4}
 
 
 def test_bad_inputs_stop_with_clear_messages(data_root, tmp_path):

@@ -36,7 +36,6 @@ from nas_core.engine.loop import (adam, alpha_batches, epoch_lengths, epoch_loss
                                   optimisation_step, prepare_model, progress, resume_from_last, search_steps, setup_run,
                                   train_batches, write_json, TrainingError)
 
-SEARCHABLE = ("nas-scam-s", "nas-scam-p")
 
 
 @dataclass
@@ -101,15 +100,15 @@ def _alpha_snapshot(model) -> dict[str, np.ndarray]:
 
 def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (), resume: bool = True) -> SearchResult:
     """Search a NAS-SCAM genotype. Writes genotype.json, alpha_history.npz, best.pt, last.pt, result.json."""
-    from nas_core.models import create_model
+    from nas_core.models import NAS_MODELS, create_model
 
     out_dir = Path(out_dir)
     cb = CallbackList(callbacks)
     if resume and (out_dir / "result.json").exists():
         return SearchResult.from_dict(json.loads((out_dir / "result.json").read_text()))
     guard_out_dir(out_dir, resume, "search")
-    if cfg.model.name not in SEARCHABLE:
-        raise ConfigError(f"model.name: search needs one of {', '.join(SEARCHABLE)}, got {cfg.model.name!r}")
+    if cfg.model.name not in NAS_MODELS:
+        raise ConfigError(f"model.name: search needs one of {', '.join(NAS_MODELS)}, got {cfg.model.name!r}")
 
     ctx = setup_run(cfg, out_dir)
     model = create_model(cfg.model.name, supernet=cfg.model.search, zero_op=cfg.zero_op, impl=cfg.model.impl)

@@ -24,8 +24,6 @@ from nas_core.metrics import flatten_metrics
 from nas_core.engine.loop import (adam, epoch_lengths, epoch_losses, guard_out_dir, improves, optimisation_step,
                                   prepare_model, progress, resume_from_last, setup_run, train_batches, write_json)
 
-NAS_MODELS = ("nas-scam-s", "nas-scam-p")
-
 
 @dataclass
 class TrainResult:
@@ -49,14 +47,14 @@ class TrainResult:
 
 def build_model(cfg: RunConfig):
     """The registry model the config names; NAS-SCAM variants are built from ``model.genotype``."""
-    from nas_core.models import create_model
+    from nas_core.models import NAS_MODELS, create_model
     from nas_core.search_space.genotype import Genotype
 
     if cfg.model.name in NAS_MODELS:
         if not cfg.model.genotype:
             raise ConfigError(f"model.genotype must name a genotype JSON to retrain {cfg.model.name}; run a search first")
         genotype = Genotype.load(cfg.model.genotype)
-        return create_model(cfg.model.name, genotype=genotype, zero_op=cfg.zero_op)
+        return create_model(cfg.model.name, genotype=genotype, zero_op=cfg.zero_op, impl=cfg.model.impl)
     return create_model(cfg.model.name)
 
 

@@ -85,6 +85,9 @@ BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "nas-scam-p": _nas_scam("parallel"),
 }
 
+# the searchable models: a supernet form (search) and a genotype form (retrain)
+NAS_MODELS: tuple[str, ...] = tuple(n for n, b in BUILDERS.items() if "supernet" in inspect.signature(b).parameters)
+
 # Former names, still accepted (configs and checkpoints written before the rename). One name per model
 # everywhere: the registry, `nas-scam model info`, ablation method ids, the API and MLflow tags.
 MODEL_ALIASES: dict[str, str] = {"unet-cbam": "cbam", "unet-scse": "scse"}
