@@ -1,4 +1,4 @@
-"""Pieces shared by the search and retrain loops: set-up, one optimisation step, bookkeeping.
+"""Pieces shared by the search and retrain loops: set-up, one optimisation step, the epoch tail, bookkeeping.
 
 Loops are functions of their inputs: the config, an output folder and callbacks. Everything a run
 writes lives in ``out_dir``; ``last.pt`` is the resumable state after each epoch, ``best.pt`` the
@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 from torch import nn
@@ -230,6 +230,59 @@ def _bucket_batches(ctx: RunContext, split: str, buckets: dict, per_class: int, 
                          seed=seed)
     for batch in loader:
         yield to_device(batch, ctx)
+
+
+class EpochTail:
+    """The chores around every epoch, one implementation for the search and the retrain loop.
+
+    ``begin(epoch)`` opens the epoch's metrics and validates when the epoch is due with
+    ``val_timing="start"``; ``end(epoch, metrics, optimizers)`` validates when due with "end", appends
+    the metrics to ``state["history"]``, writes the resumable ``last.pt`` and calls
+    ``on_epoch_end``, in that order. A validation records ``val_dsc``/``val_pq`` and, when its score
+    ``improves`` on the best among the epochs ``may_be_best`` accepts, updates ``state`` (best score,
+    epoch, flattened metrics) and writes ``best.pt`` with ``genotype()``.
+    """
+
+    def __init__(self, phase: str, ctx: RunContext, model: nn.Module, state: dict, callbacks: Any,
+                 val_epochs: Collection[int], val_timing: str,
+                 may_be_best: Callable[[int], bool] = lambda epoch: True,
+                 genotype: Callable[[], dict | None] = lambda: None):
+        self.phase, self.ctx, self.model, self.state, self.callbacks = phase, ctx, model, state, callbacks
+        self.val_epochs, self.val_timing = set(val_epochs), val_timing
+        self.may_be_best, self.genotype = may_be_best, genotype
+
+    def begin(self, epoch: int) -> dict:
+        metrics: dict = {"epoch": epoch}
+        if self.val_timing == "start" and epoch in self.val_epochs:
+            self._validate(epoch, metrics)
+        return metrics
+
+    def end(self, epoch: int, metrics: dict, optimizers: dict) -> None:
+        from nas_core.engine.checkpoint import save_checkpoint
+        from nas_core.engine.device import rng_state
+
+        if self.val_timing == "end" and epoch in self.val_epochs:
+            self._validate(epoch, metrics)
+        self.state["history"].append(metrics)
+        save_checkpoint(self.ctx.out_dir / "last.pt", model=self.model, config=self.ctx.cfg.to_dict(),
+                        phase=self.phase, epoch=epoch, metrics=metrics, optimizers=optimizers, rng=rng_state(),
+                        state=self.state)
+        self.callbacks.on_epoch_end(self.phase, epoch, metrics, self.ctx.out_dir)
+
+    def _validate(self, epoch: int, metrics: dict) -> None:
+        from nas_core.engine.checkpoint import save_checkpoint
+        from nas_core.engine.evaluate import evaluate_split
+        from nas_core.metrics import flatten_metrics
+
+        ctx, cfg = self.ctx, self.ctx.cfg
+        val = evaluate_split(self.model, ctx.data, "val", device=ctx.device, amp=ctx.amp,
+                             tile=cfg.data.crop_size, stride=cfg.data.stride, grid=cfg.data.grid)
+        score = val["dsc"]["Average"]
+        metrics.update({"val_dsc": score, "val_pq": val["pq"]["Average"]})
+        if self.may_be_best(epoch) and improves(score, self.state["best_score"]):
+            self.state.update(best_score=score, best_epoch=epoch, best_val=flatten_metrics(val))
+            save_checkpoint(ctx.out_dir / "best.pt", model=self.model, config=cfg.to_dict(), phase=self.phase,
+                            epoch=epoch, metrics=dict(metrics), genotype=self.genotype())
 
 
 def improves(score: float, best: float | None) -> bool:
