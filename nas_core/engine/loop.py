@@ -264,7 +264,7 @@ class EpochTail:
         if self.val_timing == "end" and epoch in self.val_epochs:
             self._validate(epoch, metrics)
         self.state["history"].append(metrics)
-        save_checkpoint(self.ctx.out_dir / "last.pt", model=self.model, config=self.ctx.cfg.to_dict(),
+        save_checkpoint(self.ctx.out_dir / "last.pt", model=self.model, config=self.ctx.cfg.portable_dict(),
                         phase=self.phase, epoch=epoch, metrics=metrics, optimizers=optimizers, rng=rng_state(),
                         state=self.state)
         self.callbacks.on_epoch_end(self.phase, epoch, metrics, self.ctx.out_dir)
@@ -281,7 +281,7 @@ class EpochTail:
         metrics.update({"val_dsc": score, "val_pq": val["pq"]["Average"]})
         if self.may_be_best(epoch) and improves(score, self.state["best_score"]):
             self.state.update(best_score=score, best_epoch=epoch, best_val=flatten_metrics(val))
-            save_checkpoint(ctx.out_dir / "best.pt", model=self.model, config=cfg.to_dict(), phase=self.phase,
+            save_checkpoint(ctx.out_dir / "best.pt", model=self.model, config=cfg.portable_dict(), phase=self.phase,
                             epoch=epoch, metrics=dict(metrics), genotype=self.genotype())
 
 
@@ -339,7 +339,9 @@ def resume_from_last(out_dir: Path, cfg: RunConfig, model: nn.Module, optimizers
                      state: dict) -> tuple[dict, int]:
     """Restore weights, optimisers, RNG and loop state from ``out_dir/last.pt`` if it exists.
 
-    Returns (state, first epoch to run). A last.pt written with another config is refused.
+    Returns (state, first epoch to run). A last.pt written with another config is refused; where the
+    files lie (``LOCATION_PATHS``: data root, source folder, genotype file) may differ, so a run folder
+    copied to another machine resumes there.
     """
     from nas_core.config import config_from_dict
     from nas_core.engine.checkpoint import load_weights, read_checkpoint
@@ -349,8 +351,10 @@ def resume_from_last(out_dir: Path, cfg: RunConfig, model: nn.Module, optimizers
     if not last.exists():
         return state, 0
     payload = read_checkpoint(last)
-    if config_from_dict(payload["config"]) != cfg:
-        raise ConfigError(f"{last} was written with a different config; resume with the same config or another --out")
+    differences = config_from_dict(payload["config"]).run_differences(cfg)
+    if differences:
+        raise ConfigError(f"{last} was written with a different config ({', '.join(differences[:5])} differ); "
+                          f"resume with the same config or another --out")
     load_weights(model, payload, last)
     for key, opt in optimizers.items():
         opt.load_state_dict(payload["optimizers"][key])
