@@ -19,7 +19,10 @@ import torch
 from torch import nn
 
 from nas_core.config import ConfigError, RunConfig
-from nas_core.engine.device import autocast, resolve_device, seed_everything, set_float32_precision
+from nas_core.engine.checkpoint import save_checkpoint
+from nas_core.engine.device import autocast, resolve_device, rng_state, seed_everything, set_float32_precision
+from nas_core.engine.evaluate import evaluate_split
+from nas_core.metrics import flatten_metrics
 
 
 class TrainingError(RuntimeError):
@@ -258,9 +261,6 @@ class EpochTail:
         return metrics
 
     def end(self, epoch: int, metrics: dict, optimizers: dict) -> None:
-        from nas_core.engine.checkpoint import save_checkpoint
-        from nas_core.engine.device import rng_state
-
         if self.val_timing == "end" and epoch in self.val_epochs:
             self._validate(epoch, metrics)
         self.state["history"].append(metrics)
@@ -270,10 +270,6 @@ class EpochTail:
         self.callbacks.on_epoch_end(self.phase, epoch, metrics, self.ctx.out_dir)
 
     def _validate(self, epoch: int, metrics: dict) -> None:
-        from nas_core.engine.checkpoint import save_checkpoint
-        from nas_core.engine.evaluate import evaluate_split
-        from nas_core.metrics import flatten_metrics
-
         ctx, cfg = self.ctx, self.ctx.cfg
         val = evaluate_split(self.model, ctx.data, "val", device=ctx.device, amp=ctx.amp,
                              tile=cfg.data.crop_size, stride=cfg.data.stride, grid=cfg.data.grid)
