@@ -182,6 +182,12 @@ def test_a_run_folder_copied_to_another_machine_resumes_and_evaluates_there(tmp_
     again = json.loads((ev / "metrics_test.json").read_text())
     assert again["dsc"] == pytest.approx(full.test["dsc"], nan_ok=True)
     assert not here.exists()
+    # a finished folder copied on: its result names the files where they lie now
+    shutil.copytree(tmp_path / "b-runs" / "cut", tmp_path / "c-runs" / "cut")
+    done = run_train(tiny_cfg(there, *args), tmp_path / "c-runs" / "cut", resume=True)
+    assert done.checkpoint_path == tmp_path / "c-runs" / "cut" / "best.pt"
+    assert done.metrics_path == tmp_path / "c-runs" / "cut" / "metrics.json"
+    assert done.test["dsc"] == pytest.approx(full.test["dsc"], nan_ok=True)
 
 
 def test_tiled_inference_equals_whole_image_inference():

@@ -288,6 +288,16 @@ def improves(score: float, best: float | None) -> bool:
     return score > best
 
 
+def read_result(out_dir: Path, path_keys: tuple[str, ...]) -> dict:
+    """A finished run's ``result.json``, its files (``path_keys``) pointed into ``out_dir`` as it lies
+    now: the folder may have been copied from another folder or machine."""
+    data = json.loads((out_dir / "result.json").read_text())
+    for key in path_keys:
+        if data.get(key):
+            data[key] = str(out_dir / Path(data[key]).name)
+    return data
+
+
 def write_json(path: Path, data: Any) -> Path:
     """Atomic JSON write (temp file + rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -30,8 +29,8 @@ from nas_core.config import ConfigError, RunConfig
 from nas_core.engine.callbacks import Callback, CallbackList
 from nas_core.engine.checkpoint import read_checkpoint
 from nas_core.engine.loop import (EpochTail, TrainingError, adam, alpha_batches, epoch_lengths, epoch_losses,
-                                  guard_out_dir, optimisation_step, prepare_model, progress, resume_from_last,
-                                  search_steps, setup_run, train_batches, write_json)
+                                  guard_out_dir, optimisation_step, prepare_model, progress, read_result,
+                                  resume_from_last, search_steps, setup_run, train_batches, write_json)
 
 
 
@@ -102,7 +101,7 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
     out_dir = Path(out_dir)
     cb = CallbackList(callbacks)
     if resume and (out_dir / "result.json").exists():
-        return SearchResult.from_dict(json.loads((out_dir / "result.json").read_text()))
+        return SearchResult.from_dict(read_result(out_dir, ("genotype_path", "alpha_history_path", "checkpoint_path")))
     guard_out_dir(out_dir, resume, "search")
     if cfg.model.name not in NAS_MODELS:
         raise ConfigError(f"model.name: search needs one of {', '.join(NAS_MODELS)}, got {cfg.model.name!r}")

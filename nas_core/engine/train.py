@@ -9,7 +9,6 @@ state never).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +20,8 @@ from nas_core.engine.checkpoint import load_weights, read_checkpoint
 from nas_core.engine.device import seed_everything
 from nas_core.engine.evaluate import evaluate_split
 from nas_core.engine.loop import (EpochTail, adam, epoch_lengths, epoch_losses, guard_out_dir, optimisation_step,
-                                  prepare_model, progress, resume_from_last, setup_run, train_batches, write_json)
+                                  prepare_model, progress, read_result, resume_from_last, setup_run, train_batches,
+                                  write_json)
 
 
 @dataclass
@@ -62,7 +62,7 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
     out_dir = Path(out_dir)
     cb = CallbackList(callbacks)
     if resume and (out_dir / "result.json").exists():
-        return TrainResult.from_dict(json.loads((out_dir / "result.json").read_text()))
+        return TrainResult.from_dict(read_result(out_dir, ("checkpoint_path", "metrics_path")))
     guard_out_dir(out_dir, resume, "train")
     # seeded first: the initial weights depend on cfg.seed only, not on what the process drew before
     seed_everything(cfg.seed, cfg.deterministic)
