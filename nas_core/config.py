@@ -49,6 +49,8 @@ class DataConfig:
     layout: Literal["auto", "monusac", "monuseg", "folder"] = "auto"
     synthetic_images: int = 24
     synthetic_size: int = 512
+    # the data root of this machine (synthetic data and prepared caches), filled in at run time from the
+    # settings (NAS_SCAM_HOME / NAS_SCAM_DATA_DIR); a machine path: never saved (see MACHINE_PATHS)
     cache_dir: Optional[str] = None
     stain: Literal["none", "reinhard", "macenko"] = "none"
     # counts "120,39,50" or fractions "0.6,0.2,0.2" for train/val/test
@@ -163,6 +165,7 @@ class RunConfig:
     compile: CompileMode = "off"
     # optimisation steps with a non-finite loss or gradient are skipped; this many in a row fail the run
     max_nonfinite_steps: int = 3
+    # a machine path, never saved (see MACHINE_PATHS)
     out_dir: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,8 +190,40 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def portable_dict(self) -> dict[str, Any]:
+        """``to_dict`` without the machine paths (None): what checkpoints save."""
+        return _clear(self.to_dict(), MACHINE_PATHS)
+
+    def run_differences(self, other: "RunConfig") -> list[str]:
+        """Dotted keys whose values differ, ``LOCATION_PATHS`` aside (resume's test): empty when
+        ``other`` describes the same run wherever its files lie."""
+        a, b = (flatten(_clear(c.to_dict(), LOCATION_PATHS)) for c in (self, other))
+        return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# Paths that say where things lie on this machine, not what the run is: the runs folder and the data
+# root come from the settings at run time and are never saved into checkpoints, so a checkpoint copied
+# to another machine or folder loads, evaluates and resumes there.
+MACHINE_PATHS = ("out_dir", "data.cache_dir")
+# Saved (they tell where a run's inputs came from) but not compared on resume: the source folder may lie
+# elsewhere on another machine, and the genotype file's content is compared through the model spec
+# (engine/checkpoint.py load_weights).
+LOCATION_PATHS = (*MACHINE_PATHS, "data.source", "model.genotype")
+
+
+def _clear(d: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of the nested dict ``d`` with the ``dotted`` keys set to None."""
+    out = json.loads(json.dumps(d))
+    for key in dotted:
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node[p]
+        node[leaf] = None
+    return out
 
 
 # method.md sections 5, 5a and 6: the complete table of each protocol, one line per section. Every

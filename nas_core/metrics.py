@@ -40,9 +40,8 @@ from typing import Any, Optional
 import numpy as np
 from scipy import ndimage
 
-NUM_CLASSES = 4
-CLASS_NAMES: dict[int, str] = {1: "Epithelial", 2: "Lymphocyte", 3: "Neutrophil", 4: "Macrophage"}
-TABLE_ORDER: list[str] = ["Average", "Epithelial", "Lymphocyte", "Macrophage", "Neutrophil"]
+from nas_core.classes import CLASS_BY_ID, NUM_CLASSES, TABLE_ORDER
+
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
@@ -229,7 +228,7 @@ class SegmentationMetrics:
 
     def _table(self, per_class: np.ndarray, average: Optional[float] = None) -> dict[str, float]:
         """Per-class values (C,) in class-id order -> dict in TABLE_ORDER (Average = nanmean)."""
-        names = {CLASS_NAMES.get(c, f"class{c}"): float(per_class[c - 1])
+        names = {CLASS_BY_ID.get(c, f"class{c}"): float(per_class[c - 1])
                  for c in range(1, self.num_classes + 1)}
         if average is None:
             average = _nanmean(per_class)

@@ -16,11 +16,10 @@ from typing import Iterable, Mapping, Optional
 
 import pandas as pd
 
+from nas_core.classes import TABLE_ORDER as CLASSES  # the paper's column order
 from orchestrator.figures import save_figure
 from orchestrator.specs import METHODS
 
-# the paper's column order (method.md section 1)
-CLASSES = ("Average", "Epithelial", "Lymphocyte", "Macrophage", "Neutrophil")
 REFERENCE_CSV = Path(__file__).resolve().parents[1] / "experiments" / "reference_table2.csv"
 DDOF = {"population": 0, "sample": 1}
 REPEATS = {"retrain": "one search per NAS method, a retrain per seed",

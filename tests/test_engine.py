@@ -11,7 +11,7 @@ from nas_core.config import ConfigError, load_config
 from nas_core.engine import (CheckpointError, TrainingError, load_checkpoint, run_search, run_train)
 from nas_core.engine.evaluate import predict_probs
 from nas_core.engine.predict import label_map, to_geojson
-from nas_core.metrics import CLASS_NAMES
+from nas_core.classes import CLASS_BY_ID
 from nas_core.search_space.genotype import Genotype
 
 TINY = [
@@ -111,12 +111,22 @@ def test_resume_gives_the_same_genotype_and_metrics(data_root, tmp_path):
     assert [h.get("val_dsc") for h in resumed.history] == pytest.approx([h.get("val_dsc") for h in full.history])
 
 
-def test_a_fresh_run_never_overwrites_a_finished_one(data_root, tmp_path):
+def _data_root_setting(monkeypatch, root: Path) -> None:
+    """This machine's data root, as `nas-scam` reads it from the settings."""
+    from orchestrator.settings import get_settings
+
+    monkeypatch.setenv("NAS_SCAM_DATA_DIR", str(root))
+    get_settings.cache_clear()
+
+
+def test_a_fresh_run_never_overwrites_a_finished_one(data_root, tmp_path, home, monkeypatch):
     # run seed 3, data seed 0: evaluate must re-open the data by data.seed
     cfg = tiny_cfg(data_root, "model.name=unet", "train.epochs=1", "train.iters_per_epoch=1", "seed=3")
     res = run_train(cfg, tmp_path / "t")
     # `nas-scam evaluate` on the checkpoint alone finds the same data and split, so the same numbers
     from orchestrator.cli import main
+
+    _data_root_setting(monkeypatch, data_root)
 
     assert main(["evaluate", "--checkpoint", str(res.checkpoint_path), "--out", str(tmp_path / "ev")]) == 0
     again = json.loads((tmp_path / "ev" / "metrics_test.json").read_text())
@@ -125,6 +135,59 @@ def test_a_fresh_run_never_overwrites_a_finished_one(data_root, tmp_path):
     with pytest.raises(ConfigError, match="already holds"):
         run_train(cfg, tmp_path / "t", resume=False)
     assert (tmp_path / "t" / "best.pt").read_bytes() == before
+
+
+def test_a_run_folder_copied_to_another_machine_resumes_and_evaluates_there(tmp_path, home, monkeypatch):
+    import shutil
+
+    from orchestrator.cli import main
+    from orchestrator.settings import get_settings
+
+    # the reference: an uninterrupted retrain on "machine A" (its own data root)
+    here = tmp_path / "a-data"
+    args = ("model.name=unet", "train.epochs=3", "deterministic=true")
+    full = run_train(tiny_cfg(here, *args), tmp_path / "a-full")
+
+    class Crash(Exception):
+        pass
+
+    from nas_core.engine import Callback
+
+    class StopAfter(Callback):
+        def on_epoch_end(self, phase, epoch, metrics, out_dir):
+            if epoch == 0:
+                raise Crash()
+
+    with pytest.raises(Crash):
+        run_train(tiny_cfg(here, *args), tmp_path / "a-cut", callbacks=[StopAfter()])
+    # the checkpoints name no machine path
+    for name in ("last.pt", "best.pt"):
+        saved = load_checkpoint(tmp_path / "a-cut" / name)[1]["config"]
+        assert saved["data"]["cache_dir"] is None and saved["out_dir"] is None
+    # "machine B": the run folder copied, machine A's data root and run folder gone, another home
+    shutil.copytree(tmp_path / "a-cut", tmp_path / "b-runs" / "cut")
+    shutil.rmtree(tmp_path / "a-cut")
+    shutil.rmtree(here)
+    monkeypatch.setenv("NAS_SCAM_HOME", str(tmp_path / "b-home"))
+    get_settings.cache_clear()
+    there = get_settings().data_root
+    assert there == tmp_path / "b-home" / "data"
+    resumed = run_train(tiny_cfg(there, *args), tmp_path / "b-runs" / "cut", resume=True)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    assert [h.get("val_dsc") for h in resumed.history] == pytest.approx([h.get("val_dsc") for h in full.history])
+    assert resumed.test["dsc"] == pytest.approx(full.test["dsc"], nan_ok=True)
+    # `nas-scam evaluate` there reads the data root from B's settings, not from the checkpoint
+    ev = tmp_path / "b-eval"
+    assert main(["evaluate", "--checkpoint", str(resumed.checkpoint_path), "--out", str(ev)]) == 0
+    again = json.loads((ev / "metrics_test.json").read_text())
+    assert again["dsc"] == pytest.approx(full.test["dsc"], nan_ok=True)
+    assert not here.exists()
+    # a finished folder copied on: its result names the files where they lie now
+    shutil.copytree(tmp_path / "b-runs" / "cut", tmp_path / "c-runs" / "cut")
+    done = run_train(tiny_cfg(there, *args), tmp_path / "c-runs" / "cut", resume=True)
+    assert done.checkpoint_path == tmp_path / "c-runs" / "cut" / "best.pt"
+    assert done.metrics_path == tmp_path / "c-runs" / "cut" / "metrics.json"
+    assert done.test["dsc"] == pytest.approx(full.test["dsc"], nan_ok=True)
 
 
 def test_tiled_inference_equals_whole_image_inference():
@@ -181,7 +244,7 @@ def test_label_map_takes_most_probable_channel():
     p[:, 0, 0] = [0.9, 0.6, 0, 0]
     p[:, 0, 1] = [0.6, 0.2, 0.1, 0.95]
     assert label_map(p).tolist() == [[1, 4, 0]]
-    assert set(CLASS_NAMES) == {1, 2, 3, 4}
+    assert set(CLASS_BY_ID) == {1, 2, 3, 4}
 
 
 def test_bad_inputs_stop_with_clear_messages(data_root, tmp_path):

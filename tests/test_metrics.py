@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from nas_core.metrics import (CLASS_NAMES, TABLE_ORDER, SegmentationMetrics, PQCounts, flatten_metrics,
+from nas_core.classes import CLASS_BY_ID, TABLE_ORDER
+from nas_core.metrics import (SegmentationMetrics, PQCounts, flatten_metrics,
                               labels_to_stack, match_instances, panoptic_counts)
 
 
@@ -27,8 +28,8 @@ def box(shape, rows, cols):
 
 
 def test_constants():
-    assert CLASS_NAMES == {1: "Epithelial", 2: "Lymphocyte", 3: "Neutrophil", 4: "Macrophage"}
-    assert TABLE_ORDER == ["Average", "Epithelial", "Lymphocyte", "Macrophage", "Neutrophil"]
+    assert CLASS_BY_ID == {1: "Epithelial", 2: "Lymphocyte", 3: "Neutrophil", 4: "Macrophage"}
+    assert TABLE_ORDER == ("Average", "Epithelial", "Lymphocyte", "Macrophage", "Neutrophil")
 
 
 # ---------------------------------------------------------------- DSC ----
@@ -67,7 +68,7 @@ def test_global_dsc_differs_from_per_image_mean():
     assert res["dsc_per_image"]["Macrophage"] == 1.0
     # Average: image A mean (1/2 + 1) / 2 = 3/4, image B 0 -> 3/8 (not the mean of the columns, 5/8)
     assert res["dsc_per_image"]["Average"] == approx(3 / 8)
-    assert list(res["dsc"]) == TABLE_ORDER and list(res["dsc_per_image"]) == TABLE_ORDER
+    assert list(res["dsc"]) == list(TABLE_ORDER) and list(res["dsc_per_image"]) == list(TABLE_ORDER)
     assert res["n_images"] == 2
 
 
@@ -249,7 +250,7 @@ def test_pq_accumulates_over_images_per_class():
     assert res["pq"]["Lymphocyte"] == 0.0 and res["rq"]["Lymphocyte"] == 0.0
     assert math.isnan(res["pq"]["Neutrophil"]) and math.isnan(res["pq"]["Macrophage"])
     assert res["pq"]["Average"] == approx(7 / 16)
-    assert list(res["pq"]) == TABLE_ORDER
+    assert list(res["pq"]) == list(TABLE_ORDER)
 
 
 def test_pq_instance_map_separates_touching_nuclei():

@@ -113,8 +113,8 @@ def test_code_search_of_70_epochs_takes_the_genotype_from_63_66_or_69(data_root,
     scores = {30: 0.9, 63: 0.5, 66: 0.7, 69: 0.6}
     rec = Recorder(lambda e: scores.get(e, 0.1))
     monkeypatch.setattr(search_mod, "optimisation_step", rec.step)
-    monkeypatch.setattr(search_mod, "evaluate_split", rec.evaluate)
-    _skip_last_checkpoint(monkeypatch, search_mod)
+    monkeypatch.setattr(loop, "evaluate_split", rec.evaluate)
+    _skip_last_checkpoint(monkeypatch, loop)
     starts = []
     real = {"w": search_mod.train_batches, "alpha": search_mod.alpha_batches}
 
@@ -151,8 +151,8 @@ def test_code_search_of_70_epochs_takes_the_genotype_from_63_66_or_69(data_root,
 def test_paper_search_alternates_per_iteration_after_the_warm_up(data_root, tmp_path, monkeypatch):
     rec = Recorder(lambda e: float(e))
     monkeypatch.setattr(search_mod, "optimisation_step", rec.step)
-    monkeypatch.setattr(search_mod, "evaluate_split", rec.evaluate)
-    _skip_last_checkpoint(monkeypatch, search_mod)
+    monkeypatch.setattr(loop, "evaluate_split", rec.evaluate)
+    _skip_last_checkpoint(monkeypatch, loop)
     cfg = load_config(overrides=[*TINY, f"data.cache_dir={data_root}", "search.epochs=7", "search.warmup_epochs=2",
                                  "search.iters_per_epoch=3"])
     res = run_search(cfg, tmp_path / "s")
@@ -164,8 +164,10 @@ def test_paper_search_alternates_per_iteration_after_the_warm_up(data_root, tmp_
 def test_retrain_keeps_the_best_of_all_validations(data_root, tmp_path, monkeypatch):
     rec = Recorder(lambda e: 0.9 if e == 0 else 0.2 + e / 100)
     monkeypatch.setattr(train_mod, "optimisation_step", rec.step)
-    monkeypatch.setattr(train_mod, "evaluate_split", lambda model, data, split, **kw:
-                        rec.evaluate(model, data, split) if split == "val" else {"dsc": {"Average": 0.0}})
+    evaluate = lambda model, data, split, **kw: (  # noqa: E731
+        rec.evaluate(model, data, split) if split == "val" else {"dsc": {"Average": 0.0}})
+    monkeypatch.setattr(loop, "evaluate_split", evaluate)  # validations (the epoch tail)
+    monkeypatch.setattr(train_mod, "evaluate_split", evaluate)  # the test split
     cfg = load_config(overrides=[*TINY, f"data.cache_dir={data_root}", "protocol=code", "model.name=unet",
                                  "train.epochs=8"])
     res = run_train(cfg, tmp_path / "t")

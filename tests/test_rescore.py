@@ -13,7 +13,7 @@ from nas_core.data.readers import DataError, list_samples
 from nas_core.data.synthetic import write_synthetic
 from nas_core.engine.checkpoint import save_checkpoint
 from nas_core.engine.score import score_checkpoint, write_scores
-from nas_core.metrics import CLASS_NAMES
+from nas_core.classes import CLASS_NAMES
 from nas_core.models import create_model
 from orchestrator import cli
 from orchestrator.rescore import RescoreError, default_out, find_checkpoints, rescore_ablation
@@ -66,7 +66,7 @@ def test_scores_every_image_and_global_dsc_is_the_sum_of_rows(request, which, ck
     assert [r["id"] for r in result["images"]] == [r.id for r in refs]
     assert result["tile"] == 32 and result["stride"] == 32
     rows = result["images"]
-    for name in CLASS_NAMES.values():
+    for name in CLASS_NAMES:
         inter = sum(r[f"inter_{name}"] for r in rows)
         denom = sum(r[f"pred_{name}"] + r[f"gt_{name}"] for r in rows)
         expect = 2 * inter / denom if denom else float("nan")
@@ -75,7 +75,7 @@ def test_scores_every_image_and_global_dsc_is_the_sum_of_rows(request, which, ck
             d = r[f"pred_{name}"] + r[f"gt_{name}"]
             np.testing.assert_allclose(r[f"dsc_{name}"], 2 * r[f"inter_{name}"] / d if d else float("nan"),
                                        equal_nan=True)
-    assert sum(r[f"gt_{n}"] for r in rows for n in CLASS_NAMES.values()) > 0  # the folder has nuclei
+    assert sum(r[f"gt_{n}"] for r in rows for n in CLASS_NAMES) > 0  # the folder has nuclei
 
     paths = write_scores(result, tmp_path / "out")
     with open(paths["csv"]) as f:

@@ -10,6 +10,7 @@ from nas_core.search_space import (
     Cell,
     Genotype,
     GenotypeError,
+    create_cell,
     edge_list,
     make_op,
     num_edges,
@@ -149,7 +150,7 @@ def test_cell_rejects_bad_arguments():
     with pytest.raises(ValueError, match="zero_op"):
         Cell(SAM_OPS, 3, 2, zero_op="release")
     with pytest.raises(ValueError, match="impl: 'fused' is not one of reference, stacked"):
-        Cell(SAM_OPS, 3, 2, impl="fused")
+        create_cell(SAM_OPS, 3, 2, impl="fused")
 
 
 # ---- genotype ----

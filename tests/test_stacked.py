@@ -9,7 +9,7 @@ from torch import nn
 from nas_core.config import ConfigError
 from nas_core.models import create_model
 from nas_core.models.perf import maybe_compile
-from nas_core.search_space import CAM_OPS, SAM_OPS, Cell
+from nas_core.search_space import CAM_OPS, SAM_OPS, Cell, StackedCell
 
 # (table, dim, c_in, input shape) for the two cell kinds
 KINDS = {"sam": (SAM_OPS, 2, 5, (2, 5, 7, 9)), "cam": (CAM_OPS, 1, 1, (3, 1, 24))}
@@ -33,7 +33,7 @@ def _pair(kind: str, zero_op: str, channels_last: bool = True):
     ops, dim, c_in, _ = KINDS[kind]
     ref = Cell(ops, c_in, dim, zero_op=zero_op)
     _randomise(ref)
-    fast = Cell(ops, c_in, dim, zero_op=zero_op, impl="stacked")
+    fast = StackedCell(ops, c_in, dim, zero_op=zero_op)
     fast.channels_last = channels_last
     fast.load_state_dict(ref.state_dict())
     return ref, fast
@@ -90,7 +90,7 @@ def test_fixed_cell_ignores_impl():
     geno = ("conv3", "zero", "atrous5", "conv1", "zero", "conv5")
     ref = Cell(SAM_OPS, 4, 2, genotype=geno)
     _randomise(ref)
-    fast = Cell(SAM_OPS, 4, 2, genotype=geno, impl="stacked")
+    fast = StackedCell(SAM_OPS, 4, 2, genotype=geno)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 4, 6, 6)
     torch.testing.assert_close(fast(x), ref(x))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "DataError": "readers", "CLASS_NAMES": "readers", "list_samples": "readers", "detect_layout": "readers",
+    "DataError": "readers", "list_samples": "readers", "detect_layout": "readers",
     "write_synthetic": "synthetic", "prepare": "prepare", "ensure_dataset": "prepare",
     "PreparedData": "dataset", "CropDataset": "dataset", "ClassBalancedBatchSampler": "dataset",
     "make_loader": "dataset", "build_augmentation": "augment", "tile_positions": "tiling",

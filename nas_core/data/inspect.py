@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .readers import CLASS_NAMES, NUM_CLASSES, DataError, list_samples
+from nas_core.classes import CLASS_NAMES, NUM_CLASSES
+
+from .readers import DataError, list_samples
 
 
 def inspect_source(path: str | Path, layout: str = "auto", channel_order: str = "auto",

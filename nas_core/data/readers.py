@@ -23,10 +23,8 @@ from typing import Callable, Optional
 import cv2
 import numpy as np
 
-CLASS_NAMES = ("Epithelial", "Lymphocyte", "Neutrophil", "Macrophage")
-NUM_CLASSES = len(CLASS_NAMES)
-# palette of the colour-coded MoNuSAC test masks (RGB); index = class id
-DEFAULT_PALETTE = ((0, 0, 0), (0, 255, 0), (255, 255, 0), (255, 0, 0), (0, 0, 255))
+from nas_core.classes import CLASS_NAMES, NUM_CLASSES, PALETTE
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # names that Aperio writes for non-class attributes ("Description" is ImageScope's default column)
 _NON_CLASS_NAMES = {"", "description", "region", "text", "length", "area"}
@@ -261,7 +259,7 @@ def list_monuseg(root: Path) -> list[SampleRef]:
     return refs
 
 
-def mask_to_label(mask: np.ndarray, path: Path, palette=DEFAULT_PALETTE):
+def mask_to_label(mask: np.ndarray, path: Path, palette=PALETTE):
     """Index mask (H, W) or colour mask (H, W, 3) -> (label uint8, warnings)."""
     notes = []
     if mask.ndim == 3 and mask.shape[2] >= 3:
@@ -298,7 +296,7 @@ def _rb_cue(image: np.ndarray, label: np.ndarray) -> float:
     return float((d[0] - d[2]) / (np.abs(d).sum() + 1e-6))
 
 
-def list_folder(root: Path, channel_order: str = "auto", palette=DEFAULT_PALETTE) -> list[SampleRef]:
+def list_folder(root: Path, channel_order: str = "auto", palette=PALETTE) -> list[SampleRef]:
     """``images/NAME.ext`` + ``masks/NAME.ext``. ``channel_order``: "rgb", "bgr" (images stored R/B
     swapped, like the MoNuSAC test-mask images), or "auto": a folder-wide vote on the nuclei colour
     (nuclei are bluer than their surround in true RGB) over up to 12 images with masks."""
@@ -398,7 +396,7 @@ def detect_layout(root: Path) -> str:
 
 
 def list_samples(root: Path, layout: str = "auto", channel_order: str = "auto",
-                 palette=DEFAULT_PALETTE, prefer: str = "svs") -> tuple[str, list[SampleRef]]:
+                 palette=PALETTE, prefer: str = "svs") -> tuple[str, list[SampleRef]]:
     """Detect (or take) the layout and list its samples without loading them."""
     root = Path(root)
     if layout == "auto":

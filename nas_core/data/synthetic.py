@@ -26,7 +26,7 @@ from xml.sax.saxutils import quoteattr
 import cv2
 import numpy as np
 
-from .readers import CLASS_NAMES
+from nas_core.classes import CLASS_NAMES
 
 # expected nuclei per 256x256 area: (mean, probability of forcing at least one)
 _DENSITY = {1: (12.0, 0.0), 2: (14.0, 0.0), 3: (1.5, 0.85), 4: (1.3, 0.85)}

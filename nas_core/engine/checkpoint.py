@@ -96,12 +96,20 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def _architecture(spec: dict | None) -> dict | None:
+    """A model spec without ``impl``: the cell implementations share one function and one state_dict
+    (nas_core/search_space/stacked.py), so weights saved by one load into the other."""
+    if not spec or "impl" not in spec.get("options", {}):
+        return spec
+    return {**spec, "options": {k: v for k, v in spec["options"].items() if k != "impl"}}
+
+
 def load_weights(model: nn.Module, payload: dict, path: str | Path = "checkpoint") -> None:
     """Load weights into ``model`` after checking the checkpoint was saved for the same architecture."""
     from nas_core.models.registry import canonical_name
 
-    want = getattr(model, "model_spec", None)
-    have = payload.get("model_spec")
+    want = _architecture(getattr(model, "model_spec", None))
+    have = _architecture(payload.get("model_spec"))
     if have is not None and have.get("name"):  # a checkpoint from before a model's rename
         have = {**have, "name": canonical_name(have["name"])}
     if want is not None and have is not None and want != have:

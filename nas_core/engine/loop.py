@@ -1,4 +1,4 @@
-"""Pieces shared by the search and retrain loops: set-up, one optimisation step, bookkeeping.
+"""Pieces shared by the search and retrain loops: set-up, one optimisation step, the epoch tail, bookkeeping.
 
 Loops are functions of their inputs: the config, an output folder and callbacks. Everything a run
 writes lives in ``out_dir``; ``last.pt`` is the resumable state after each epoch, ``best.pt`` the
@@ -13,13 +13,16 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 from torch import nn
 
 from nas_core.config import ConfigError, RunConfig
-from nas_core.engine.device import autocast, resolve_device, seed_everything, set_float32_precision
+from nas_core.engine.checkpoint import save_checkpoint
+from nas_core.engine.device import autocast, resolve_device, rng_state, seed_everything, set_float32_precision
+from nas_core.engine.evaluate import evaluate_split
+from nas_core.metrics import flatten_metrics
 
 
 class TrainingError(RuntimeError):
@@ -232,11 +235,67 @@ def _bucket_batches(ctx: RunContext, split: str, buckets: dict, per_class: int, 
         yield to_device(batch, ctx)
 
 
+class EpochTail:
+    """The chores around every epoch, one implementation for the search and the retrain loop.
+
+    ``begin(epoch)`` opens the epoch's metrics and validates when the epoch is due with
+    ``val_timing="start"``; ``end(epoch, metrics, optimizers)`` validates when due with "end", appends
+    the metrics to ``state["history"]``, writes the resumable ``last.pt`` and calls
+    ``on_epoch_end``, in that order. A validation records ``val_dsc``/``val_pq`` and, when its score
+    ``improves`` on the best among the epochs ``may_be_best`` accepts, updates ``state`` (best score,
+    epoch, flattened metrics) and writes ``best.pt`` with ``genotype()``.
+    """
+
+    def __init__(self, phase: str, ctx: RunContext, model: nn.Module, state: dict, callbacks: Any,
+                 val_epochs: Collection[int], val_timing: str,
+                 may_be_best: Callable[[int], bool] = lambda epoch: True,
+                 genotype: Callable[[], dict | None] = lambda: None):
+        self.phase, self.ctx, self.model, self.state, self.callbacks = phase, ctx, model, state, callbacks
+        self.val_epochs, self.val_timing = set(val_epochs), val_timing
+        self.may_be_best, self.genotype = may_be_best, genotype
+
+    def begin(self, epoch: int) -> dict:
+        metrics: dict = {"epoch": epoch}
+        if self.val_timing == "start" and epoch in self.val_epochs:
+            self._validate(epoch, metrics)
+        return metrics
+
+    def end(self, epoch: int, metrics: dict, optimizers: dict) -> None:
+        if self.val_timing == "end" and epoch in self.val_epochs:
+            self._validate(epoch, metrics)
+        self.state["history"].append(metrics)
+        save_checkpoint(self.ctx.out_dir / "last.pt", model=self.model, config=self.ctx.cfg.portable_dict(),
+                        phase=self.phase, epoch=epoch, metrics=metrics, optimizers=optimizers, rng=rng_state(),
+                        state=self.state)
+        self.callbacks.on_epoch_end(self.phase, epoch, metrics, self.ctx.out_dir)
+
+    def _validate(self, epoch: int, metrics: dict) -> None:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        val = evaluate_split(self.model, ctx.data, "val", device=ctx.device, amp=ctx.amp,
+                             tile=cfg.data.crop_size, stride=cfg.data.stride, grid=cfg.data.grid)
+        score = val["dsc"]["Average"]
+        metrics.update({"val_dsc": score, "val_pq": val["pq"]["Average"]})
+        if self.may_be_best(epoch) and improves(score, self.state["best_score"]):
+            self.state.update(best_score=score, best_epoch=epoch, best_val=flatten_metrics(val))
+            save_checkpoint(ctx.out_dir / "best.pt", model=self.model, config=cfg.portable_dict(), phase=self.phase,
+                            epoch=epoch, metrics=dict(metrics), genotype=self.genotype())
+
+
 def improves(score: float, best: float | None) -> bool:
     """A validation score beats the best so far (the first one always counts; NaN never beats a number)."""
     if best is None or math.isnan(best):
         return True
     return score > best
+
+
+def read_result(out_dir: Path, path_keys: tuple[str, ...]) -> dict:
+    """A finished run's ``result.json``, its files (``path_keys``) pointed into ``out_dir`` as it lies
+    now: the folder may have been copied from another folder or machine."""
+    data = json.loads((out_dir / "result.json").read_text())
+    for key in path_keys:
+        if data.get(key):
+            data[key] = str(out_dir / Path(data[key]).name)
+    return data
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -286,7 +345,9 @@ def resume_from_last(out_dir: Path, cfg: RunConfig, model: nn.Module, optimizers
                      state: dict) -> tuple[dict, int]:
     """Restore weights, optimisers, RNG and loop state from ``out_dir/last.pt`` if it exists.
 
-    Returns (state, first epoch to run). A last.pt written with another config is refused.
+    Returns (state, first epoch to run). A last.pt written with another config is refused; where the
+    files lie (``LOCATION_PATHS``: data root, source folder, genotype file) may differ, so a run folder
+    copied to another machine resumes there.
     """
     from nas_core.config import config_from_dict
     from nas_core.engine.checkpoint import load_weights, read_checkpoint
@@ -296,8 +357,10 @@ def resume_from_last(out_dir: Path, cfg: RunConfig, model: nn.Module, optimizers
     if not last.exists():
         return state, 0
     payload = read_checkpoint(last)
-    if config_from_dict(payload["config"]) != cfg:
-        raise ConfigError(f"{last} was written with a different config; resume with the same config or another --out")
+    differences = config_from_dict(payload["config"]).run_differences(cfg)
+    if differences:
+        raise ConfigError(f"{last} was written with a different config ({', '.join(differences[:5])} differ); "
+                          f"resume with the same config or another --out")
     load_weights(model, payload, last)
     for key, opt in optimizers.items():
         opt.load_state_dict(payload["optimizers"][key])

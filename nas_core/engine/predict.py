@@ -10,10 +10,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from nas_core.metrics import CLASS_NAMES
-
-# MoNuSAC colour convention (as in the third-party test masks): RGB per class id
-PALETTE = {1: (0, 255, 0), 2: (255, 255, 0), 3: (255, 0, 0), 4: (0, 0, 255)}
+from nas_core.classes import CLASS_BY_ID, PALETTE
 
 
 def label_map(pred: np.ndarray) -> np.ndarray:
@@ -33,7 +30,7 @@ def label_map(pred: np.ndarray) -> np.ndarray:
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Blend class colours onto an RGB uint8 image (H, W, 3) where labels > 0; outlines drawn solid."""
     out = image.astype(np.float32).copy()
-    for cid, colour in PALETTE.items():
+    for cid, colour in enumerate(PALETTE[1:], start=1):
         mask = labels == cid
         if mask.any():
             out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, np.float32)
@@ -49,7 +46,7 @@ def to_geojson(labels: np.ndarray, min_area: int = 4) -> dict:
     ``min_area`` pixels carry no usable polygon and are left out.
     """
     features = []
-    for cid, name in CLASS_NAMES.items():
+    for cid, name in CLASS_BY_ID.items():
         comps, n = ndimage.label(labels == cid, structure=np.ones((3, 3), bool))
         if n == 0:
             continue
@@ -101,7 +98,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
         cv2.imwrite(f"{stem}_overlay.png", cv2.cvtColor(overlay(image, labels), cv2.COLOR_RGB2BGR))
         geo = to_geojson(labels)
         Path(f"{stem}.geojson").write_text(json.dumps(geo))
-        counts = {CLASS_NAMES[c]: sum(f["properties"]["class_id"] == c for f in geo["features"]) for c in CLASS_NAMES}
+        counts = {CLASS_BY_ID[c]: sum(f["properties"]["class_id"] == c for f in geo["features"]) for c in CLASS_BY_ID}
         written.append({"input": str(path), "labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png",
                         "geojson": f"{stem}.geojson", "nuclei": counts})
     return written

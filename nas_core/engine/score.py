@@ -22,7 +22,8 @@ from typing import Any, Optional
 import numpy as np
 from torch import nn
 
-from nas_core.metrics import CLASS_NAMES, SegmentationMetrics
+from nas_core.classes import CLASS_BY_ID
+from nas_core.metrics import SegmentationMetrics
 
 ROW_METRICS = ("dsc", "pq")
 
@@ -34,7 +35,7 @@ def _image_row(sample, acc: SegmentationMetrics) -> dict[str, Any]:
     for key in ROW_METRICS:
         for cls, v in res[key].items():
             row[f"{key}_{cls}"] = v
-    for c, name in CLASS_NAMES.items():
+    for c, name in CLASS_BY_ID.items():
         row[f"inter_{name}"] = int(acc.inter[c - 1])
         row[f"pred_{name}"] = int(acc.pred_sum[c - 1])
         row[f"gt_{name}"] = int(acc.gt_sum[c - 1])

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -28,15 +27,11 @@ import torch
 
 from nas_core.config import ConfigError, RunConfig
 from nas_core.engine.callbacks import Callback, CallbackList
-from nas_core.engine.checkpoint import read_checkpoint, save_checkpoint
-from nas_core.engine.device import rng_state
-from nas_core.engine.evaluate import evaluate_split
-from nas_core.metrics import flatten_metrics
-from nas_core.engine.loop import (adam, alpha_batches, epoch_lengths, epoch_losses, guard_out_dir, improves,
-                                  optimisation_step, prepare_model, progress, resume_from_last, search_steps, setup_run,
-                                  train_batches, write_json, TrainingError)
+from nas_core.engine.checkpoint import read_checkpoint
+from nas_core.engine.loop import (EpochTail, TrainingError, adam, alpha_batches, epoch_lengths, epoch_losses,
+                                  guard_out_dir, optimisation_step, prepare_model, progress, read_result,
+                                  resume_from_last, search_steps, setup_run, train_batches, write_json)
 
-SEARCHABLE = ("nas-scam-s", "nas-scam-p")
 
 
 @dataclass
@@ -101,15 +96,15 @@ def _alpha_snapshot(model) -> dict[str, np.ndarray]:
 
 def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (), resume: bool = True) -> SearchResult:
     """Search a NAS-SCAM genotype. Writes genotype.json, alpha_history.npz, best.pt, last.pt, result.json."""
-    from nas_core.models import create_model
+    from nas_core.models import NAS_MODELS, create_model
 
     out_dir = Path(out_dir)
     cb = CallbackList(callbacks)
     if resume and (out_dir / "result.json").exists():
-        return SearchResult.from_dict(json.loads((out_dir / "result.json").read_text()))
+        return SearchResult.from_dict(read_result(out_dir, ("genotype_path", "alpha_history_path", "checkpoint_path")))
     guard_out_dir(out_dir, resume, "search")
-    if cfg.model.name not in SEARCHABLE:
-        raise ConfigError(f"model.name: search needs one of {', '.join(SEARCHABLE)}, got {cfg.model.name!r}")
+    if cfg.model.name not in NAS_MODELS:
+        raise ConfigError(f"model.name: search needs one of {', '.join(NAS_MODELS)}, got {cfg.model.name!r}")
 
     ctx = setup_run(cfg, out_dir)
     model = create_model(cfg.model.name, supernet=cfg.model.search, zero_op=cfg.zero_op, impl=cfg.model.impl)
@@ -117,7 +112,6 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
     opts = _optimizers(model, cfg, ctx.device)
     state = {"best_score": None, "best_epoch": -1, "best_val": {}, "history": [], "alpha_epochs": [],
              "alpha": {}}
-    last = out_dir / "last.pt"
     start = 0
     if resume:
         state, start = resume_from_last(out_dir, cfg, model, opts, state)
@@ -130,20 +124,11 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
     done = [search_steps(epoch_mode(cfg, e), lengths) for e in range(start)]
     w_pos, a_pos = sum(d[0] for d in done), sum(d[1] for d in done)
 
-    def validate(epoch: int, metrics: dict) -> None:
-        val = evaluate_split(model, ctx.data, "val", device=ctx.device, amp=ctx.amp,
-                             tile=cfg.data.crop_size, stride=cfg.data.stride, grid=cfg.data.grid)
-        score = val["dsc"]["Average"]
-        metrics.update({"val_dsc": score, "val_pq": val["pq"]["Average"]})
-        if epoch in window and improves(score, state["best_score"]):
-            state.update(best_score=score, best_epoch=epoch, best_val=flatten_metrics(val))
-            save_checkpoint(out_dir / "best.pt", model=model, config=cfg.to_dict(), phase="search",
-                            epoch=epoch, metrics=dict(metrics), genotype=model.genotype().to_dict())
+    tail = EpochTail("search", ctx, model, state, cb, val_epochs, s.val_timing,
+                     may_be_best=window.__contains__, genotype=lambda: model.genotype().to_dict())
 
     for epoch in range(start, s.epochs):
-        metrics: dict = {"epoch": epoch}
-        if s.val_timing == "start" and epoch in val_epochs:
-            validate(epoch, metrics)
+        metrics = tail.begin(epoch)
         if s.reset_optimizer_each_epoch:
             opts = _optimizers(model, cfg, ctx.device)
         mode = epoch_mode(cfg, epoch)
@@ -170,12 +155,7 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
         state["alpha_epochs"].append(epoch)
         for k, v in snap.items():
             state["alpha"].setdefault(k, []).append(torch.from_numpy(v))
-        if s.val_timing == "end" and epoch in val_epochs:
-            validate(epoch, metrics)
-        state["history"].append(metrics)
-        save_checkpoint(last, model=model, config=cfg.to_dict(), phase="search", epoch=epoch, metrics=metrics,
-                        optimizers=opts, rng=rng_state(), state=state)
-        cb.on_epoch_end("search", epoch, metrics, out_dir)
+        tail.end(epoch, metrics, opts)
 
     if state["best_epoch"] < 0:
         raise TrainingError(f"search ended without a validation in its genotype window (epochs {sorted(window)})")

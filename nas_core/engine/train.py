@@ -9,7 +9,6 @@ state never).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,14 +16,12 @@ from typing import Sequence
 
 from nas_core.config import ConfigError, RunConfig
 from nas_core.engine.callbacks import Callback, CallbackList
-from nas_core.engine.checkpoint import load_weights, read_checkpoint, save_checkpoint
-from nas_core.engine.device import rng_state, seed_everything
+from nas_core.engine.checkpoint import load_weights, read_checkpoint
+from nas_core.engine.device import seed_everything
 from nas_core.engine.evaluate import evaluate_split
-from nas_core.metrics import flatten_metrics
-from nas_core.engine.loop import (adam, epoch_lengths, epoch_losses, guard_out_dir, improves, optimisation_step,
-                                  prepare_model, progress, resume_from_last, setup_run, train_batches, write_json)
-
-NAS_MODELS = ("nas-scam-s", "nas-scam-p")
+from nas_core.engine.loop import (EpochTail, adam, epoch_lengths, epoch_losses, guard_out_dir, optimisation_step,
+                                  prepare_model, progress, read_result, resume_from_last, setup_run, train_batches,
+                                  write_json)
 
 
 @dataclass
@@ -49,14 +46,14 @@ class TrainResult:
 
 def build_model(cfg: RunConfig):
     """The registry model the config names; NAS-SCAM variants are built from ``model.genotype``."""
-    from nas_core.models import create_model
+    from nas_core.models import NAS_MODELS, create_model
     from nas_core.search_space.genotype import Genotype
 
     if cfg.model.name in NAS_MODELS:
         if not cfg.model.genotype:
             raise ConfigError(f"model.genotype must name a genotype JSON to retrain {cfg.model.name}; run a search first")
         genotype = Genotype.load(cfg.model.genotype)
-        return create_model(cfg.model.name, genotype=genotype, zero_op=cfg.zero_op)
+        return create_model(cfg.model.name, genotype=genotype, zero_op=cfg.zero_op, impl=cfg.model.impl)
     return create_model(cfg.model.name)
 
 
@@ -65,7 +62,7 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
     out_dir = Path(out_dir)
     cb = CallbackList(callbacks)
     if resume and (out_dir / "result.json").exists():
-        return TrainResult.from_dict(json.loads((out_dir / "result.json").read_text()))
+        return TrainResult.from_dict(read_result(out_dir, ("checkpoint_path", "metrics_path")))
     guard_out_dir(out_dir, resume, "train")
     # seeded first: the initial weights depend on cfg.seed only, not on what the process drew before
     seed_everything(cfg.seed, cfg.deterministic)
@@ -75,7 +72,6 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
     t = cfg.train
     opt = adam(model.parameters(), t.lr, ctx.device)
     state = {"best_score": None, "best_epoch": -1, "best_val": {}, "history": []}
-    last = out_dir / "last.pt"
     start = 0
     if resume:
         state, start = resume_from_last(out_dir, cfg, model, {"w": opt}, state)
@@ -83,33 +79,16 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
     genotype = (getattr(model, "model_spec", None) or {}).get("options", {}).get("genotype")
 
     n_iter = epoch_lengths(cfg, ctx.data)["train"]
-    val_epochs = set(t.validation_epochs())
-
-    def validate(epoch: int, metrics: dict) -> None:
-        val = evaluate_split(model, ctx.data, "val", device=ctx.device, amp=ctx.amp,
-                             tile=cfg.data.crop_size, stride=cfg.data.stride, grid=cfg.data.grid)
-        score = val["dsc"]["Average"]
-        metrics.update({"val_dsc": score, "val_pq": val["pq"]["Average"]})
-        if improves(score, state["best_score"]):
-            state.update(best_score=score, best_epoch=epoch, best_val=flatten_metrics(val))
-            save_checkpoint(out_dir / "best.pt", model=model, config=cfg.to_dict(), phase="train",
-                            epoch=epoch, metrics=dict(metrics), genotype=genotype)
+    tail = EpochTail("train", ctx, model, state, cb, t.validation_epochs(), t.val_timing, genotype=lambda: genotype)
 
     for epoch in range(start, t.epochs):
-        metrics: dict = {"epoch": epoch}
-        if t.val_timing == "start" and epoch in val_epochs:
-            validate(epoch, metrics)
+        metrics = tail.begin(epoch)
         model.train()
         batches = train_batches(ctx, t.per_class, n_iter, epoch, start=epoch * n_iter)
         losses = [optimisation_step(model, next(batches), opt, ctx, f"train epoch {epoch} iteration {it}")
                   for it in progress(range(n_iter), n_iter, f"train {epoch + 1}/{t.epochs}")]
         epoch_losses(metrics, "train_loss", losses, ctx)
-        if t.val_timing == "end" and epoch in val_epochs:
-            validate(epoch, metrics)
-        state["history"].append(metrics)
-        save_checkpoint(last, model=model, config=cfg.to_dict(), phase="train", epoch=epoch, metrics=metrics,
-                        optimizers={"w": opt}, rng=rng_state(), state=state)
-        cb.on_epoch_end("train", epoch, metrics, out_dir)
+        tail.end(epoch, metrics, {"w": opt})
 
     best = read_checkpoint(out_dir / "best.pt")
     load_weights(model, best, out_dir / "best.pt")

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nas_core.search_space.cell import Cell
+from nas_core.search_space import create_cell
 from nas_core.search_space.ops import CAM_OPS, SAM_OPS
 
 
@@ -21,9 +21,9 @@ class NASSAM(nn.Module):
     """Spatial attention: cell over the feature map -> map n (B, 1, H, W) -> n * x."""
 
     def __init__(self, channels: int, genotype: Sequence[str] | None = None, zero_op: str = "paper",
-                 impl: str = "reference"):
+                 impl: str = "stacked"):
         super().__init__()
-        self.cell = Cell(SAM_OPS, channels, dim=2, genotype=genotype, zero_op=zero_op, impl=impl)
+        self.cell = create_cell(SAM_OPS, channels, dim=2, genotype=genotype, zero_op=zero_op, impl=impl)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, C, H, W); weights: (n_edges, n_sam_ops) in the mixed form
@@ -37,9 +37,9 @@ class NASCAM(nn.Module):
     """
 
     def __init__(self, channels: int, genotype: Sequence[str] | None = None, zero_op: str = "paper",
-                 impl: str = "reference"):
+                 impl: str = "stacked"):
         super().__init__()
-        self.cell = Cell(CAM_OPS, 1, dim=1, genotype=genotype, zero_op=zero_op, impl=impl)
+        self.cell = create_cell(CAM_OPS, 1, dim=1, genotype=genotype, zero_op=zero_op, impl=impl)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, C, H, W); weights: (n_edges, n_cam_ops) in the mixed form
@@ -56,7 +56,7 @@ class NASSCAM(nn.Module):
     """
 
     def __init__(self, channels: int, combine: str, sam: Sequence[str] | None = None,
-                 cam: Sequence[str] | None = None, zero_op: str = "paper", impl: str = "reference"):
+                 cam: Sequence[str] | None = None, zero_op: str = "paper", impl: str = "stacked"):
         super().__init__()
         if combine not in ("parallel", "serial"):
             raise ValueError(f"combine: {combine!r} is not one of parallel, serial")

@@ -37,11 +37,11 @@ def maybe_compile(model: nn.Module, enabled: bool, mode: str = "default", dynami
 
 def set_stacked_channels_last(model: nn.Module, enabled: bool) -> int:
     """Switch channels_last on or off in every stacked 2-D cell of ``model``; returns how many cells."""
-    from nas_core.search_space.cell import Cell
+    from nas_core.search_space.stacked import StackedCell
 
     n = 0
     for m in model.modules():
-        if isinstance(m, Cell) and m.dim == 2:
+        if isinstance(m, StackedCell) and m.dim == 2:
             m.channels_last = enabled
             n += 1
     return n

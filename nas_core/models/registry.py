@@ -14,7 +14,7 @@ from typing import Any, Callable
 from nas_core.models.attention import CBAM, NASSCAM, SCSE
 from nas_core.models.deeplab import DeepLabV3Plus
 from nas_core.models.unet import NASSCAMSupernet, SegmentationModel, UNet
-from nas_core.search_space.cell import IMPLS, ZERO_OPS
+from nas_core.search_space import IMPLS, ZERO_OPS
 from nas_core.search_space.genotype import SEARCHES, Genotype
 
 
@@ -51,7 +51,7 @@ def as_genotype(genotype: Genotype | dict | str | Path) -> Genotype:
 
 def _nas_scam(combine: str) -> Callable[..., SegmentationModel]:
     def build(supernet: str | None = None, genotype: Genotype | dict | str | Path | None = None,
-              zero_op: str = "paper", impl: str = "reference") -> SegmentationModel:
+              zero_op: str = "paper", impl: str = "stacked") -> SegmentationModel:
         name = f"nas-scam-{combine[0]}"
         if (supernet is None) == (genotype is None):
             raise ModelError(f"{name}: give exactly one of supernet= ({' or '.join(SEARCHES)}, search form) "
@@ -84,6 +84,9 @@ BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "nas-scam-s": _nas_scam("serial"),
     "nas-scam-p": _nas_scam("parallel"),
 }
+
+# the searchable models: a supernet form (search) and a genotype form (retrain)
+NAS_MODELS: tuple[str, ...] = tuple(n for n, b in BUILDERS.items() if "supernet" in inspect.signature(b).parameters)
 
 # Former names, still accepted (configs and checkpoints written before the rename). One name per model
 # everywhere: the registry, `nas-scam model info`, ablation method ids, the API and MLflow tags.

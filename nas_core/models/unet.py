@@ -121,7 +121,7 @@ class NASSCAMSupernet(UNet):
     (conv/BN weights stay per slot). Initialised 1e-3 * N(0, 1).
     """
 
-    def __init__(self, combine: str, search: str = "synchronous", zero_op: str = "paper", impl: str = "reference"):
+    def __init__(self, combine: str, search: str = "synchronous", zero_op: str = "paper", impl: str = "stacked"):
         if search not in ("synchronous", "shared"):
             raise ValueError(f"supernet: {search!r} is not one of synchronous, shared")
 

@@ -16,13 +16,13 @@ Two forms share this class:
 ``zero_op``: "paper" -> Zero contributes exactly 0; "code" (the authors' release) -> Zero contributes
 sigmoid(0) = 0.5 on the edges into the output node and 0 on ReLU edges.
 
-``impl`` (mixed form only; the fixed form is the same either way):
-- "reference": one conv -> BN -> act per op and edge, stacked and weighted (``edge_outputs``).
-- "stacked": the same function computed faster (nas_core/search_space/stacked.py): the ops of all
-  edges leaving one node that share a kernel shape run as one conv with stacked output channels and
-  one BatchNorm over the stack (BN is per channel, so this is exact); the op weight of a ReLU edge is
-  folded into that BN's affine (w * relu(z) = relu(w * z) for w = softmax > 0). Parameters stay per op
-  (weights are concatenated at forward time), so state_dicts are interchangeable between the forms.
+This class is the reference implementation ("reference": one conv -> BN -> act per op and edge,
+stacked and weighted, ``edge_outputs``). ``StackedCell`` (nas_core/search_space/stacked.py) is a
+subclass that computes the same mixed-form function faster (the ops of all edges leaving one node that
+share a kernel shape run as one conv with stacked output channels and one BatchNorm over the stack; the
+op weight of a ReLU edge is folded into that BN's affine). Parameters stay per op, so state_dicts are
+interchangeable between the two; ``create_cell(..., impl=...)`` (nas_core/search_space/__init__.py)
+picks one by name. The fixed form is the same either way.
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ from nas_core.search_space.ops import HIDDEN_CHANNELS, N_NODES, OpSpec, edge_lis
 
 ZeroOp = Literal["paper", "code"]
 ZERO_OPS = ("paper", "code")
-IMPLS = ("reference", "stacked")
 
 
 class Cell(nn.Module):
     """DAG cell: (B, c_in, *S) -> (B, 1, *S) in [0, 1]; S = (H, W) for dim 2, (L,) for dim 1."""
+
+    impl = "reference"  # the name ``create_cell`` knows this implementation by
 
     def __init__(
         self,
@@ -50,19 +51,16 @@ class Cell(nn.Module):
         dim: int,
         genotype: Sequence[str] | None = None,
         zero_op: ZeroOp = "paper",
-        impl: str = "reference",
         n_nodes: int = N_NODES,
         hidden: int = HIDDEN_CHANNELS,
     ):
         super().__init__()
         if zero_op not in ZERO_OPS:
             raise ValueError(f"zero_op: {zero_op!r} is not one of {', '.join(ZERO_OPS)}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl: {impl!r} is not one of {', '.join(IMPLS)}")
         if dim not in (1, 2):
             raise ValueError(f"dim must be 1 or 2, got {dim}")
         self.op_names = tuple(ops)
-        self.dim, self.zero_op, self.impl, self.n_nodes = dim, zero_op, impl, n_nodes
+        self.dim, self.zero_op, self.n_nodes = dim, zero_op, n_nodes
         self.edges = edge_list(n_nodes)
         self.channels = [c_in] + [hidden] * (n_nodes - 1) + [1]
         self.mixed = genotype is None
@@ -78,14 +76,6 @@ class Cell(nn.Module):
         for names, (src, dst) in zip(chosen, self.edges):
             built = {n: make_op(ops[n], self.channels[src], self.channels[dst], dim) for n in names}
             self.ops.append(nn.ModuleDict({n: m for n, m in built.items() if m is not None}))
-        self._stacked = None
-        # stacked 2-D cells run their convs in channels_last (see stacked.py); a plain attribute so
-        # benchmarks can switch it off
-        self.channels_last = True
-        if self.mixed and impl == "stacked":
-            from nas_core.search_space.stacked import StackedPlan
-
-            self._stacked = StackedPlan(self, ops)
 
     # ---- construction helpers ----
     def _check_genotype(self, genotype: Sequence[str]) -> tuple[str, ...]:
@@ -128,6 +118,10 @@ class Cell(nn.Module):
     # ---- forward ----
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, c_in, *S); weights: softmax(alpha) (n_edges, n_ops), mixed form only -> (B, 1, *S)."""
+        self._check_weights(weights)
+        return self._reference_forward(x, weights)
+
+    def _check_weights(self, weights: torch.Tensor | None) -> None:
         if self.mixed:
             expected = (len(self.edges), len(self.op_names))
             if weights is None or tuple(weights.shape) != expected:
@@ -135,8 +129,8 @@ class Cell(nn.Module):
                 raise ValueError(f"mixed cell needs op weights of shape {expected}, got {got}")
         elif weights is not None:
             raise ValueError("a fixed cell takes no op weights")
-        if self._stacked is not None:
-            return self._stacked.forward(self, x, weights)
+
+    def _reference_forward(self, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         nodes = [x]
         for dst in range(1, self.n_nodes + 1):
             total = None

@@ -1,6 +1,6 @@
-"""The "stacked" mixed cell: the reference function of ``Cell`` (impl="reference"), computed faster.
+"""The "stacked" mixed cell: ``StackedCell``, a ``Cell`` that computes the reference function faster.
 
-Reference, per edge e = (i -> j):  edge(x) = sum_o w[e, o] * act_j(BN_eo(conv_eo(x_i))).
+Reference (``Cell``), per edge e = (i -> j):  edge(x) = sum_o w[e, o] * act_j(BN_eo(conv_eo(x_i))).
 
 Here every node i is read once per kernel shape: the convs of all edges leaving i that share op o are
 one convolution whose output channels are the edges' channels stacked (C_tot = sum of the edges'
@@ -12,23 +12,22 @@ w >= 0 (w is a softmax, so it is), which saves one full-size multiply per op; th
 is a plain sum of ReLU outputs, and each destination node takes its channel range of it. Sigmoid
 edges (into the 1-channel output node) keep w * sigmoid(.) on their one channel.
 
-Parameters stay in the per-op modules of the cell (same state_dict as the reference form): conv
-weights, biases and BN affine/running stats are concatenated at forward time (cheap: a few KB) and
-the updated running statistics are copied back, so checkpoints load into either form.
+Parameters stay in the per-op modules the parent class builds (same state_dict as the reference
+form): conv weights, biases and BN affine/running stats are concatenated at forward time (cheap: a few
+KB) and the updated running statistics are copied back, so checkpoints load into either form. The
+fixed form (a genotype) has one op per edge and nothing to stack: it runs the parent's forward.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from nas_core.search_space.ops import OpSpec
-
-if TYPE_CHECKING:  # pragma: no cover
-    from nas_core.search_space.cell import Cell
+from nas_core.search_space.cell import Cell, ZeroOp
+from nas_core.search_space.ops import HIDDEN_CHANNELS, N_NODES, OpSpec
 
 
 @dataclass(frozen=True)
@@ -43,35 +42,57 @@ class _Source:
     total: int
 
 
-class StackedPlan:
-    """Static grouping of a mixed cell's ops by (source node, op); holds no tensors or parameters."""
+class StackedCell(Cell):
+    """``Cell`` whose mixed form groups its ops by (source node, op); same function, same state_dict."""
 
-    def __init__(self, cell: "Cell", ops: Mapping[str, OpSpec]):
-        self.conv_ops = tuple(i for i, n in enumerate(cell.op_names) if ops[n].kind == "conv")
-        self.conv_names = tuple(cell.op_names[i] for i in self.conv_ops)
+    impl = "stacked"
+
+    def __init__(
+        self,
+        ops: Mapping[str, OpSpec],
+        c_in: int,
+        dim: int,
+        genotype: Sequence[str] | None = None,
+        zero_op: ZeroOp = "paper",
+        n_nodes: int = N_NODES,
+        hidden: int = HIDDEN_CHANNELS,
+    ):
+        super().__init__(ops, c_in, dim, genotype=genotype, zero_op=zero_op, n_nodes=n_nodes, hidden=hidden)
+        # 2-D convs run in channels_last (see ``_stacked_forward``); a plain attribute so benchmarks
+        # can switch it off
+        self.channels_last = True
+        # the static grouping: plain values, no tensors or parameters
+        self.conv_ops = tuple(i for i, n in enumerate(self.op_names) if ops[n].kind == "conv")
+        self.conv_names = tuple(self.op_names[i] for i in self.conv_ops)
         self.specs = tuple(ops[n] for n in self.conv_names)
-        self.zero_ops = tuple(i for i, n in enumerate(cell.op_names) if ops[n].kind == "zero")
-        self.out = cell.n_nodes
+        self.zero_ops = tuple(i for i, n in enumerate(self.op_names) if ops[n].kind == "zero")
+        self.out = self.n_nodes
         self.sources = []
-        for node in range(cell.n_nodes):
-            leaving = [(e, d) for e, (s, d) in enumerate(cell.edges) if s == node]
+        for node in range(self.n_nodes):
+            leaving = [(e, d) for e, (s, d) in enumerate(self.edges) if s == node]
             # hidden destinations first, the output node last: one contiguous ReLU block
-            leaving.sort(key=lambda ed: (ed[1] == cell.n_nodes, ed[1]))
+            leaving.sort(key=lambda ed: (ed[1] == self.n_nodes, ed[1]))
             bounds, start = [], 0
             for _, d in leaving:
-                bounds.append((start, start + cell.channels[d]))
-                start += cell.channels[d]
-            n_relu = sum(cell.channels[d] for _, d in leaving if d != cell.n_nodes)
+                bounds.append((start, start + self.channels[d]))
+                start += self.channels[d]
+            n_relu = sum(self.channels[d] for _, d in leaving if d != self.n_nodes)
             assert start - n_relu == 1  # internal invariant: every node has one edge into the 1-channel output
             self.sources.append(_Source(node, tuple(e for e, _ in leaving), tuple(d for _, d in leaving),
                                         tuple(bounds), n_relu, start))
-        self.in_degree = sum(1 for _, d in cell.edges if d == cell.n_nodes)
+        self.in_degree = sum(1 for _, d in self.edges if d == self.n_nodes)
 
-    def forward(self, cell: "Cell", x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x: (B, c_in, *S); weights: softmax(alpha) (n_edges, n_ops) -> (B, 1, *S)."""
-        conv = F.conv2d if cell.dim == 2 else F.conv1d
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, c_in, *S); weights: softmax(alpha) (n_edges, n_ops), mixed form only -> (B, 1, *S)."""
+        self._check_weights(weights)
+        if not self.mixed:
+            return self._reference_forward(x, weights)
+        return self._stacked_forward(x, weights)
+
+    def _stacked_forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        conv = F.conv2d if self.dim == 2 else F.conv1d
         # channels_last lets oneDNN (CPU) and cuDNN (GPU) skip layout reorders around every conv
-        fmt = torch.channels_last if cell.dim == 2 and cell.channels_last else None
+        fmt = torch.channels_last if self.dim == 2 and self.channels_last else None
         conv_idx = list(self.conv_ops)
         acc: dict[int, torch.Tensor] = {}
         nodes = [x]
@@ -79,7 +100,7 @@ class StackedPlan:
             inp = nodes[src.node]
             if fmt is not None:
                 inp = inp.contiguous(memory_format=fmt)
-            relu_sum, sig_sum = self._source(cell, src, inp, weights, conv, conv_idx)
+            relu_sum, sig_sum = self._source(src, inp, weights, conv, conv_idx)
             hidden = [(d, hi - lo) for d, (lo, hi) in zip(src.dsts, src.bounds) if d != self.out]
             if hidden:
                 parts = relu_sum.split([n for _, n in hidden], dim=1) if len(hidden) > 1 else (relu_sum,)
@@ -90,9 +111,9 @@ class StackedPlan:
             if src.node + 1 < self.out:
                 nodes.append(acc.pop(src.node + 1))  # complete: every edge into it has been added
         out = acc[self.out]
-        if cell.zero_op == "code" and self.zero_ops:
+        if self.zero_op == "code" and self.zero_ops:
             # Zero on a sigmoid edge contributes w * sigmoid(0) = 0.5 w in the release's form
-            sig_edges = [e for e, (_, d) in enumerate(cell.edges) if d == self.out]
+            sig_edges = [e for e, (_, d) in enumerate(self.edges) if d == self.out]
             out = out + 0.5 * weights[sig_edges][:, list(self.zero_ops)].sum().to(out.dtype)
         return out / self.in_degree
 
@@ -110,10 +131,10 @@ class StackedPlan:
             groups.setdefault(s.dilation, []).append(k)
         return [(tuple(ks), max(self.specs[k].kernel for k in ks), d) for d, ks in groups.items()]
 
-    def _source(self, cell: "Cell", src: _Source, inp: torch.Tensor, weights: torch.Tensor, conv, conv_idx):
+    def _source(self, src: _Source, inp: torch.Tensor, weights: torch.Tensor, conv, conv_idx):
         """Every op on every edge leaving ``src``: (sum_o relu part (B, n_relu, *S), sum of sigmoid part)."""
         n_conv = len(conv_idx)
-        mods = [[cell.ops[e][name] for e in src.edges] for name in self.conv_names]  # [op][edge]
+        mods = [[self.ops[e][name] for e in src.edges] for name in self.conv_names]  # [op][edge]
         bns = [m[1] for row in mods for m in row]
         # BN affine and running stats for all ops at once: (n_conv, C_tot)
         gamma = torch.cat([bn.weight for bn in bns]).view(n_conv, src.total)
@@ -127,8 +148,8 @@ class StackedPlan:
         scale = torch.cat(pieces, dim=1)  # (n_conv, C_tot)
         gamma, beta = gamma * scale, beta * scale
         bn0 = bns[0]
-        update = cell.training and bn0.track_running_stats
-        training = cell.training or bn0.running_mean is None
+        update = self.training and bn0.track_running_stats
+        training = self.training or bn0.running_mean is None
         has_stats = bn0.running_mean is not None
         if has_stats:
             run_mean = torch.cat([bn.running_mean for bn in bns]).view(n_conv, src.total)
@@ -136,10 +157,10 @@ class StackedPlan:
         if update and bn0.momentum is None:
             raise ValueError("stacked cell: BatchNorm momentum=None (cumulative average) is not supported")
         zs = []  # per conv op: BN output (B, C_tot, *S)
-        groups = self._groups(src, cell.dim)
+        groups = self._groups(src, self.dim)
         for ks, kernel, dilation in groups:
             n_g = len(ks)
-            w = torch.cat([_pad_kernel(m[0].weight, kernel, cell.dim) for k in ks for m in mods[k]])
+            w = torch.cat([_pad_kernel(m[0].weight, kernel, self.dim) for k in ks for m in mods[k]])
             b = torch.cat([m[0].bias for k in ks for m in mods[k]])
             # (B, n_g * C_tot, *S), channel = op-in-group * C_tot + stacked edge channel
             y = conv(inp, w, b, padding=dilation * (kernel - 1) // 2, dilation=dilation)

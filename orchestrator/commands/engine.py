@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from nas_core.engine.device import resolve_device
     from nas_core.engine.evaluate import evaluate_split
     from nas_core.engine.loop import ensure_writable_dir
+    from orchestrator.settings import get_settings
 
     target = Path(args.out) / f"metrics_{args.split}.json" if args.out else None
     if target is not None:
@@ -70,10 +72,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         ensure_writable_dir(target.parent)
     model, meta = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(meta["config"])
-    data_cfg = cfg.data
+    # the data root is this machine's (the settings), not the one the checkpoint was trained on
+    data_cfg = dataclasses.replace(cfg.data, cache_dir=str(get_settings().data_root))
     if args.data:
-        import dataclasses
-
         data_cfg = dataclasses.replace(data_cfg, source=str(Path(args.data).resolve()))
     data = ensure_dataset(data_cfg, Path(data_cfg.cache_dir), data_cfg.seed)
     device = resolve_device(args.device)
