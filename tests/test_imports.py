@@ -18,9 +18,6 @@ LAYERS = ("nas_core", "orchestrator", "api", "nas_scam")
 BANNED = {"nas_core": {"ray", "mlflow", "fastapi", "starlette", "uvicorn", "optuna"},
           "orchestrator": {"fastapi", "starlette", "uvicorn"},
           "api": {"ray"}}
-# circles through function-level imports that are known and being broken (issue #12's core part makes
-# the stacked cell a subclass); a new circle fails, a fixed one may leave this list
-KNOWN_CIRCLES = [{"nas_core.search_space.cell", "nas_core.search_space.stacked"}]
 
 
 def _modules() -> dict[str, Path]:
@@ -138,8 +135,9 @@ def test_no_circle_between_modules():
 
     # what runs at import time: a circle there breaks or half-initialises a module
     assert _circles(graph(top_level_only=True)) == []
-    new = [c for c in _circles(graph(top_level_only=False)) if c not in KNOWN_CIRCLES]
-    assert not new, f"modules that import each other (also inside functions): {new}"
+    # and none through function-level imports either (the cell/stacked one is gone: StackedCell(Cell))
+    circles = _circles(graph(top_level_only=False))
+    assert not circles, f"modules that import each other (also inside functions): {circles}"
 
 
 def test_nas_core_imports_no_orchestration_stack():
