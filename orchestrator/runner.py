@@ -348,7 +348,10 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
     tracker, root = _begin(spec, settings, resume, [spec.seed], started)
     parent = tracker.parent_run_id
     try:
-        max_t = base["train"]["epochs"]
+        # ASHA stops a trial whose training_iteration reaches max_t at once, and a trial reports once per
+        # epoch: max_t = epochs would stop every surviving trial at its last epoch, before its test
+        # evaluation (all KILLED, no test metrics). One more lets a trial that survives the rungs finish.
+        max_t = base["train"]["epochs"] + 1
         ctx = {**tracker.ctx(), "runs_dir": str(root), "data_root": str(settings.data_root), "verbose": verbose}
         searcher = OptunaSearch(seed=spec.seed, storage=storage, study_name=spec.name)
         tc = tune.TuneConfig(

@@ -219,3 +219,29 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(home, tmp_path)
             assert [m.step for m in c.get_metric_history(r.info.run_id, "train_loss")] == [0, 1]
     lines = out[out.index("Table 2"):].splitlines()
     assert sum(1 for line in lines if " 2  ours " in line) == 2  # both methods with n = 2 seeds
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_an_hpo_trial_that_survives_asha_finishes_with_its_test_metrics(home, tmp_path):
+    # ASHA stopped every trial at max_t = epochs, i.e. at its last epoch report and before the test
+    # evaluation: trials ended KILLED without test metrics. A single trial meets no rung cut-off.
+    spec = tmp_path / "hpo.yaml"
+    spec.write_text(yaml.safe_dump({
+        "kind": "hpo", "name": "hpo1", "method": "unet", "preset": "smoke", "num_samples": 1,
+        "metric": "val_dsc", "mode": "max", "grace_period": 1, "reduction_factor": 2,
+        "space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+        "overrides": {"train.val_every": 1, "train.epochs": 2}, "resources": {"cpu": 1, "gpu": 0}}))
+    proc = _cli("hpo", str(spec), env={"NAS_SCAM_HOME": str(home)})
+    out = _finish(proc)
+    assert proc.returncode == 0, out[-5000:]
+    c, exp, runs = _runs(home, "hpo1")
+    trials = [r for r in runs if r.data.tags.get("phase", "").startswith("hpo-")]
+    assert len(trials) == 1, [r.data.tags for r in runs]
+    (trial,) = trials
+    assert trial.info.status == "FINISHED"
+    dsc = {k: v for k, v in trial.data.metrics.items() if k.startswith("test_dsc_")}
+    assert "test_dsc_Average" in dsc and all(0.0 <= v <= 1.0 for v in dsc.values()), trial.data.metrics
+    assert trial.data.metrics["test_n_images"] >= 1
+    best = yaml.safe_load((home / "runs" / "hpo1" / "best_config.yaml").read_text())
+    assert 1e-4 <= best["train"]["lr"] <= 1e-2 and best["train"]["epochs"] == 2
