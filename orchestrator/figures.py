@@ -33,6 +33,7 @@ def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text stays text: a fifth of the size, searchable
     import matplotlib.pyplot as plt
 
     return plt

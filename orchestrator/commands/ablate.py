@@ -33,6 +33,16 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="with --eval-data: cpu, cuda or auto")
     p.set_defaults(func=cmd_table)
 
+    p = sub.add_parser("report", help="one Markdown page of an ablation from its run folder: DSC and PQ "
+                                      "tables, validation curves, genotypes, overlays")
+    p.add_argument("experiment", help="the ablation's name (its run folder under the runs root)")
+    p.add_argument("--out", type=Path, help="output folder (default: <run folder>/report)")
+    p.add_argument("--overlay", action="append", default=[], metavar="IMAGE",
+                   help="an image the best method predicts; its overlay is written and listed (repeatable)")
+    p.add_argument("--format", choices=("svg", "png"), default="svg", help="figure format (default svg)")
+    p.add_argument("--device", default="cpu", help="with --overlay: cpu, cuda or auto")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)")
     p.add_argument("--port", type=int, default=5000, help="port of the UI (default 5000)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -183,6 +193,12 @@ def cmd_table(args) -> int:
     if outcome.paths:
         print(f"written: {', '.join(str(p) for p in outcome.paths.values())}")
     return 0
+
+
+def cmd_report(args) -> int:
+    from orchestrator.report import cmd_report as run
+
+    return run(args)
 
 
 def cmd_ui(args) -> int:

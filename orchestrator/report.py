@@ -1,0 +1,177 @@
+"""``nas-scam report NAME``: one Markdown page of an ablation, from its run folder alone.
+
+What a reader needs to judge a Table 2: the test DSC per class beside the paper's, the test PQ per
+class, both as mean and spread over seeds; each retrain's validation curve (what more epochs would
+buy); each searched genotype; and, with ``--overlay IMAGE``, the best method's prediction on chosen
+images. Like ``table --eval-data`` it reads the folder the runner writes (``train__METHOD__seedN/``
+with ``result.json`` and ``best.pt``, ``search__METHOD__seedN/genotype.json``, ``ablation.json``): no
+MLflow or Ray is needed, so a copied run folder reports as well as the original.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from orchestrator import tables
+from orchestrator.rescore import RescoreError, _did_not_learn, find_checkpoints
+
+FIGURE_FORMATS = ("svg", "png")
+
+
+@dataclass
+class Report:
+    markdown: str
+    paths: dict[str, Path]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _runs(run_root: Path) -> list[dict[str, Any]]:
+    """One dict per finished retrain: method, seed, folder, test scores (fractions), validation history."""
+    found, _ = find_checkpoints(run_root)
+    runs = []
+    for method, seed, ckpt in found:
+        result = json.loads((ckpt.parent / "result.json").read_text())
+        test = result.get("test") or {}
+        if not all(c in (test.get("dsc") or {}) for c in tables.CLASSES):
+            raise RescoreError(f"{ckpt.parent / 'result.json'}: no test DSC per class (an unfinished retrain?)")
+        runs.append({"method": method, "seed": seed, "folder": ckpt.parent, "dsc": test["dsc"],
+                     "pq": test.get("pq") or {}, "best_epoch": result.get("best_epoch"),
+                     "history": result.get("history") or []})
+    return runs
+
+
+def _records(runs: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    return [{"method": r["method"], "seed": r["seed"], **{c: r[key].get(c, math.nan) for c in tables.CLASSES}}
+            for r in runs]
+
+
+def pq_markdown(summary, std: str) -> str:
+    """Test PQ per class (mean ± std over seeds, %) as a Markdown table; the paper reports no PQ."""
+    header = ["Method", "n", *tables.CLASSES]
+    lines = [f"Test PQ (%), mean ± {std} std over seeds", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    for method, g in summary.groupby("method", sort=False):
+        g = g.set_index("class")
+        label = tables.METHODS[method].label if method in tables.METHODS else method
+        cells = [tables._pm(g.at[c, "mean"], g.at[c, "std"]) if c in g.index else "-" for c in tables.CLASSES]
+        lines.append("| " + " | ".join([label, str(int(g["n"].iloc[0])), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def curves_markdown(runs: Sequence[dict[str, Any]]) -> str:
+    """Validation Average DSC (%) at every validated epoch, one row per retrain."""
+    epochs = sorted({h["epoch"] for r in runs for h in r["history"] if "val_dsc" in h})
+    if not epochs:
+        return "No retrain validated during training.\n"
+    header = ["Run", *[f"ep {e + 1}" for e in epochs], "best epoch", "test Average"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in runs:
+        val = {h["epoch"]: h["val_dsc"] for h in r["history"] if "val_dsc" in h}
+        cells = [f"{100 * val[e]:.1f}" if e in val else "-" for e in epochs]
+        best = "-" if r["best_epoch"] is None else str(int(r["best_epoch"]) + 1)
+        lines.append("| " + " | ".join([f"{r['method']} seed {r['seed']}", *cells, best,
+                                        f"{100 * r['dsc']['Average']:.1f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def curves_figure(runs: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Validation Average DSC per epoch of every retrain: one colour per method, one line style per seed."""
+    from orchestrator.figures import _plt, save_figure
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    cmap = plt.get_cmap("tab10")
+    styles = ["-", "--", ":", "-."]
+    for r in runs:
+        pts = [(h["epoch"] + 1, 100 * h["val_dsc"]) for h in r["history"] if "val_dsc" in h]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, styles[r["seed"] % len(styles)], marker="o", ms=3,
+                    color=cmap(methods.index(r["method"]) % 10), label=f"{r['method']} s{r['seed']}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation Average DSC (%)")
+    ax.grid(color="0.9", lw=0.6)
+    ax.legend(fontsize=7, ncol=2, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save_figure(fig, path)
+
+
+def write_report(run_root: str | Path, out_dir: str | Path, overlays: Sequence[str | Path] = (),
+                 fmt: str = "svg", device: str = "cpu", name: Optional[str] = None) -> Report:
+    """report.md and its figures under ``out_dir`` for the ablation in ``run_root``."""
+    from orchestrator.figures import genotype_figure
+
+    if fmt not in FIGURE_FORMATS:
+        raise RescoreError(f"figure format {fmt!r} is not one of {', '.join(FIGURE_FORMATS)}")
+    run_root, out_dir = Path(run_root), Path(out_dir)
+    missing = [str(p) for p in overlays if not Path(p).is_file()]
+    if missing:
+        raise RescoreError(f"--overlay: no such image file: {', '.join(missing)}")
+    runs = _runs(run_root)
+    state = run_root / "ablation.json"
+    spec = json.loads(state.read_text()).get("spec", {}) if state.is_file() else {}
+    std, repeat = spec.get("std", "population"), spec.get("repeat")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = name or run_root.name
+
+    dsc = tables.with_flags(tables.compare(tables.summarize(_records(runs, "dsc"), std)),
+                            [{"method": r["method"], "no_learning": _did_not_learn(r["folder"] / "result.json")}
+                             for r in runs])
+    pq = tables.summarize(_records(runs, "pq"), std)
+    paths = {"table": tables.bar_chart(dsc, out_dir / f"table2.{fmt}", f"Table 2 ({name})", std, repeat),
+             "curves": curves_figure(runs, out_dir / f"curves.{fmt}")}
+    genotypes = []
+    for g in sorted(run_root.glob("search__*__seed*/genotype.json")):
+        method = g.parent.name.split("__")[1]
+        paths[f"genotype:{method}"] = genotype_figure(json.loads(g.read_text()), out_dir / f"genotype_{method}.{fmt}")
+        genotypes.append((method, g))
+
+    # the best method by mean test Average DSC; its best seed's checkpoint predicts the overlays
+    avg = dsc[dsc["class"] == "Average"].set_index("method")["mean"]
+    best_method = str(avg.idxmax())
+    best_run = max((r for r in runs if r["method"] == best_method), key=lambda r: r["dsc"]["Average"])
+    predicted = []
+    if overlays:
+        from nas_core.engine.predict import predict_files
+
+        predicted = predict_files(best_run["folder"] / "best.pt", overlays, out_dir / "overlays", device=device)
+        for p in predicted:
+            paths[f"overlay:{Path(p['input']).name}"] = Path(p["overlay"])
+
+    md = [f"# Report: {name}", "",
+          f"Run folder `{run_root}`; {len(runs)} finished retrains; "
+          f"{tables.note(std, repeat)}.", "",
+          tables.to_markdown(dsc, f"Test DSC (%) ({name})", std, repeat), pq_markdown(pq, std),
+          f"![Table 2]({paths['table'].name})", "",
+          "## Validation curves (Average DSC, %)", "", curves_markdown(runs), f"![curves]({paths['curves'].name})", ""]
+    if genotypes:
+        md += ["## Searched genotypes", ""]
+        for method, g in genotypes:
+            md += [f"- {method}: `{g}`", "", f"![{method}]({paths[f'genotype:{method}'].name})", ""]
+    if predicted:
+        md += [f"## Predictions of the best method ({best_method}, seed {best_run['seed']}, test Average DSC "
+               f"{100 * best_run['dsc']['Average']:.1f}%)", ""]
+        for p in predicted:
+            counts = ", ".join(f"{k} {v}" for k, v in p["nuclei"].items())
+            md += [f"- `{Path(p['input']).name}`: predicted nuclei {counts}; overlay `overlays/{Path(p['overlay']).name}`"]
+        md.append("")
+    text = "\n".join(md)
+    paths["md"] = out_dir / "report.md"
+    paths["md"].write_text(text)
+    return Report(markdown=text, paths=paths, runs=runs)
+
+
+def cmd_report(args) -> int:
+    """``nas-scam report NAME [--out DIR] [--overlay IMAGE ...] [--format svg|png]``."""
+    from orchestrator.settings import get_settings
+
+    run_root = get_settings().runs_root / args.experiment
+    out = Path(args.out) if args.out else run_root / "report"
+    report = write_report(run_root, out, args.overlay, fmt=args.format, device=args.device, name=args.experiment)
+    print(report.markdown)
+    print(f"written: {', '.join(str(p) for p in report.paths.values())}")
+    return 0
