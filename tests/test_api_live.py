@@ -239,24 +239,33 @@ def test_single_search_gives_a_genotype(server, finished_runs):
         assert metrics["runs"][0]["phase"] == "search" and metrics["runs"][0]["metrics"]
 
 
-def test_cancel_a_running_run(server, finished_runs):
+@pytest.fixture(scope="module")
+def cancelled_run(server, finished_runs):
+    """A long train run caught running and cancelled: what each step answered (the restart test needs
+    one cancelled run whatever order the tests run in)."""
     with server.client() as c:
         rid = c.post("/v1/runs", json=LONG).json()["id"]
-        run = wait_for(c, rid, {"running"} | TERMINAL, timeout=180)
-        assert run["status"] == "running"
+        running = wait_for(c, rid, {"running"} | TERMINAL, timeout=180)
         deadline = time.time() + 120  # until its MLflow parent exists, so the cancel has runs to close
         while not c.get(f"/v1/runs/{rid}").json()["mlflow"]["parent_run_id"] and time.time() < deadline:
             time.sleep(1)
-        cancelled = c.post(f"/v1/runs/{rid}/cancel").json()
-        assert cancelled["status"] in ("cancelling", "cancelled")
-        run = wait_for(c, rid, TERMINAL, timeout=60)
-        assert run["status"] == "cancelled"
-        assert c.post(f"/v1/runs/{rid}/cancel").status_code == 409
+        cancelling = c.post(f"/v1/runs/{rid}/cancel").json()
+        final = wait_for(c, rid, TERMINAL, timeout=60)
+        again = c.post(f"/v1/runs/{rid}/cancel").status_code
         parent = c.get(f"/v1/runs/{rid}/metrics").json()["parent"]
-        assert parent["status"] == "KILLED"
+    return {"id": rid, "running": running, "cancelling": cancelling, "final": final, "again": again,
+            "parent": parent}
 
 
-def test_restart_keeps_every_run_with_its_true_status(server, finished_runs):
+def test_cancel_a_running_run(cancelled_run):
+    assert cancelled_run["running"]["status"] == "running"
+    assert cancelled_run["cancelling"]["status"] in ("cancelling", "cancelled")
+    assert cancelled_run["final"]["status"] == "cancelled"
+    assert cancelled_run["again"] == 409
+    assert cancelled_run["parent"]["status"] == "KILLED"
+
+
+def test_restart_keeps_every_run_with_its_true_status(server, finished_runs, cancelled_run):
     with server.client() as c:
         before = {r["id"]: r["status"] for r in c.get("/v1/runs", params={"limit": 200}).json()["items"]}
     assert len(before) >= 3 and "cancelled" in before.values()

@@ -222,6 +222,9 @@ def cmd_ui(args) -> int:
     # the server (gunicorn/uvicorn and its workers) in a group of its own, stopped as a whole however we
     # end: Ctrl-C, SIGTERM (made a SystemExit so the `finally` runs) or an error
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # Ctrl-C stops it however it was started: a shell's background job inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler of its own (uvicorn, for `serve`, sets its own)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         return proc.wait()
