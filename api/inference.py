@@ -26,6 +26,7 @@ def _serve(conn) -> None:
     """The worker's loop: ``(path, image)`` in, ``("ok", labels)`` or ``("error", status, code, message)`` out."""
     from collections import OrderedDict
 
+    from nas_core.data.stain import StainNormalizer
     from nas_core.engine.checkpoint import load_checkpoint
     from nas_core.engine.evaluate import predict_probs
     from nas_core.engine.predict import label_map
@@ -48,7 +49,9 @@ def _serve(conn) -> None:
             models.move_to_end(path)
             model, meta = models[path]
             data = meta["config"]["data"]
-            probs = predict_probs(model, image, tile=int(data["crop_size"]), stride=int(data["stride"]),
+            # the model sees what it was trained on: the checkpoint's stain normalisation first
+            model_input, _ = StainNormalizer(data.get("stain", "none")).apply_or_keep(image)
+            probs = predict_probs(model, model_input, tile=int(data["crop_size"]), stride=int(data["stride"]),
                                   device="cpu", binary=False)
             conn.send(("ok", label_map(probs)))
         except Exception as exc:  # noqa: BLE001 - the API logs it; the worker lives on

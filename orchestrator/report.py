@@ -101,8 +101,9 @@ def curves_figure(runs: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def write_report(run_root: str | Path, out_dir: str | Path, overlays: Sequence[str | Path] = (),
-                 fmt: str = "svg", device: str = "cpu", name: Optional[str] = None) -> Report:
-    """report.md and its figures under ``out_dir`` for the ablation in ``run_root``."""
+                 fmt: str = "svg", device: str = "cpu", name: Optional[str] = None, bgr: bool = False) -> Report:
+    """report.md and its figures under ``out_dir`` for the ablation in ``run_root``; ``bgr``: the overlay
+    images store R and B swapped."""
     from orchestrator.figures import genotype_figure
 
     if fmt not in FIGURE_FORMATS:
@@ -138,7 +139,8 @@ def write_report(run_root: str | Path, out_dir: str | Path, overlays: Sequence[s
     if overlays:
         from nas_core.engine.predict import predict_files
 
-        predicted = predict_files(best_run["folder"] / "best.pt", overlays, out_dir / "overlays", device=device)
+        predicted = predict_files(best_run["folder"] / "best.pt", overlays, out_dir / "overlays", device=device,
+                                  bgr=bgr)
         for p in predicted:
             paths[f"overlay:{Path(p['input']).name}"] = Path(p["overlay"])
 
@@ -171,7 +173,8 @@ def cmd_report(args) -> int:
 
     run_root = get_settings().runs_root / args.experiment
     out = Path(args.out) if args.out else run_root / "report"
-    report = write_report(run_root, out, args.overlay, fmt=args.format, device=args.device, name=args.experiment)
+    report = write_report(run_root, out, args.overlay, fmt=args.format, device=args.device, name=args.experiment,
+                          bgr=args.bgr)
     print(report.markdown)
     print(f"written: {', '.join(str(p) for p in report.paths.values())}")
     return 0

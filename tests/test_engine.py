@@ -327,3 +327,32 @@ def test_predict_cli_writes_masks_overlays_and_geojson(tmp_path, shared_data):
     assert len(geo["features"]) == len(to_geojson(labels)["features"])
     # a missing input names the file and exits 2
     assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "nope.png"), "--out", str(tmp_path)]) == 2
+
+
+def test_predict_feeds_the_model_the_checkpoints_stain_normalisation(tmp_path, monkeypatch):
+    # a model trained on Macenko-normalised crops must predict on normalised images too (predict applied
+    # none: a macenko checkpoint saw raw colours); --bgr swaps R and B first, as the folder reader does
+    import cv2
+
+    from nas_core.data.stain import StainNormalizer
+    from nas_core.data.synthetic import render_synthetic
+    from nas_core.engine import evaluate as evaluate_mod
+    from nas_core.engine.checkpoint import save_checkpoint
+    from nas_core.engine.predict import predict_files
+    from nas_core.models import create_model
+
+    image, _, _ = render_synthetic((64, 80), np.random.default_rng(3))
+    path = tmp_path / "he.png"
+    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    cfg = load_config(overrides=["model.name=unet", "data.crop_size=32", "data.stride=32", "data.stain=macenko"])
+    ckpt = save_checkpoint(tmp_path / "u.pt", model=create_model("unet"), config=cfg.to_dict(), phase="train",
+                           epoch=0)
+    seen = []
+    real = evaluate_mod.predict_probs
+    monkeypatch.setattr(evaluate_mod, "predict_probs", lambda model, img, **kw: seen.append(img) or real(model, img, **kw))
+    predict_files(ckpt, [path], tmp_path / "out", device="cpu")
+    predict_files(ckpt, [path], tmp_path / "out2", device="cpu", bgr=True)
+    expected = StainNormalizer("macenko")(image)
+    assert not np.array_equal(expected, image)  # normalisation changes this image
+    np.testing.assert_array_equal(seen[0], expected)
+    np.testing.assert_array_equal(seen[1], StainNormalizer("macenko")(np.ascontiguousarray(image[..., ::-1])))

@@ -70,11 +70,8 @@ def test_report_tables_curves_genotypes_and_overlays(tmp_path):
     assert overlay.is_file() and overlay.parent.name == "overlays" and tif.stem in overlay.name
 
 
-def test_report_cli_and_bad_input_names_the_culprit(tmp_path, monkeypatch, capsys):
-    home = tmp_path / "home"
+def test_report_cli_and_bad_input_names_the_culprit(home, tmp_path, capsys):
     _run_folder(home / "runs" / "abl")
-    monkeypatch.setenv("NAS_SCAM_HOME", str(home))
-    monkeypatch.delenv("NAS_SCAM_RUNS_DIR", raising=False)
     assert cli.main(["report", "abl", "--format", "png"]) == 0
     out = capsys.readouterr().out
     assert "# Report: abl" in out and (home / "runs" / "abl" / "report" / "table2.png").is_file()

@@ -113,6 +113,14 @@ class StainNormalizer:
             return macenko(img, self.target)
         return img
 
+    def apply_or_keep(self, img: np.ndarray, name: str = "image") -> tuple[np.ndarray, str | None]:
+        """``(normalised image, None)``, or the image as it is and a note naming it when it cannot be
+        normalised (too little tissue): what data preparation, scoring and prediction all do."""
+        try:
+            return self(img), None
+        except StainError as exc:
+            return img, f"{name}: stain normalisation skipped ({exc})"
+
     def describe(self) -> dict:
         target = self.target
         if target is not None:

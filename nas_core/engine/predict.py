@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -70,9 +71,14 @@ def to_geojson(labels: np.ndarray, min_area: int = 4) -> dict:
 
 
 def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
-                  device: str = "auto", stride: int | None = None) -> list[dict]:
-    """Predict every input image with a checkpoint; write NAME_labels.png, NAME_overlay.png, NAME.geojson."""
+                  device: str = "auto", stride: int | None = None, bgr: bool = False) -> list[dict]:
+    """Predict every input image with a checkpoint; write NAME_labels.png, NAME_overlay.png, NAME.geojson.
+
+    The model sees what it was trained on: the checkpoint's stain normalisation is applied first (the
+    overlay is drawn on the image as given). ``bgr``: the files store R and B swapped (the MoNuSAC test-mask
+    images)."""
     from nas_core.data.readers import read_image_file
+    from nas_core.data.stain import StainNormalizer
     from nas_core.engine.checkpoint import load_checkpoint
     from nas_core.engine.device import resolve_device
     from nas_core.engine.evaluate import predict_probs
@@ -86,10 +92,14 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    normalizer = StainNormalizer(data_cfg.get("stain", "none"))
     for path in inputs:
         path = Path(path)
-        image = read_image_file(path)  # uint8 (H, W, 3) RGB; errors name the file
-        probs = predict_probs(model, image, tile=tile, stride=stride, device=dev,
+        image = read_image_file(path, bgr=bgr)  # uint8 (H, W, 3) RGB; errors name the file
+        model_input, note = normalizer.apply_or_keep(image, path.name)
+        if note:
+            warnings.warn(note, stacklevel=2)
+        probs = predict_probs(model, model_input, tile=tile, stride=stride, device=dev,
                               amp=meta["config"].get("amp", True) and dev.type == "cuda", binary=False,
                               grid=data_cfg.get("grid", "release"))
         labels = label_map(probs)

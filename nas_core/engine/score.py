@@ -52,7 +52,7 @@ def score_folder(model: nn.Module, folder: str | Path, *, tile: int, stride: int
     import warnings
 
     from nas_core.data.readers import list_samples
-    from nas_core.data.stain import StainError, StainNormalizer
+    from nas_core.data.stain import StainNormalizer
     from nas_core.engine.evaluate import predict_probs
 
     folder = Path(folder).expanduser()
@@ -71,11 +71,8 @@ def score_folder(model: nn.Module, folder: str | Path, *, tile: int, stride: int
                 warnings.simplefilter("ignore")  # reader notes are collected below
                 sample = ref.load()
             notes += sample.warnings
-            try:
-                image = normalizer(sample.image)
-            except StainError as exc:  # as in data.prepare: an unnormalisable image is scored as it is
-                image = sample.image
-                notes.append(f"{sample.id}: stain normalisation skipped ({exc})")
+            image, note = normalizer.apply_or_keep(sample.image, sample.id)  # as in data.prepare
+            notes += [note] if note else []
             pred = predict_probs(model, image, tile=tile, stride=stride, device=device, amp=amp)
             acc = SegmentationMetrics()
             acc.update(pred, sample.label, ignore=sample.ignore, instances=sample.instances)

@@ -41,6 +41,7 @@ def add_parser(sub) -> None:
                    help="an image the best method predicts; its overlay is written and listed (repeatable)")
     p.add_argument("--format", choices=("svg", "png"), default="svg", help="figure format (default svg)")
     p.add_argument("--device", default="cpu", help="with --overlay: cpu, cuda or auto")
+    p.add_argument("--bgr", action="store_true", help="the --overlay images store R and B swapped")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)")

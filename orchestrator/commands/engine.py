@@ -104,7 +104,7 @@ def _predict(args: argparse.Namespace) -> int:
                          f"{f' and {len(existing) - 1} more' if len(existing) > 1 else ''}); "
                          f"pass --overwrite to replace them or choose another --out")
     ensure_writable_dir(out)
-    written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device)
+    written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device, bgr=args.bgr)
     print(json.dumps(written, indent=2))
     return 0
 
@@ -136,4 +136,6 @@ def add_parser(sub) -> None:
                    help="output folder: NAME_labels.png, NAME_overlay.png and NAME.geojson per input")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace earlier predictions of the same inputs in --out")
+    p.add_argument("--bgr", action="store_true",
+                   help="the files store R and B swapped (e.g. the MoNuSAC test-mask images)")
     p.set_defaults(func=_predict)
