@@ -51,6 +51,18 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def _tail(path: Path, n: int = 2000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no output)"
+
+
+def _start_worker(gcs: int, tmp_worker: Path, env: dict, log: Path) -> subprocess.Popen:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+             "--num-cpus=1", "--num-gpus=0", f"--temp-dir={tmp_worker}", "--disable-usage-stats", *_agent_ports()],
+            env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+
+
 @pytest.fixture()
 def cluster(tmp_path):
     """Head (1 CPU, dashboard) + worker node (1 CPU) + MLflow server; yields the client env."""
@@ -62,6 +74,7 @@ def cluster(tmp_path):
     # short temp dirs: Ray's socket paths must stay under ~107 bytes
     tmp_head = Path(f"/tmp/nsr-h{gcs}")
     tmp_worker = Path(f"/tmp/nsr-w{gcs}")
+    head_log, worker_log = tmp_path / "ray-head.log", tmp_path / "ray-worker.log"
     procs = []
     try:
         procs.append(subprocess.Popen(
@@ -69,20 +82,31 @@ def cluster(tmp_path):
              "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
              str(tmp_path / "server-artifacts")], env=env, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        procs.append(subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-             "--num-cpus=1", "--num-gpus=0", f"--temp-dir={tmp_head}", "--disable-usage-stats", *_agent_ports()],
-            # node addresses are 127.0.0.1 and every client here talks to loopback; a multi-node
-            # cluster cannot use RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the worker node never joins)
-            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with head_log.open("wb") as out:
+            procs.append(subprocess.Popen(
+                [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                 "--num-cpus=1", "--num-gpus=0", f"--temp-dir={tmp_head}", "--disable-usage-stats",
+                 *_agent_ports()],
+                # node addresses are 127.0.0.1 and every client here talks to loopback; a multi-node
+                # cluster cannot use RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the worker node never joins)
+                env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT))
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
-        procs.append(subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-             "--num-cpus=1", "--num-gpus=0", f"--temp-dir={tmp_worker}", "--disable-usage-stats", *_agent_ports()],
-            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_http(f"http://127.0.0.1:{mlp}/health", 60)
-        _wait_nodes(dash, 2, 90)
+        # a worker node that has not joined after 90 s is started once more (fresh agent ports): in one
+        # shuffled full suite beside a foreign Ray, the worker's `ray start` never joined (and made no temp
+        # folder); what it printed goes into the test's output either way
+        for attempt in (1, 2):
+            worker = _start_worker(gcs, tmp_worker, env, worker_log)
+            procs.append(worker)
+            try:
+                _wait_nodes(dash, 2, 90, worker)
+                break
+            except TimeoutError as exc:
+                print(f"worker node, attempt {attempt}: {exc}\n{_tail(worker_log)}\nhead:\n{_tail(head_log)}")
+                if attempt == 2:
+                    raise
+                _stop(procs.pop())
         yield {**env, "NAS_SCAM_HOME": str(tmp_path / "home"),
                "NAS_SCAM_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlp}",
                "NAS_SCAM_RAY_DASHBOARD": f"http://127.0.0.1:{dash}", "NAS_SCAM_PROGRESS": "0"}
@@ -91,7 +115,7 @@ def cluster(tmp_path):
             _stop(p)
 
 
-def _wait_nodes(dash: int, n: int, timeout: float) -> None:
+def _wait_nodes(dash: int, n: int, timeout: float, worker: subprocess.Popen) -> None:
     import json
 
     deadline = time.monotonic() + timeout
@@ -104,6 +128,8 @@ def _wait_nodes(dash: int, n: int, timeout: float) -> None:
                 return
         except (OSError, KeyError, ValueError):
             pass
+        if worker.poll() is not None:
+            raise TimeoutError(f"the worker node's `ray start` exited with status {worker.returncode}")
         time.sleep(1)
     raise TimeoutError(f"fewer than {n} Ray nodes alive after {timeout} s")
 

@@ -200,3 +200,11 @@ def test_nas_core_has_no_import_circle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_no_script_folder_shadows_a_package():
+    # bench/ and tools put their own folder first on sys.path; a bench/api.py there made every later
+    # `import api` (a spawned inference worker's, after a bench test) find the script instead of the package
+    shadowing = [f"{d}/{f.name}" for d in ("bench", "tests", "experiments", "docker") if (ROOT / d).is_dir()
+                 for f in (ROOT / d).glob("*.py") if f.stem in LAYERS]
+    assert not shadowing, shadowing

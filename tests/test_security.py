@@ -308,8 +308,6 @@ def tiny_checkpoint(settings) -> Path:
                            phase="train", epoch=0)
 
 
-@pytest.mark.xfail(strict=False, reason="after the rest of the suite in one process, the freshly spawned worker of the "
-                   "second request dies (503 predict_failed); passes alone and with its own file; cause not yet found")
 def test_a_prediction_past_its_deadline_is_stopped_and_frees_inference(settings, tiny_checkpoint):
     # a deadline no prediction meets (the worker process alone takes longer to start): 503, the worker
     # is killed, and the next request with a real time limit gets its answer

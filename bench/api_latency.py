@@ -4,7 +4,7 @@ Self-contained by default: a temporary home with one finished run (its MLflow pa
 in a SQLite store, as a real job leaves them), `nas-scam serve` in a subprocess, then N requests from C
 concurrent clients. Or point it at a running server with --url/--key/--run-id.
 
-    .venv/bin/python bench/api.py --requests 2000 --concurrency 16
+    .venv/bin/python bench/api_latency.py --requests 2000 --concurrency 16
 """
 
 from __future__ import annotations
