@@ -41,6 +41,11 @@ def no_learning(history: Sequence[Mapping[str, Any]], warmup: int, tol: float = 
     return bool(late) and all(v is None or math.isnan(float(v)) or float(v) <= tol for v in late)
 
 
+def retrain_did_not_learn(history: Sequence[Mapping[str, Any]]) -> bool:
+    """A finished retrain's own verdict from its saved history (warm-up from the epochs it ran)."""
+    return no_learning(history, train_warmup(len(history)))
+
+
 def curve_figure(history: Sequence[Mapping[str, Any]], path: Path, title: str = "", warmup: int = 0,
                  flagged: bool = False) -> Path:
     """Train loss (and alpha loss in a search) and validation DSC (%) against epoch; warm-up shaded."""

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from orchestrator import tables
-from orchestrator.rescore import RescoreError, _did_not_learn, find_checkpoints
+from orchestrator.curves import retrain_did_not_learn
+from orchestrator.rescore import RescoreError, find_checkpoints
 
 FIGURE_FORMATS = ("svg", "png")
 
@@ -57,7 +58,7 @@ def pq_markdown(summary, std: str) -> str:
     for method, g in summary.groupby("method", sort=False):
         g = g.set_index("class")
         label = tables.METHODS[method].label if method in tables.METHODS else method
-        cells = [tables._pm(g.at[c, "mean"], g.at[c, "std"]) if c in g.index else "-" for c in tables.CLASSES]
+        cells = [tables.mean_pm(g.at[c, "mean"], g.at[c, "std"]) if c in g.index else "-" for c in tables.CLASSES]
         lines.append("| " + " | ".join([label, str(int(g["n"].iloc[0])), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -120,7 +121,7 @@ def write_report(run_root: str | Path, out_dir: str | Path, overlays: Sequence[s
     name = name or run_root.name
 
     dsc = tables.with_flags(tables.compare(tables.summarize(_records(runs, "dsc"), std)),
-                            [{"method": r["method"], "no_learning": _did_not_learn(r["folder"] / "result.json")}
+                            [{"method": r["method"], "no_learning": retrain_did_not_learn(r["history"])}
                              for r in runs])
     pq = tables.summarize(_records(runs, "pq"), std)
     paths = {"table": tables.bar_chart(dsc, out_dir / f"table2.{fmt}", f"Table 2 ({name})", std, repeat),

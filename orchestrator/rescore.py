@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator import tables
+from orchestrator.curves import retrain_did_not_learn
 
 _TRAIN_DIR = re.compile(r"^train__(?P<method>[^_].*?)__seed(?P<seed>\d+)$")
 
@@ -74,14 +75,6 @@ def find_checkpoints(run_root: Path) -> tuple[list[tuple[str, int, Path]], list[
     return found, skipped
 
 
-def _did_not_learn(result_json: Path) -> bool:
-    """The training run's own verdict (curves.no_learning on its history), so the flag follows the method."""
-    from orchestrator.curves import no_learning, train_warmup
-
-    history = json.loads(result_json.read_text()).get("history") or []
-    return no_learning(history, train_warmup(len(history)))
-
-
 def rescore_ablation(run_root: str | Path, folder: str | Path, out_dir: Optional[str | Path] = None,
                      device: str = "auto", name: Optional[str] = None) -> RescoreOutcome:
     """Table 2 of an ablation's kept checkpoints scored on every image of ``folder`` (global DSC).
@@ -103,7 +96,8 @@ def rescore_ablation(run_root: str | Path, folder: str | Path, out_dir: Optional
         result = score_checkpoint(ckpt, folder, device=device)
         write_scores(result, out_dir / ckpt.parent.name)
         records.append({"method": method, "seed": seed, **{c: result["global"]["dsc"][c] for c in tables.CLASSES},
-                        "no_learning": _did_not_learn(ckpt.parent / "result.json")})
+                        "no_learning": retrain_did_not_learn(
+                            json.loads((ckpt.parent / "result.json").read_text()).get("history") or [])})
     table = tables.with_flags(tables.compare(tables.summarize(records, std)), records)
     title = f"Table 2 ({name or run_root.name}) on {folder.resolve()}"
     paths = tables.write_all(table, out_dir, title, std, repeat)

@@ -86,7 +86,7 @@ def with_flags(table: pd.DataFrame, records: Iterable[Mapping]) -> pd.DataFrame:
     return table.assign(flag=table["method"].map(lambda m: text.get(m, "")))
 
 
-def _pm(mean: float, std: float) -> str:
+def mean_pm(mean: float, std: float) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
     return f"{mean:.2f} ± {std:.2f}" if not math.isnan(std) else f"{mean:.2f} ± n/a"
@@ -100,8 +100,8 @@ def _grid(table: pd.DataFrame) -> list[list[str]]:
         label, n = g["label"].iloc[0], int(g["n"].iloc[0])
         if "flag" in g and g["flag"].iloc[0]:  # a method that did not learn says so beside its name
             label = f"{label} [{g['flag'].iloc[0]}]"
-        ours = [_pm(g.at[c, "mean"], g.at[c, "std"]) if c in g.index else "-" for c in CLASSES]
-        paper = [_pm(g.at[c, "paper_mean"], g.at[c, "paper_std"]) if c in g.index else "-" for c in CLASSES]
+        ours = [mean_pm(g.at[c, "mean"], g.at[c, "std"]) if c in g.index else "-" for c in CLASSES]
+        paper = [mean_pm(g.at[c, "paper_mean"], g.at[c, "paper_std"]) if c in g.index else "-" for c in CLASSES]
         diff = [f"{g.at[c, 'diff']:+.2f}" if c in g.index and not math.isnan(g.at[c, "diff"]) else "-" for c in CLASSES]
         rows += [[label, str(n), "ours", *ours], ["", "", "paper", *paper], ["", "", "diff", *diff]]
     return rows
