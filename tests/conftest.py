@@ -16,6 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _environ_as_the_test_found_it():
+    """Each test ends with os.environ as it began: in-process code such as ray_env.prepare(local=True)
+    exports variables (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, RAY_TMPDIR) that would otherwise reach the
+    subprocesses of whichever test runs next, and make the suite depend on its order."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data, or skip with the reason when this machine does not have it."""

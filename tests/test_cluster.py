@@ -70,11 +70,10 @@ def cluster(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    # as from a user's shell, not what an earlier in-process test's ray_env.prepare(local=True) left in
-    # os.environ: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the embedded Ray's loopback contract) makes the
-    # worker's `ray start` PANIC with "Multi-node Ray clusters are not supported" (seen in a shuffled suite)
-    for var in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TMPDIR"):
-        env.pop(var, None)
+    # a cluster the shell may name. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the embedded Ray's loopback
+    # contract) would make the worker's `ray start` PANIC ("Multi-node Ray clusters are not supported");
+    # conftest keeps an earlier in-process ray_env.prepare(local=True) from leaving it here
+    env.pop("RAY_ADDRESS", None)
     # short temp dirs: Ray's socket paths must stay under ~107 bytes
     tmp_head = Path(f"/tmp/nsr-h{gcs}")
     tmp_worker = Path(f"/tmp/nsr-w{gcs}")
@@ -92,8 +91,7 @@ def cluster(tmp_path):
                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
                  "--num-cpus=1", "--num-gpus=0", f"--temp-dir={tmp_head}", "--disable-usage-stats",
                  *_agent_ports()],
-                # node addresses are 127.0.0.1 and every client here talks to loopback; a multi-node
-                # cluster cannot use RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the worker node never joins)
+                # node addresses are 127.0.0.1 and every client here talks to loopback
                 env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT))
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
         _wait_http(f"http://127.0.0.1:{mlp}/health", 60)

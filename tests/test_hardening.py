@@ -267,8 +267,7 @@ def _stop_and_check(proc: subprocess.Popen, sig: int, children: list[psutil.Proc
 
 def _cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     env = {**os.environ, "NAS_SCAM_PROGRESS": "0", "RAY_AUTH_MODE": "disabled", **env}
-    # as from a user's shell: not what an in-process test's ray_env.prepare() left in os.environ
-    for var in ("NAS_SCAM_RAY_ADDRESS", "NAS_SCAM_MLFLOW_TRACKING_URI", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+    for var in ("NAS_SCAM_RAY_ADDRESS", "NAS_SCAM_MLFLOW_TRACKING_URI"):  # a cluster the shell may name
         env.pop(var, None)
     with open(log, "wb") as f:
         return subprocess.Popen([sys.executable, "-m", "nas_scam.cli", *args], cwd=ROOT, env=env,
@@ -463,3 +462,22 @@ def test_ablation_beside_a_foreign_head_is_its_own_and_listens_on_loopback(forei
     _, alive = psutil.wait_procs([p for p in seen.values() if p.is_running()], timeout=60)
     alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, p.name()) for p in alive]
+
+
+def test_what_one_test_exports_does_not_reach_the_next(tmp_path):
+    """The suite's conftest restores os.environ after each test: a shuffled full suite once gave the
+    two-node cluster fixture the RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 that an earlier in-process
+    ray_env.prepare(local=True) had exported, and the worker node's `ray start` refused to join."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_pair.py").write_text(
+        "import os\n"
+        "from orchestrator import ray_env\n"
+        "def test_1_prepares_the_embedded_ray():\n"
+        "    ray_env.prepare(local=True)\n"
+        "    assert os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] == '0' and 'RAY_TMPDIR' in os.environ\n"
+        "def test_2_starts_from_the_shell_environment():\n"
+        "    assert 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER' not in os.environ and 'RAY_TMPDIR' not in os.environ\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TMPDIR")}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+                          "test_pair.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "2 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
