@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from orchestrator.figures import _plt, save_figure
+from orchestrator.figures import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 TAG = "no_learning"
@@ -49,7 +49,7 @@ def retrain_did_not_learn(history: Sequence[Mapping[str, Any]]) -> bool:
 def curve_figure(history: Sequence[Mapping[str, Any]], path: Path, title: str = "", warmup: int = 0,
                  flagged: bool = False) -> Path:
     """Train loss (and alpha loss in a search) and validation DSC (%) against epoch; warm-up shaded."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     for key, style in (("train_loss", "-"), ("alpha_loss", "--")):
         pts = [(h["epoch"] + 1, h[key]) for h in history if key in h]

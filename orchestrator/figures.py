@@ -29,7 +29,8 @@ def save_figure(fig, path: Path, dpi: int = 110, layout: bool = True) -> Path:
     return path
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend with SVG text kept as text (every figure module draws with it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +94,7 @@ def genotype_figure(genotype: Mapping[str, Any], path: Path) -> Path:
 
     ``genotype`` is the public JSON dict (``Genotype.to_dict()``): ``sam``/``cam`` = slots x edges names.
     """
-    plt = _plt()
+    plt = pyplot()
     kinds = [k for k in OP_TABLES if genotype.get(k)]
     n_slots = len(genotype[kinds[0]])
     cols = min(4, n_slots)
@@ -136,7 +137,7 @@ def alpha_heatmap(npz_path: Path, path: Path) -> Path:
     Slots run four to a row (encoder row, then decoder row) for each kind; each kind has its own
     colour scale from its smallest to its largest weight, so small preferences stay visible.
     """
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     epochs, arrays = _alphas(npz_path)
@@ -182,7 +183,7 @@ def alpha_figure(npz_path: Path, path: Path, slot: int = 0) -> Path:
 
     The y axis of each kind is scaled to its data (a dotted line marks the uniform start), so early or
     short searches whose weights move by 1e-3 still show which op is rising."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs, arrays = _alphas(npz_path)

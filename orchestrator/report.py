@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 from orchestrator import tables
 from orchestrator.curves import retrain_did_not_learn
-from orchestrator.rescore import RescoreError, find_checkpoints
+from orchestrator.rescore import RescoreError, finished_retrains
 
 FIGURE_FORMATS = ("svg", "png")
 
@@ -32,14 +32,14 @@ class Report:
 
 def _runs(run_root: Path) -> list[dict[str, Any]]:
     """One dict per finished retrain: method, seed, folder, test scores (fractions), validation history."""
-    found, _ = find_checkpoints(run_root)
+    found, _ = finished_retrains(run_root)
     runs = []
-    for method, seed, ckpt in found:
-        result = json.loads((ckpt.parent / "result.json").read_text())
+    for run in found:
+        folder, result = run.checkpoint.parent, run.result
         test = result.get("test") or {}
         if not all(c in (test.get("dsc") or {}) for c in tables.CLASSES):
-            raise RescoreError(f"{ckpt.parent / 'result.json'}: no test DSC per class (an unfinished retrain?)")
-        runs.append({"method": method, "seed": seed, "folder": ckpt.parent, "dsc": test["dsc"],
+            raise RescoreError(f"{folder / 'result.json'}: no test DSC per class (an unfinished retrain?)")
+        runs.append({"method": run.method, "seed": run.seed, "folder": folder, "dsc": test["dsc"],
                      "pq": test.get("pq") or {}, "best_epoch": result.get("best_epoch"),
                      "history": result.get("history") or []})
     return runs
@@ -81,9 +81,9 @@ def curves_markdown(runs: Sequence[dict[str, Any]]) -> str:
 
 def curves_figure(runs: Sequence[dict[str, Any]], path: Path) -> Path:
     """Validation Average DSC per epoch of every retrain: one colour per method, one line style per seed."""
-    from orchestrator.figures import _plt, save_figure
+    from orchestrator.figures import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     methods = list(dict.fromkeys(r["method"] for r in runs))
     cmap = plt.get_cmap("tab10")

@@ -75,6 +75,34 @@ def find_checkpoints(run_root: Path) -> tuple[list[tuple[str, int, Path]], list[
     return found, skipped
 
 
+@dataclass(frozen=True)
+class Retrain:
+    """A finished retrain of an ablation: its folder name's method and seed, best.pt, result.json."""
+
+    method: str
+    seed: int
+    checkpoint: Path
+    result: dict[str, Any]
+
+
+def finished_retrains(run_root: Path) -> tuple[list[Retrain], list[str]]:
+    """Every finished retrain under ``run_root`` with its ``result.json`` read, and the skipped folders.
+
+    A ``result.json`` that is not a JSON object fails with its path (report and table read it alike)."""
+    found, skipped = find_checkpoints(run_root)
+    runs = []
+    for method, seed, ckpt in found:
+        path = ckpt.parent / "result.json"
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise RescoreError(f"{path}: unreadable ({exc})") from None
+        if not isinstance(result, dict):
+            raise RescoreError(f"{path}: not a JSON object")
+        runs.append(Retrain(method, seed, ckpt, result))
+    return runs, skipped
+
+
 def rescore_ablation(run_root: str | Path, folder: str | Path, out_dir: Optional[str | Path] = None,
                      device: str = "auto", name: Optional[str] = None) -> RescoreOutcome:
     """Table 2 of an ablation's kept checkpoints scored on every image of ``folder`` (global DSC).
@@ -86,18 +114,18 @@ def rescore_ablation(run_root: str | Path, folder: str | Path, out_dir: Optional
 
     run_root, folder = Path(run_root), Path(folder).expanduser()
     detect_layout(folder)  # a bad folder fails before the first checkpoint loads
-    found, skipped = find_checkpoints(run_root)
+    found, skipped = finished_retrains(run_root)
     state = run_root / "ablation.json"
     spec = json.loads(state.read_text()).get("spec", {}) if state.is_file() else {}
     std, repeat = spec.get("std", "population"), spec.get("repeat")
     out_dir = Path(out_dir) if out_dir else run_root / f"eval-{folder.resolve().name}"
     records = []
-    for method, seed, ckpt in found:
-        result = score_checkpoint(ckpt, folder, device=device)
-        write_scores(result, out_dir / ckpt.parent.name)
-        records.append({"method": method, "seed": seed, **{c: result["global"]["dsc"][c] for c in tables.CLASSES},
-                        "no_learning": retrain_did_not_learn(
-                            json.loads((ckpt.parent / "result.json").read_text()).get("history") or [])})
+    for run in found:
+        result = score_checkpoint(run.checkpoint, folder, device=device)
+        write_scores(result, out_dir / run.checkpoint.parent.name)
+        records.append({"method": run.method, "seed": run.seed,
+                        **{c: result["global"]["dsc"][c] for c in tables.CLASSES},
+                        "no_learning": retrain_did_not_learn(run.result.get("history") or [])})
     table = tables.with_flags(tables.compare(tables.summarize(records, std)), records)
     title = f"Table 2 ({name or run_root.name}) on {folder.resolve()}"
     paths = tables.write_all(table, out_dir, title, std, repeat)

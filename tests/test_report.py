@@ -83,3 +83,11 @@ def test_report_cli_and_bad_input_names_the_culprit(home, tmp_path, capsys):
     bad.write_text(json.dumps({"history": []}))
     with pytest.raises(RescoreError, match="train__unet__seed0"):
         write_report(home / "runs" / "abl", tmp_path / "o")
+    syn = write_synthetic(tmp_path / "syn", n_images=2, size=64, seed=0)
+    for text, why in (('{"history": [', "unreadable"), ("[1, 2]", "not a JSON object")):
+        bad.write_text(text)  # a retrain's result.json cut short or replaced: one line naming it, for both readers
+        with pytest.raises(RescoreError, match=f"train__unet__seed0.result.json: {why}"):
+            write_report(home / "runs" / "abl", tmp_path / "o")
+        assert cli.main(["table", "abl", "--eval-data", str(syn), "--device", "cpu"]) != 0
+        err = capsys.readouterr().err
+        assert "train__unet__seed0/result.json" in err and why in err and "Traceback" not in err
