@@ -9,7 +9,7 @@ Prints numbers and ratios, never passes or fails. Every configuration is built o
 interleaved (rep 1 of every config, then rep 2, ...) and the median is reported, so a noisy shared
 machine slows all of them alike. Rows:
 - train step (one Adam step on all weights; the supernets' w step, alpha frozen as in the engine):
-  plain U-Net, fixed NAS-SCAM-P (a uniform genotype) as the release builds it ("release-style fixed",
+  plain U-Net, fixed NAS-SCAM-P (a uniform genotype, or ``--genotype``) as the release builds it ("release-style fixed",
   bench/release_style.py) and as we do, synchronous supernet reference and stacked;
 - search iteration of the ``paper`` protocol: a w step then an alpha step, with the engine's own
   ``optimisation_step``. "release-style" = what the authors' release does per iteration
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # release_style, also 
 # oneDNN keeps 1024 conv primitives by default; the dozen models of one run need more than that, and
 # evicting each other's primitives (re-JIT every step) slowed the many-conv reference form by up to
 # 1.5x. A large cache makes each model run as it would alone in a training process.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")
+ONEDNN_CACHE = os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")  # what oneDNN reads
 
 
 def machine(device) -> str:
@@ -61,8 +61,10 @@ def machine(device) -> str:
             f"torch {torch.__version__}; device {device}")
 
 
-def build(kind: str, device, channels_last: bool, compile_mode: str = "off"):
-    """(model, optimisers) for one row; the supernet's optimisers split weights and alpha like the engine."""
+def build(kind: str, device, channels_last: bool, compile_mode: str = "off", genotype=None):
+    """(model, optimisers) for one row; the supernet's optimisers split weights and alpha like the engine.
+
+    ``genotype``: the fixed rows' genotype (default ``FIXED_GENOTYPE()``); its combine picks -P or -S."""
     import torch
 
     from nas_core.models import create_model
@@ -70,14 +72,15 @@ def build(kind: str, device, channels_last: bool, compile_mode: str = "off"):
 
     import release_style
 
+    genotype = genotype or FIXED_GENOTYPE()
     if kind == "unet":
         model = create_model("unet")
     elif kind == "release-style fixed":
-        model = release_style.ReleaseFixedNet(FIXED_GENOTYPE())
+        model = release_style.ReleaseFixedNet(genotype)
     elif kind == "supernet release-style":
         model = release_style.ReleaseSupernet("parallel")
-    elif kind == "nas-scam-p fixed":
-        model = create_model("nas-scam-p", genotype=FIXED_GENOTYPE())
+    elif kind == "nas-scam-p fixed":  # the row's name says P; a serial genotype builds NAS-SCAM-S
+        model = create_model(f"nas-scam-{genotype.combine[0]}", genotype=genotype)
     else:
         impl = "reference" if kind == "supernet straightforward" else kind.split()[-1]
         model = create_model("nas-scam-p", supernet="synchronous", impl=impl)
@@ -128,9 +131,10 @@ def make_batch(b: int, size: int, device, channels_last: bool, seed: int) -> dic
 class Runner:
     """One timed unit of work: a train step (w step) or a paper search iteration (w + alpha step)."""
 
-    def __init__(self, kind: str, what: str, b: int, size: int, ctx, channels_last: bool, compile_mode: str = "off"):
-        self.kind, self.what, self.b, self.size, self.ctx = kind, what, b, size, ctx
-        self.model, self.opts = build(kind, ctx.device, channels_last, compile_mode)
+    def __init__(self, kind: str, what: str, b: int, size: int, ctx, channels_last: bool, compile_mode: str = "off",
+                 genotype=None):
+        self.kind, self.what, self.b, self.size, self.ctx, self.genotype = kind, what, b, size, ctx, genotype
+        self.model, self.opts = build(kind, ctx.device, channels_last, compile_mode, genotype)
         self.model.train()
         self.w_batch = make_batch(b, size, ctx.device, channels_last, seed=1)
         self.a_batch = make_batch(b, size, ctx.device, channels_last, seed=2)
@@ -213,7 +217,7 @@ def count_flops(run: Runner) -> float:
     elif run.kind == "release-style fixed":
         kind = "nas-scam-p fixed"
     for s in (32, 64):
-        probe = Runner(kind, run.what, run.b, s, run.ctx, channels_last=False)
+        probe = Runner(kind, run.what, run.b, s, run.ctx, channels_last=False, genotype=run.genotype)
         with FlopCounterMode(display=False) as fc:
             probe()
         counts.append(fc.get_total_flops())
@@ -268,6 +272,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", nargs="+", default=["train", "search"], choices=["train", "search"])
     ap.add_argument("--kinds", nargs="+", default=None, choices=sorted(set(TRAIN_KINDS + SEARCH_KINDS)),
                     help="only these row kinds (default: all)")
+    ap.add_argument("--genotype", type=Path, default=None,
+                    help="genotype.json of a search for the two fixed rows (default: every SAM edge conv3, every "
+                         "CAM edge conv9, no Zero op: nothing for either form to skip)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (it builds two probes per row)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows and ratios to this JSON file")
@@ -301,11 +308,19 @@ def main(argv=None) -> dict:
     cfg = RunConfig(amp=args.amp == "on")
     ctx = RunContext(cfg=cfg, out_dir=Path("."), device=device, data=None, loss_fn=create_loss("exp_log"))
     print(machine(device) + f"; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
-          f"ONEDNN_PRIMITIVE_CACHE_CAPACITY={os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']}")
+          f"ONEDNN_PRIMITIVE_CACHE_CAPACITY={ONEDNN_CACHE}")
     print(f"size {args.size}x{args.size}, batches {args.batches}, {args.reps} interleaved reps (median), "
           f"model channels_last={cl}, bf16 autocast={ctx.amp}, tf32={args.tf32 and device.type == 'cuda'}, "
           f"compile={args.compile}", flush=True)
 
+    genotype = None
+    if args.genotype:
+        from nas_core.search_space import Genotype
+
+        genotype = Genotype.load(args.genotype)
+        print(f"fixed rows: genotype {args.genotype} ({genotype.combine}, "
+              f"{sum(op == 'zero' for cell in genotype.sam + genotype.cam for op in cell)} Zero edges of "
+              f"{sum(len(cell) for cell in genotype.sam + genotype.cam)})")
     torch.manual_seed(0)
     runs: list[Runner] = []
     for b in args.batches:
@@ -313,7 +328,7 @@ def main(argv=None) -> dict:
             if what in args.rows:
                 for kind in kinds:
                     if args.kinds is None or kind in args.kinds:
-                        runs.append(Runner(kind, what, b, args.size, ctx, cl, args.compile))
+                        runs.append(Runner(kind, what, b, args.size, ctx, cl, args.compile, genotype))
     for r in runs:  # warm-up (allocator, oneDNN primitive caches, compilation); peak memory from this pass
         sync(device)
         t = time.perf_counter()
@@ -347,6 +362,7 @@ def main(argv=None) -> dict:
            "torch": torch.__version__, "cuda": torch.version.cuda, "size": args.size, "batches": args.batches,
            "reps": args.reps, "amp": ctx.amp, "tf32": bool(args.tf32 and device.type == "cuda"),
            "compile": args.compile, "channels_last": cl, "conv_limit_gflops": limit / 1e9,
+           "genotype": str(args.genotype) if args.genotype else "uniform conv3/conv9",
            "rows": rows, "ratios": ratios, "config": {"loss": "exp_log", **{k: v for k, v in
                                                       dataclasses.asdict(cfg).items() if k in ("amp",)}}}
     if args.json:

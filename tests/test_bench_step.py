@@ -62,6 +62,32 @@ def test_release_fixed_net_is_our_fixed_net():
     torch.testing.assert_close(release(x), ours(x), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("zero_op", ["paper", "code"])
+def test_release_fixed_net_runs_what_ours_prunes_and_computes_the_same(zero_op):
+    """A searched genotype has Zero edges and dead nodes: the release builds and runs them (Zero as a
+    zeroed conv, ops into a node that never reaches the output), ours builds neither; same function."""
+    torch.manual_seed(3)
+    # SAM: node 2 is dead (its only way out, 2 -> 3, is Zero); CAM: Zero edges into hidden and output nodes
+    sam = ("conv3", "conv1", "atrous5", "conv1", "conv3", "zero")
+    cam = ("zero", "conv9", "conv15", "zero", "atrous3", "conv5")
+    geno = Genotype("parallel", "synchronous", (sam,) * 8, (cam,) * 8)
+    ours = create_model("nas-scam-p", genotype=geno, zero_op=zero_op).double().eval()
+    release = release_style.ReleaseFixedNet(geno, zero_op=zero_op).double().eval()
+    missing, unexpected = release.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected
+    # per slot: the SAM Zero conv, the two SAM ops into dead node 2 (conv + BN), the two CAM Zero convs
+    assert {k.split(".", 2)[2].rsplit(".", 1)[0] for k in missing} == {
+        "sam.cell.ops.5.zero", "sam.cell.ops.1.conv1.0", "sam.cell.ops.1.conv1.1",
+        "sam.cell.ops.2.atrous5.0", "sam.cell.ops.2.atrous5.1", "cam.cell.ops.0.zero", "cam.cell.ops.3.zero"}
+    state = release.state_dict()
+    with torch.no_grad():  # the release's ops ours skips get weights that would show if they leaked
+        for k in missing:
+            if state[k].is_floating_point():
+                state[k].copy_(torch.rand_like(state[k]) + 0.5)  # positive: a valid running_var too
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(release(x), ours(x), rtol=1e-10, atol=1e-12)
+
+
 def test_release_adam_is_per_tensor():
     opt = release_style.release_adam([torch.nn.Parameter(torch.zeros(2))], 1e-3)
     assert opt.defaults["foreach"] is False and opt.defaults["fused"] is False
@@ -77,6 +103,7 @@ def test_step_bench_runs_tiny_and_reports_ratios_against_the_release(tmp_path):
                      "supernet straightforward", "supernet stacked", "--json", str(out_json)])
     saved = json.loads(out_json.read_text())
     assert saved["size"] == 32 and saved["amp"] is False  # CPU: no autocast
+    assert saved["genotype"] == "uniform conv3/conv9"
     kinds = {(r["what"], r["kind"]) for r in saved["rows"]}
     assert kinds == {("train", "release-style fixed"), ("train", "unet"), ("train", "supernet stacked"),
                      ("search", "supernet release-style"), ("search", "supernet straightforward"),
@@ -91,3 +118,21 @@ def test_step_bench_runs_tiny_and_reports_ratios_against_the_release(tmp_path):
         expect = rows[(r["baseline"], 2)]["median_s"] / rows[(r["kind"], 2)]["median_s"]
         assert r["speedup"] == pytest.approx(expect)
     assert len(out["rows"]) == 6
+
+
+def test_step_bench_fixed_rows_take_a_searched_genotype(tmp_path, capsys):
+    """--genotype: both fixed rows build that genotype (a serial one builds NAS-SCAM-S), FLOPs counted."""
+    import step
+
+    sam = ("conv3", "zero", "atrous5", "conv1", "zero", "conv5")
+    path = Genotype("serial", "shared", (sam,) * 8, (("conv9",) * 6,) * 8).save(tmp_path / "genotype.json")
+    out = step.main(["--size", "32", "--batches", "1", "--reps", "1", "--threads", "1", "--no-memory",
+                     "--rows", "train", "--kinds", "release-style fixed", "nas-scam-p fixed",
+                     "--genotype", str(path)])
+    assert out["genotype"] == str(path) and [r["kind"] for r in out["rows"]] == ["release-style fixed",
+                                                                               "nas-scam-p fixed"]
+    assert "(serial, 16 Zero edges of 96)" in capsys.readouterr().out
+    # both rows are credited with the same useful work: the FLOPs of our pruned form
+    assert out["rows"][0]["gflop"] == pytest.approx(out["rows"][1]["gflop"]) and out["rows"][0]["gflop"] > 0
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        step.main(["--size", "32", "--batches", "1", "--rows", "train", "--genotype", str(tmp_path / "nope.json")])
