@@ -23,9 +23,12 @@ def _environ_as_the_test_found_it():
     subprocesses of whichever test runs next, and make the suite depend on its order."""
     saved = dict(os.environ)
     yield
-    if dict(os.environ) != saved:
-        os.environ.clear()
-        os.environ.update(saved)
+    # variable by variable, never clearing the whole environment (threads of a live server may read it)
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
