@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # release_style, also 
 # oneDNN keeps 1024 conv primitives by default; the dozen models of one run need more than that, and
 # evicting each other's primitives (re-JIT every step) slowed the many-conv reference form by up to
 # 1.5x. A large cache makes each model run as it would alone in a training process.
-ONEDNN_CACHE = os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")  # what oneDNN reads
+ONEDNN_CACHE = os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")  # as set for oneDNN at import
 
 
 def machine(device) -> str:
@@ -317,7 +317,10 @@ def main(argv=None) -> dict:
     if args.genotype:
         from nas_core.search_space import Genotype
 
-        genotype = Genotype.load(args.genotype)
+        try:
+            genotype = Genotype.load(args.genotype)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--genotype {args.genotype}: {exc}") from None
         print(f"fixed rows: genotype {args.genotype} ({genotype.combine}, "
               f"{sum(op == 'zero' for cell in genotype.sam + genotype.cam for op in cell)} Zero edges of "
               f"{sum(len(cell) for cell in genotype.sam + genotype.cam)})")

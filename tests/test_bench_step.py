@@ -62,16 +62,17 @@ def test_release_fixed_net_is_our_fixed_net():
     torch.testing.assert_close(release(x), ours(x), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("combine", ["parallel", "serial"])
 @pytest.mark.parametrize("zero_op", ["paper", "code"])
-def test_release_fixed_net_runs_what_ours_prunes_and_computes_the_same(zero_op):
+def test_release_fixed_net_runs_what_ours_prunes_and_computes_the_same(zero_op, combine):
     """A searched genotype has Zero edges and dead nodes: the release builds and runs them (Zero as a
     zeroed conv, ops into a node that never reaches the output), ours builds neither; same function."""
     torch.manual_seed(3)
     # SAM: node 2 is dead (its only way out, 2 -> 3, is Zero); CAM: Zero edges into hidden and output nodes
     sam = ("conv3", "conv1", "atrous5", "conv1", "conv3", "zero")
     cam = ("zero", "conv9", "conv15", "zero", "atrous3", "conv5")
-    geno = Genotype("parallel", "synchronous", (sam,) * 8, (cam,) * 8)
-    ours = create_model("nas-scam-p", genotype=geno, zero_op=zero_op).double().eval()
+    geno = Genotype(combine, "synchronous", (sam,) * 8, (cam,) * 8)
+    ours = create_model(f"nas-scam-{combine[0]}", genotype=geno, zero_op=zero_op).double().eval()
     release = release_style.ReleaseFixedNet(geno, zero_op=zero_op).double().eval()
     missing, unexpected = release.load_state_dict(ours.state_dict(), strict=False)
     assert not unexpected
@@ -132,7 +133,18 @@ def test_step_bench_fixed_rows_take_a_searched_genotype(tmp_path, capsys):
     assert out["genotype"] == str(path) and [r["kind"] for r in out["rows"]] == ["release-style fixed",
                                                                                "nas-scam-p fixed"]
     assert "(serial, 16 Zero edges of 96)" in capsys.readouterr().out
-    # both rows are credited with the same useful work: the FLOPs of our pruned form
+    # the models the rows time: our NAS-SCAM-S of that genotype, the release's build of it with Zero convs
+    geno = Genotype.load(path)
+    ours, _ = step.build("nas-scam-p fixed", torch.device("cpu"), False, genotype=geno)
+    assert ours.model_spec["name"] == "nas-scam-s" and ours.model_spec["options"]["genotype"] == geno.to_dict()
+    release, _ = step.build("release-style fixed", torch.device("cpu"), False, genotype=geno)
+    assert {m.combine for m in release.attention.values()} == {"serial"}
+    assert sum(1 for k in release.state_dict() if ".zero." in k and k.endswith("weight")) == 16
+    # both rows are credited with the same useful work, that of the genotype (not the uniform default)
+    uniform = step.main(["--size", "32", "--batches", "1", "--reps", "1", "--threads", "1", "--no-memory",
+                         "--rows", "train", "--kinds", "nas-scam-p fixed"])
     assert out["rows"][0]["gflop"] == pytest.approx(out["rows"][1]["gflop"]) and out["rows"][0]["gflop"] > 0
-    with pytest.raises(FileNotFoundError, match="nope.json"):
-        step.main(["--size", "32", "--batches", "1", "--rows", "train", "--genotype", str(tmp_path / "nope.json")])
+    assert out["rows"][1]["gflop"] != pytest.approx(uniform["rows"][0]["gflop"], rel=1e-3)
+    for bad in (tmp_path / "nope.json", tmp_path):  # missing; a folder
+        with pytest.raises(SystemExit, match=f"--genotype {bad}"):
+            step.main(["--size", "32", "--batches", "1", "--rows", "train", "--genotype", str(bad)])

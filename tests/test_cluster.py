@@ -70,10 +70,11 @@ def cluster(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    # a cluster the shell may name. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the embedded Ray's loopback
-    # contract) would make the worker's `ray start` PANIC ("Multi-node Ray clusters are not supported");
-    # conftest keeps an earlier in-process ray_env.prepare(local=True) from leaving it here
-    env.pop("RAY_ADDRESS", None)
+    # not a cluster the shell may name, nor RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 from wherever it came (the
+    # embedded Ray's loopback contract: the worker's `ray start` PANICs, "Multi-node Ray clusters are not
+    # supported"); conftest already keeps an earlier in-process ray_env.prepare(local=True) from leaving it
+    for var in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        env.pop(var, None)
     # short temp dirs: Ray's socket paths must stay under ~107 bytes
     tmp_head = Path(f"/tmp/nsr-h{gcs}")
     tmp_worker = Path(f"/tmp/nsr-w{gcs}")
