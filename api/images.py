@@ -2,7 +2,8 @@
 
 A 1 MB PNG can declare 20000 x 20000 pixels (1.2 GB once decoded): the width and height are read from
 the PNG IHDR chunk, the JPEG start-of-frame segment or the first TIFF directory and refused over the
-pixel limit before OpenCV allocates anything.
+pixel limit before OpenCV allocates anything. A TIFF that repeats its width or height tag with
+another value is refused: the decoder and this check could read different ones.
 """
 
 from __future__ import annotations
@@ -67,14 +68,21 @@ def _tiff(raw: bytes) -> Optional[tuple[int, int]]:
         if tag in (_TIFF_WIDTH, _TIFF_HEIGHT):
             # SHORT (3) sits in the first two bytes of the value field, LONG (4) fills it
             fmt, value = ("H", entry[8:10]) if kind == 3 else ("I", entry[8:12])
-            found[tag] = struct.unpack(order + fmt, value)[0]
+            size = struct.unpack(order + fmt, value)[0]
+            if found.setdefault(tag, size) != size:
+                # libtiff (OpenCV's decoder) keeps the first, a reader that keeps the last sees another
+                # image: whichever this check read, the decoder may allocate the other
+                name = "ImageWidth" if tag == _TIFF_WIDTH else "ImageLength"
+                raise ApiError(422, "bad_image", f"body: the TIFF declares {name} twice ({found[tag]}, then {size}); "
+                                                 f"refused as ambiguous")
     if len(found) < 2:
         return None
     return found[_TIFF_WIDTH], found[_TIFF_HEIGHT]
 
 
 def image_size(raw: bytes) -> Optional[tuple[str, int, int]]:
-    """``(format, width, height)`` read from the header of PNG, JPEG or TIFF bytes; None for anything else."""
+    """``(format, width, height)`` read from the header of PNG, JPEG or TIFF bytes; None for anything else.
+    ApiError 422 for a TIFF that declares its width or height twice, differently."""
     if raw.startswith(_PNG):
         fmt, size = "png", _png(raw)
     elif raw.startswith(b"\xff\xd8"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
@@ -13,7 +14,7 @@ from api.schemas import GenotypeItem, Progress, RunMetrics
 from api.store import RunRecord
 from orchestrator import tracking
 from orchestrator.settings import Settings
-from orchestrator.specs import METHODS
+from orchestrator.specs import METHODS, PAPER_METHODS
 
 
 def _client(settings: Settings):
@@ -48,10 +49,25 @@ def children(settings: Settings, rec: RunRecord) -> list:
         raise ApiError(503, "mlflow_unavailable", f"MLflow query failed: {str(exc)[:300]}") from None
 
 
+@functools.lru_cache(maxsize=64)
+def _planned_runs(spec_json: str) -> int:
+    from orchestrator import plan
+    from orchestrator.specs import parse_spec
+
+    return sum(len(t.runs) for t in plan.expand(parse_spec(json.loads(spec_json)), Path(".")))
+
+
 def expected_phases(spec: dict[str, Any]) -> int:
+    """Engine runs (phases) the spec makes: an ablation's from its plan (searches shared between axes
+    variants counted once, folds and random draws included); the count below only for a stored spec
+    that no longer parses."""
     kind = spec.get("kind")
     if kind == "ablation":
-        methods = spec.get("methods") or list(METHODS)
+        try:
+            return _planned_runs(json.dumps(spec, sort_keys=True))
+        except Exception:  # noqa: BLE001 - a spec stored by an older version: count as it was counted
+            pass
+        methods = spec.get("methods") or list(PAPER_METHODS)
         seeds = spec.get("seeds", 3)
         n = seeds if isinstance(seeds, int) else len(seeds)
         searching = sum(METHODS[m].needs_search for m in methods if m in METHODS)

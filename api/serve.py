@@ -3,7 +3,7 @@
 The API's own command: the top-level CLI (nas_scam/cli.py) adds it to the orchestrator's commands.
 ``serve`` attaches to the Ray dashboard in NAS_SCAM_RAY_DASHBOARD when it answers; otherwise it starts
 ``ray start --head --block`` on loopback as its own child (orchestrator.ray_head; stopped when the server
-stops) and then uvicorn.
+stops, after the jobs of its active runs, which are marked lost and can be resumed) and then uvicorn.
 """
 
 from __future__ import annotations
@@ -67,13 +67,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             print(f"starting a local Ray head (dashboard {settings.ray_dashboard}) ...", flush=True)
             head = start_local_ray(settings, args.num_cpus)
+    app = None
     try:
         init_mlflow_store(settings)
+        app = create_app(settings)
         print(f"MLflow store {settings.tracking_uri}; API on http://{host}:{port} (docs: /docs)", flush=True)
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level,
+        uvicorn.run(app, host=host, port=port, log_level=args.log_level,
                     timeout_graceful_shutdown=5, server_header=False)
     finally:
         if head is not None:
-            print("stopping the local Ray head", flush=True)
-            stop_local_ray(head)
+            try:
+                if app is not None:
+                    abandon_runs(app.state.run_service)
+            finally:
+                print("stopping the local Ray head", flush=True)
+                stop_local_ray(head)
     return 0
+
+
+def abandon_runs(service) -> None:
+    """The runs on the head this server is about to stop: their jobs stopped now (a driver would outlive
+    its head by minutes), their MLflow runs closed, each marked lost, which ``POST /resume`` continues."""
+    try:
+        lost = service.abandon_active("the server stopped, and the local Ray head its job ran on with it")
+    except Exception as exc:  # noqa: BLE001 - the head must still stop; the next start marks them lost
+        print(f"nas-scam serve: warning: could not stop the active runs: {exc}", file=sys.stderr)
+        return
+    if lost:
+        print(f"stopped {len(lost)} active run(s), now lost (resumable): {', '.join(lost)}", flush=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from api.errors import ClusterUnavailable, RunConflict, RunNotFound, TooManyRuns
 from api.store import RESUMABLE, RunRecord, RunStore
-from orchestrator.jobs import JobError, JobNotFound, JobServer, job_env
+from orchestrator.jobs import TERMINAL as JOB_TERMINAL, JobError, JobNotFound, JobServer, job_env
 from orchestrator.settings import Settings
 
 # the message of a record whose Ray job is being submitted
@@ -241,6 +241,37 @@ class RunService:
             time.sleep(0.5)
         self._close_mlflow(rec, "KILLED", "cancelled through the API")
         return rec
+
+    def abandon_active(self, reason: str, wait_s: float = 15.0) -> list[str]:
+        """Stop the Ray job of every active run and mark the run lost (resumable), its MLflow runs still
+        RUNNING FAILED with ``reason``: for a server about to stop the Ray head its jobs run on. Left
+        alone, a driver outlives its head by minutes and its runs stay RUNNING until the API restarts.
+        Runs whose job ended by itself meanwhile keep that end. Returns the ids of the runs lost."""
+        active = [r for r in self.store.query(limit=1000)[0] if not r.terminal]
+        for rec in active:
+            try:
+                self._ray(self.jobs.stop, rec.submission_id)
+            except (RunNotFound, ClusterUnavailable):
+                pass  # never reached Ray, or Ray is gone already: lost all the same
+        deadline = time.time() + wait_s
+        while time.time() < deadline and not all(self._job_ended(r) for r in active):
+            time.sleep(0.5)
+        lost = []
+        for rec in active:
+            rec = self._refresh(rec)
+            if rec.status in ("succeeded", "failed"):
+                continue
+            message = f"lost: {reason}; POST /v1/runs/{rec.id}/resume continues it"
+            self._close_mlflow(rec, "FAILED", message)
+            self.store.update(rec.id, status="lost", message=message, ended_at=rec.ended_at or time.time())
+            lost.append(rec.id)
+        return lost
+
+    def _job_ended(self, rec: RunRecord) -> bool:
+        try:
+            return self.jobs.status(rec.submission_id) in JOB_TERMINAL
+        except JobError:
+            return True  # unknown to Ray, or Ray unreachable: nothing left to wait for
 
     def _close_mlflow(self, rec: RunRecord, status: str, reason: str) -> None:
         """The run's MLflow parent and its children still RUNNING end with ``status`` and a ``stopped`` tag."""

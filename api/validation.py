@@ -1,17 +1,18 @@
 """A POST /v1/runs body -> a spec the server accepts, or ApiError 403/422 naming the field.
 
-Order: JSON (finite numbers, bounded nesting), ``kind`` present, the orchestrator's spec models (strict
-types, identifier names), then every config the spec's validation built (``spec.configs``: one per
-method, from which ``orchestrator.plan`` derives every trial's config, and each HPO choice and range
-end) is checked for paths outside the data roots and sizes over the server's bounds. The check reads the built RunConfig, so a path or size is caught whichever spec key, override
-or search-space value set it.
+Order: JSON (finite numbers, bounded nesting, valid Unicode), ``kind`` present, the orchestrator's spec
+models (strict types, identifier names, the config limits of ``nas_core.config.LIMITS``), then every
+config the spec's validation built (``spec.configs``: one per method, from which ``orchestrator.plan``
+derives every trial's config, and each HPO choice and range end) is checked for paths outside the data
+roots and sizes over the server's bounds. The check reads the built RunConfig, so a path or size is
+caught whichever spec key, override or search-space value set it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from api.errors import ApiError
 from orchestrator.settings import Settings
@@ -42,12 +43,44 @@ def env_name(setting: str) -> str:
     return f"NAS_SCAM_{setting.upper()}"
 
 
+# JSON may spell a lone UTF-16 surrogate ("\\ud800"): a Python string that no file name, log line or
+# database can hold (Path.resolve raises UnicodeEncodeError)
+_UNENCODABLE = "not valid Unicode text (a lone surrogate such as \\ud800)"
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unencodable_at(data: Any) -> Optional[str]:
+    """The dotted place (``overrides.out_dir``, ``space.data.values.0``) of a key or string of parsed
+    JSON that is not valid Unicode; None when all are."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        node, at = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            place = f"{at}.{key}" if at else str(key)
+            if isinstance(key, str) and not _encodable(key):
+                return at or "(top level)"
+            if isinstance(value, str) and not _encodable(value):
+                return place
+            stack.append((value, place))
+    return None
+
+
 def check_path(field: str, value: Any, settings: Settings, must_exist: bool = True, where: str = "") -> Path:
     """Absolute and inside one of ``settings.allowed_data_roots`` after resolving links and ``..``; the
     resolved path. 403 outside the roots, 422 for what cannot be a path (too long, NUL, a link loop)."""
     suffix = f" ({where})" if where else ""
     if not isinstance(value, str) or not value or "\x00" in value:
         raise invalid(field, f"expected a path string{suffix}")
+    if not _encodable(value):
+        raise invalid(field, f"{_UNENCODABLE}{suffix}")
     if len(value) > MAX_PATH_CHARS or any(len(part) > MAX_PATH_PART for part in value.split("/")):
         raise invalid(field, f"path of {len(value)} characters is too long (at most {MAX_PATH_CHARS}, "
                              f"{MAX_PATH_PART} per folder or file name){suffix}")
@@ -97,6 +130,9 @@ def load_json(raw: bytes) -> dict[str, Any]:
         raise invalid("(body)", "expected a JSON object (a run spec)")
     if _depth(data) > MAX_JSON_DEPTH:
         raise invalid("(body)", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    bad = _unencodable_at(data)
+    if bad is not None:
+        raise invalid(bad, _UNENCODABLE)
     return data
 
 
@@ -122,6 +158,8 @@ def check_spec(spec, settings: Settings) -> None:
     """Spec-level counts and resources, then the expanded configs."""
     if spec.kind == "ablation":
         _over("seeds", len(spec.seed_list), "api_max_seeds", settings, "seed count")
+        _over("axes", spec.trial_count, "api_max_trials", settings,
+              "runs of the grid: methods x seeds x random draws x axes variants x folds, searches included")
     if spec.kind == "hpo":
         _over("num_samples", spec.num_samples, "api_max_samples", settings)
         _over("grace_period", spec.grace_period, "api_max_epochs", settings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +64,12 @@ class DataConfig:
     # "flush" = the last window ends at the image edge
     grid: Literal["release", "flush"] = "release"
     workers: int = 0
+    # patient folds (method.md 6: "a patient-wise split is a useful option"): with folds K > 1 and
+    # split_by patient, the patients are dealt into K groups; fold k tests group k, and the other
+    # patients are split into train / val by the train:val ratio of ``split`` (at least one val
+    # patient). Every patient is tested exactly once over the K folds. 1 = no folds, ``split`` alone.
+    folds: int = 1
+    fold: int = 0
     # seeds the synthetic data and the split; separate from the run seed so that repeated runs
     # (Table 2's 3 seeds) see the same data and split, as in the paper
     seed: int = 0
@@ -82,6 +89,7 @@ class LossConfig:
 
 
 ValTiming = Literal["start", "end"]
+Sampler = Literal["balanced", "uniform"]
 
 
 def validation_epochs(epochs: int, every: int, timing: str) -> list[int]:
@@ -120,6 +128,9 @@ class SearchConfig:
     # after the warm-up); the release: 60, literally, whatever the number of epochs
     genotype_after: Optional[int] = None
     per_class: int = 1
+    # how w and alpha batches are drawn: "balanced" (the release: per_class crops from every class
+    # bucket) or "uniform" (any window of the split, same batch size; nas_core.data.dataset)
+    sampler: Sampler = "balanced"
 
     @property
     def genotype_threshold(self) -> int:
@@ -143,6 +154,8 @@ class TrainConfig:
     val_every: int = 3
     val_timing: ValTiming = "start"
     per_class: int = 1
+    # "balanced" (the release's one crop per class bucket) or "uniform" (see SearchConfig.sampler)
+    sampler: Sampler = "balanced"
 
     def validation_epochs(self) -> list[int]:
         return validation_epochs(self.epochs, self.val_every, self.val_timing)
@@ -239,14 +252,15 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         # 209 = MoNuSAC's training release, so the synthetic stand-in splits 120 / 39 / 50 as the paper
         "data": {"source": None, "layout": "auto", "synthetic_images": 209, "synthetic_size": 512,
                  "cache_dir": None, "stain": "macenko", "split": "120,39,50", "split_by": "image",
-                 "crop_size": 256, "stride": 128, "grid": "release", "workers": 0, "seed": 0},
+                 "crop_size": 256, "stride": 128, "grid": "release", "workers": 0, "folds": 1, "fold": 0,
+                 "seed": 0},
         "augment": {"pipeline": "paper", "strength": 1.0},
         "loss": {"name": "exp_log"},
         "search": {"epochs": 120, "warmup_epochs": 40, "alternation": "iteration", "lr_w": 1e-4, "lr_alpha": 1e-3,
                    "reset_optimizer_each_epoch": False, "iters_per_epoch": None, "val_every": 3, "per_class": 1,
-                   "val_timing": "start", "genotype_after": None},
+                   "val_timing": "start", "genotype_after": None, "sampler": "balanced"},
         "train": {"epochs": 300, "lr": 1e-4, "iters_per_epoch": None, "val_every": 3, "per_class": 1,
-                  "val_timing": "start"},
+                  "val_timing": "start", "sampler": "balanced"},
     },
     "code": {
         "protocol": "code", "seed": 0, "device": "auto", "deterministic": False,
@@ -257,14 +271,15 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         # the release hard-codes 41 validation and 48 test images; its arrays came pre-normalised
         "data": {"source": None, "layout": "auto", "synthetic_images": 209, "synthetic_size": 512,
                  "cache_dir": None, "stain": "none", "split": "120,41,48", "split_by": "image",
-                 "crop_size": 256, "stride": 128, "grid": "release", "workers": 0, "seed": 0},
+                 "crop_size": 256, "stride": 128, "grid": "release", "workers": 0, "folds": 1, "fold": 0,
+                 "seed": 0},
         "augment": {"pipeline": "code", "strength": 1.0},
         "loss": {"name": "exp_log_dice"},
         "search": {"epochs": 120, "warmup_epochs": 20, "alternation": "epoch", "lr_w": 1e-3, "lr_alpha": 1e-3,
                    "reset_optimizer_each_epoch": True, "iters_per_epoch": None, "val_every": 3, "per_class": 1,
-                   "val_timing": "start", "genotype_after": 60},
+                   "val_timing": "start", "genotype_after": 60, "sampler": "balanced"},
         "train": {"epochs": 300, "lr": 1e-3, "iters_per_epoch": None, "val_every": 3, "per_class": 1,
-                  "val_timing": "start"},
+                  "val_timing": "start", "sampler": "balanced"},
     },
 }
 
@@ -356,9 +371,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # JSON's 1e400 and YAML's .inf parse to infinity, 10**400 overflows: no rate or strength means that
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {str(value)[:40]}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -478,39 +500,121 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+# Bounds of every integer key, checked first (``_check_limits``), before anything is built from a value
+# (the search's validation epochs, a synthetic dataset, a crop grid) and whichever way the value came (a
+# spec field, ``overrides:``, an HPO space value, ``--set``, a saved config). Far past any real study
+# (the paper: 120 + 300 epochs, 256 px crops); what a server admits is tighter (api/validation.py).
+# ``data.folds``/``data.fold`` are bounded by ``_validate_folds``.
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**31 - 1  # numpy and torch take 32-bit seeds
+LIMITS: dict[str, tuple[int, int]] = {
+    "seed": (0, MAX_SEED),
+    "max_nonfinite_steps": (1, 1_000_000),
+    "data.synthetic_images": (3, 100_000),  # a train, a val and a test image at least
+    "data.synthetic_size": (16, 16_384),
+    "data.crop_size": (16, 4096),
+    "data.stride": (1, 4096),
+    "data.workers": (0, 256),
+    "data.seed": (0, MAX_SEED),
+    "search.epochs": (1, MAX_EPOCHS),
+    "search.warmup_epochs": (0, MAX_EPOCHS),
+    "search.iters_per_epoch": (1, 1_000_000),
+    "search.val_every": (1, MAX_EPOCHS),
+    "search.genotype_after": (0, MAX_EPOCHS),
+    "search.per_class": (1, 1024),
+    "train.epochs": (1, MAX_EPOCHS),
+    "train.iters_per_epoch": (1, 1_000_000),
+    "train.val_every": (1, MAX_EPOCHS),
+    "train.per_class": (1, 1024),
+}
+# windows per image grow as (crop_size / stride)**2: a stride under crop_size / 8 is a typo (64x the
+# windows of the release's stride = crop / 2), not a study
+MIN_STRIDE_FRACTION = 8
+
+
+def _value(cfg: RunConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_limits(cfg: RunConfig) -> None:
+    for key, (low, high) in LIMITS.items():
+        value = _value(cfg, key)
+        if value is not None and not low <= value <= high:
+            bound = f">= {low}" if value < low else f"<= {high}"
+            raise ConfigError(f"{key} must be {bound} (allowed {low}..{high}), got {str(value)[:40]}")
+
+
 def _validate(cfg: RunConfig) -> None:
+    _check_limits(cfg)
+    d = cfg.data
     checks = [
-        (cfg.search.epochs >= 1, "search.epochs", "must be >= 1"),
         # the genotype comes from the best validation after warm-up, so at least one epoch must follow it
-        (0 <= cfg.search.warmup_epochs < cfg.search.epochs,
-         "search.warmup_epochs", "must be >= 0 and smaller than search.epochs"),
-        (cfg.train.epochs >= 1, "train.epochs", "must be >= 1"),
+        (cfg.search.warmup_epochs < cfg.search.epochs, "search.warmup_epochs", "must be smaller than search.epochs"),
         (cfg.search.lr_w > 0 and cfg.search.lr_alpha > 0, "search.lr_w/lr_alpha", "must be > 0"),
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
-        (cfg.data.crop_size % 16 == 0 and cfg.data.crop_size >= 16, "data.crop_size", "must be a multiple of 16"),
-        (0 < cfg.data.stride <= cfg.data.crop_size, "data.stride", "must be in (0, crop_size]"),
-        (cfg.data.workers >= 0, "data.workers", "must be >= 0 (0 loads data in the main process)"),
-        (cfg.search.per_class >= 1 and cfg.train.per_class >= 1, "per_class", "must be >= 1"),
-        (cfg.seed >= 0, "seed", "must be >= 0"),
-        (cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1"),
-        (cfg.search.val_every >= 1 and cfg.train.val_every >= 1, "val_every", "must be >= 1"),
-        (cfg.search.iters_per_epoch is None or cfg.search.iters_per_epoch >= 1, "search.iters_per_epoch", "must be >= 1"),
-        (cfg.train.iters_per_epoch is None or cfg.train.iters_per_epoch >= 1, "train.iters_per_epoch", "must be >= 1"),
+        (cfg.augment.strength >= 0, "augment.strength", "must be >= 0 (0 = no augmentation)"),
+        (d.crop_size % 16 == 0, "data.crop_size", "must be a multiple of 16"),
+        (d.stride <= d.crop_size, "data.stride", "must be in (0, crop_size]"),
+        (d.stride * MIN_STRIDE_FRACTION >= d.crop_size, "data.stride",
+         f"must be >= data.crop_size / {MIN_STRIDE_FRACTION} ({d.crop_size} / {MIN_STRIDE_FRACTION}): windows per "
+         f"image grow as (crop_size / stride)^2"),
     ]
     for ok, key, msg in checks:
         if not ok:
-            raise ConfigError(f"{key} {msg}")
-    s = cfg.search
-    if s.genotype_after is not None and s.genotype_after < 0:
-        raise ConfigError(f"search.genotype_after must be >= 0 or null (= warmup_epochs), got {s.genotype_after}")
-    if not s.genotype_epochs():
-        raise ConfigError(
-            f"search.genotype_after: no validation can give the genotype: a {s.epochs}-epoch search validates "
-            f"in epochs {_span(s.validation_epochs())} (val_every={s.val_every}, val_timing={s.val_timing}), "
-            f"and only weights trained for more than {s.genotype_threshold} epochs count "
-            f"(genotype_after={s.genotype_after}, warmup_epochs={s.warmup_epochs}); lower search.genotype_after "
-            f"(the release's 60 needs at least 64 epochs) or add epochs")
+            raise ConfigError(f"{key} {msg}" + ("" if "/" in key else f", got {_value(cfg, key)}"))
+    _check_loss(cfg)
+    _validate_folds(cfg.data)
+    _check_genotype_window(cfg.search)
 
 
-def _span(epochs: list[int]) -> str:
-    return ", ".join(map(str, epochs)) if len(epochs) <= 6 else f"{epochs[0]}, {epochs[1]}, ..., {epochs[-1]}"
+def _check_loss(cfg: RunConfig) -> None:
+    # imported here: the registry pulls in torch, and reading a config must stay cheap
+    from nas_core.losses import LOSSES
+
+    if cfg.loss.name is not None and cfg.loss.name not in LOSSES:
+        raise ConfigError(f"loss.name: {cfg.loss.name!r} is not a registered loss; valid names: "
+                          f"{', '.join(sorted(LOSSES))} (or null: the protocol's)")
+
+
+def _last_validation(epochs: int, every: int, timing: str) -> int:
+    """``validation_epochs(...)[-1]`` without the list (epochs may be large): "end" always validates
+    the last epoch, "start" the last multiple of ``every``."""
+    return epochs - 1 if timing == "end" else (epochs - 1) // every * every
+
+
+def _check_genotype_window(s: SearchConfig) -> None:
+    # O(1): the latest validation has the most trained weights, so it alone decides whether any counts
+    if trained_epochs(_last_validation(s.epochs, s.val_every, s.val_timing), s.val_timing) > s.genotype_threshold:
+        return
+    raise ConfigError(
+        f"search.genotype_after: no validation can give the genotype: a {s.epochs}-epoch search validates "
+        f"in epochs {_span(s.epochs, s.val_every, s.val_timing)} (val_every={s.val_every}, "
+        f"val_timing={s.val_timing}), and only weights trained for more than {s.genotype_threshold} epochs count "
+        f"(genotype_after={s.genotype_after}, warmup_epochs={s.warmup_epochs}); lower search.genotype_after "
+        f"(the release's 60 needs at least 64 epochs) or add epochs")
+
+
+def _validate_folds(d: DataConfig) -> None:
+    if not 1 <= d.folds <= MAX_FOLDS:
+        raise ConfigError(f"data.folds must be between 1 (no folds) and {MAX_FOLDS}, got {d.folds}")
+    if not 0 <= d.fold < d.folds:
+        raise ConfigError(f"data.fold must be in 0..{d.folds - 1} (data.folds={d.folds}), got {d.fold}")
+    if d.folds > 1 and d.split_by != "patient":
+        raise ConfigError(f"data.folds={d.folds} deals whole patients into folds: set data.split_by to 'patient' "
+                          f"(got {d.split_by!r})")
+
+
+# folds are patient groups; more than this is a typo (MoNuSAC has 46 training patients)
+MAX_FOLDS = 50
+
+
+def _span(epochs: int, every: int, timing: str) -> str:
+    """The validation epochs, the first few and the last, built from at most 7 of them."""
+    # the first 7 * every epochs hold the first 7 validations, exactly as the whole run has them
+    head = validation_epochs(min(epochs, 7 * every), every, timing)
+    if len(head) <= 6:
+        return ", ".join(map(str, head))
+    return f"{head[0]}, {head[1]}, ..., {_last_validation(epochs, every, timing)}"

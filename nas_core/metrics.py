@@ -35,7 +35,7 @@ Definitions (where the paper is silent, the choice is ours and written here):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -178,6 +178,8 @@ class SegmentationMetrics:
         self.correct = 0
         self.counted = 0
         self.per_image: list[np.ndarray] = []  # one (num_classes,) per image, NaN = undefined
+        # one (3, num_classes) per image: intersection, predicted and true pixels (ignored ones dropped)
+        self.per_image_counts: list[np.ndarray] = []
         self.pq = [PQCounts() for _ in range(num_classes)]
 
     @property
@@ -200,6 +202,7 @@ class SegmentationMetrics:
         with np.errstate(invalid="ignore", divide="ignore"):
             image_dsc = np.where(ps + ts > 0, 2.0 * inter / (ps + ts), np.nan)
         self.per_image.append(image_dsc)
+        self.per_image_counts.append(np.stack([inter, ps, ts]).astype(np.int64))
 
         self.correct += int(((pred == truth).all(0) & keep).sum())
         self.counted += int(keep.sum())
@@ -222,6 +225,7 @@ class SegmentationMetrics:
         self.correct += other.correct
         self.counted += other.counted
         self.per_image.extend(other.per_image)
+        self.per_image_counts.extend(other.per_image_counts)
         for mine, theirs in zip(self.pq, other.pq):
             mine += theirs
         return self
@@ -256,6 +260,33 @@ class SegmentationMetrics:
         out["pixel_accuracy"] = self.correct / self.counted if self.counted else float("nan")
         out["n_images"] = self.n_images
         return out
+
+    def image_rows(self, ids: Sequence[str], patients: Optional[Sequence[Optional[str]]] = None) -> list[dict]:
+        """One JSON-ready row per image, in ``update`` order: ``{"id", "patient", "dsc_Average",
+        "dsc_<class>", "inter_<class>", "pred_<class>", "gt_<class>"}`` (classes in class-id order).
+
+        ``dsc_<class>`` is the image's DSC (None where undefined: the class absent from both prediction
+        and truth), ``dsc_Average`` the mean over its defined classes (None when none is); the pixel sums
+        let a reader recompute the global DSC of any subset of images (a fold, a patient, an organ)."""
+        if len(ids) != self.n_images or (patients is not None and len(patients) != self.n_images):
+            raise ValueError(f"metrics: {len(ids)} image ids (and {'no' if patients is None else len(patients)} "
+                             f"patients) for {self.n_images} scored images")
+        names = [CLASS_BY_ID.get(c, f"class{c}") for c in range(1, self.num_classes + 1)]
+        rows = []
+        for k, (dsc, counts) in enumerate(zip(self.per_image, self.per_image_counts)):
+            row: dict[str, Any] = {"id": str(ids[k]), "patient": None if patients is None else patients[k],
+                                   "dsc_Average": _or_none(_nanmean(dsc))}
+            row.update({f"dsc_{n}": _or_none(dsc[i]) for i, n in enumerate(names)})
+            for j, kind in enumerate(("inter", "pred", "gt")):
+                row.update({f"{kind}_{n}": int(counts[j, i]) for i, n in enumerate(names)})
+            rows.append(row)
+        return rows
+
+
+def _or_none(x: float) -> Optional[float]:
+    # JSON has no NaN: an undefined value is null
+    x = float(x)
+    return None if np.isnan(x) else x
 
 
 def _nanmean(x: np.ndarray) -> float:

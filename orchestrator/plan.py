@@ -5,7 +5,8 @@ identity (stage, method, seed, run names); a Ray trial calls ``config_from_dict`
 ``build_plan`` (``nas-scam ablate SPEC --plan``) says what an ablation will do before anything runs: it
 prepares (or opens) the dataset to count crops and iterations per epoch
 (``nas_core.engine.loop.epoch_lengths``), counts each model's FLOPs per step on the meta device and
-measures this machine's rate with a short conv benchmark, then estimates FLOPs and time per trial. It
+measures this machine's rate with a short conv benchmark, then estimates FLOPs and time per trial, and
+the memory each trial asks Ray for (``run_memory``; the runner requests it through ``trial_memory``). It
 starts no Ray and no MLflow run. ``to_text`` / ``to_markdown`` render it; the same dict goes to the
 MLflow parent run as plan.json / plan.md when the ablation really runs.
 
@@ -15,13 +16,16 @@ check it against the paper and the release.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from nas_core.classes import NUM_CLASSES
 from nas_core.config import RunConfig, config_from_dict, diff_from_protocol
 from orchestrator.settings import Settings
-from orchestrator.specs import METHODS, AblationSpec, HpoSpec, run_name, trial_config
+from orchestrator.specs import (METHODS, AblationSpec, HpoSpec, axis_label, parse_run_name, run_name,
+                               trial_config)
 
 # fields that name a trial rather than change the protocol
 IDENTITY = ("model.name", "model.search", "model.genotype", "seed", "data.cache_dir")
@@ -40,13 +44,20 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Run:
-    """One engine run (a search or a retrain): its identity and its RunConfig as a plain dict."""
+    """One engine run (a search or a retrain): its identity and its RunConfig as a plain dict.
+    ``genotype_draw``: for a random control's retrain, the seed of the genotype the trial draws
+    (``Genotype.random``) and saves as ``genotype.json`` in the run folder before training."""
 
     phase: str
     method: str
     seed: int
-    name: str  # run_name(phase, method, seed): the run folder and the MLflow run name
+    name: str  # run_name(phase, method, seed, ...): the run folder and the MLflow run name
     config: dict[str, Any]
+    draw: Optional[int] = None
+    fold: Optional[int] = None
+    variant: str = ""
+    axes: Optional[dict[str, Any]] = None  # the variant's axis values (dotted keys)
+    genotype_draw: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -59,41 +70,98 @@ class Trial:
     seed: int
     runs: tuple[Run, ...]
     carry: Optional[str] = None
+    draw: Optional[int] = None
+    fold: Optional[int] = None
+    variant: str = ""
 
     @property
     def name(self) -> str:
-        return run_name(self.stage, self.method, self.seed)
+        return run_name(self.stage, self.method, self.seed, draw=self.draw, fold=self.fold, variant=self.variant)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, as a Ray trial receives it."""
         return {**asdict(self), "runs": [asdict(r) for r in self.runs], "name": self.name}
 
 
+def draw_seed(seed: int, draw: int) -> int:
+    """The seed of a random control's genotype: one per (run seed, draw), the same in every fold and
+    variant (the fold changes the data, not the architecture drawn)."""
+    return seed * 1000 + draw
+
+
 def expand(spec: AblationSpec, runs_dir: Path, data_root: Optional[Path] = None) -> list[Trial]:
     """Every trial of the ablation in the runner's order, grouped by stage: ``full`` is one grid of search +
     retrain per seed; ``retrain`` (the default) a grid of searches on the first seed, then one of retrains
-    per seed, each NAS-SCAM retrain reading its method's search under ``runs_dir``."""
+    per seed, each NAS-SCAM retrain reading its method's search under ``runs_dir``.
+
+    The grid is methods x seeds (x random draws for the controls) x the axes' variants x the folds.
+    Searches are shared: a variant whose search run would have the same config as an earlier
+    variant's (axes of ``train.*`` keys, which a search never reads) uses that search."""
     seeds = spec.seed_list
+    folds = list(range(spec.folds)) if spec.folds > 1 else [None]
+    draws = list(range(spec.random_draws)) if spec.random_draws > 1 else [None]
+    variants = spec.variants
+    shared: dict[tuple, str] = {}  # (method, seed, fold, search config) -> the search run's name
 
-    def run(phase: str, method: str, seed: int, genotype: Optional[Path] = None) -> Run:
-        name = run_name(phase, method, seed)
-        return Run(phase, method, seed, name, trial_config(spec, method, seed, data_root=data_root, genotype=genotype))
+    def config(method: str, seed: int, fold: Optional[int], axes: dict, genotype: Optional[Path]) -> dict:
+        extra = {**axes, **({"data.fold": fold} if fold is not None else {})}
+        return trial_config(spec, method, seed, data_root=data_root, genotype=genotype, extra=extra or None)
 
-    def search_of(method: str, seed: int) -> Optional[str]:
-        if not METHODS[method].needs_search:
-            return None
-        return run_name("search", method, seed if spec.repeat == "full" else seeds[0])
+    def search_run(method: str, seed: int, fold: Optional[int], variant: str, axes: dict) -> tuple[Run, bool]:
+        """The search this (method, seed, fold, variant) uses, and whether it is its own (not shared)."""
+        cfg = config(method, seed, fold, axes, None)
+        key = (method, seed, fold, json.dumps({k: v for k, v in cfg.items() if k != "train"}, sort_keys=True))
+        own = key not in shared
+        if own:
+            # named by the axes a search reads (train.* never): the variants sharing it share its name
+            label = "+".join(axis_label(k, v) for k, v in axes.items() if not k.startswith("train."))
+            shared[key] = run_name("search", method, seed, fold=fold, variant=label)
+        name = shared[key]
+        label = parse_run_name(name).variant
+        search_axes = {k: v for k, v in axes.items() if not k.startswith("train.")}
+        return Run("search", method, seed, name, cfg, fold=fold, variant=label, axes=search_axes or None), own
 
-    def train(method: str, seed: int) -> Run:
-        search = search_of(method, seed)
-        return run("train", method, seed, runs_dir / search / "genotype.json" if search else None)
+    def train(method: str, seed: int, draw: Optional[int], fold: Optional[int], variant: str, axes: dict,
+              search: Optional[str]) -> Run:
+        name = run_name("train", method, seed, draw=draw, fold=fold, variant=variant)
+        m = METHODS[method]
+        genotype = (runs_dir / search / "genotype.json" if search else
+                    runs_dir / name / "genotype.json" if m.draws_genotype else None)
+        return Run("train", method, seed, name, config(method, seed, fold, axes, genotype), draw=draw, fold=fold,
+                   variant=variant, axes=axes or None,
+                   genotype_draw=draw_seed(seed, draw or 0) if m.draws_genotype else None)
 
+    def method_draws(method: str) -> list[Optional[int]]:
+        return draws if METHODS[method].draws_genotype else [None]
+
+    searches: list[Trial] = []
+    trains: list[Trial] = []
+    for variant, axes in variants:
+        for fold in folds:
+            for m in spec.methods:
+                for seed in seeds:
+                    search, own = None, False
+                    if METHODS[m].needs_search:
+                        s_run, own = search_run(m, seed if spec.repeat == "full" else seeds[0], fold, variant, axes)
+                        search = s_run.name
+                    for draw in method_draws(m):
+                        t_run = train(m, seed, draw, fold, variant, axes, search)
+                        if spec.repeat == "full":
+                            runs = ((s_run,) if own else ()) + (t_run,)
+                            trains.append(Trial("full", m, seed, runs, search, draw, fold, variant))
+                            continue
+                        if own and seed == seeds[0]:
+                            searches.append(Trial("search", m, seeds[0], (s_run,), search, None, fold,
+                                                  s_run.variant))
+                        trains.append(Trial("train", m, seed, (t_run,), search, draw, fold, variant))
+    # a shared search in repeat=full runs inside the first trial that needs it; the others wait for it
+    # in a later grid: move them to a second "train" stage
     if spec.repeat == "full":
-        return [Trial("full", m, s, ((run("search", m, s),) if search_of(m, s) else ()) + (train(m, s),),
-                      search_of(m, s)) for m in spec.methods for s in seeds]
-    searches = [Trial("search", m, seeds[0], (run("search", m, seeds[0]),), search_of(m, seeds[0]))
-                for m in spec.search_methods]
-    return searches + [Trial("train", m, s, (train(m, s),), search_of(m, s)) for m in spec.methods for s in seeds]
+        first = {t.carry: t.name for t in trains if t.carry and any(r.phase == "search" for r in t.runs)}
+        late = [t for t in trains if t.carry and first.get(t.carry) != t.name]
+        early = [t for t in trains if t not in late]
+        return early + [Trial("train", t.method, t.seed, t.runs, t.carry, t.draw, t.fold, t.variant) for t in late]
+    return searches + trains
 
 
 def stages(trials: list[Trial]) -> list[tuple[str, list[Trial]]]:
@@ -155,6 +223,104 @@ def _count(cfg: RunConfig, phase: str, kind: str) -> int:
     if k not in _FLOPS:
         _FLOPS[k] = step_flops(build, cfg.data.crop_size, kind)
     return _FLOPS[k]
+
+
+# ---------------------------------------------------------------- memory a trial asks Ray for
+# ``resources: memory`` of each Tune trial, so Ray's scheduler never starts more trials than a node holds.
+# estimate = MARGIN x (WORKER + STATE_COPIES x parameter bytes + ACTIVATIONS x batch x saved activation
+# bytes per crop + the prepared data a trial loads). Measured peak RSS of one phase in a process that
+# imports what a trial worker imports (2-core x86_64, torch 2.13 CPU), against this estimate:
+#   retrain unet, batch 4 of 32 px crops: 0.78 GiB (estimate 0.98); of 128 px: 1.00 GiB (1.24)
+#   search, nas-scam-p synchronous supernet, 32 px: 0.94 GiB (1.23); 128 px: 1.72 GiB (2.16)
+MiB = 2 ** 20
+# a trial worker before its model: Python, torch, Ray, MLflow and nas_core imported (510 MiB measured)
+# and the runtime's own buffers through the first steps and evaluation (about 250 MiB more)
+WORKER_BYTES = 768 * MiB
+STATE_COPIES = 4  # float32 weights, gradients and Adam's two moments
+# the tensors autograd saves for backward are most of a step's peak; the backward pass holds the
+# gradients of the largest of them beside them
+ACTIVATIONS = 1.25
+MEMORY_MARGIN = 1.2  # allocator slack, checkpoint writes, evaluation tiles
+# (parameters, saved activation bytes of one crop) per (model key, crop size, step kind), like _FLOPS
+_SAVED: dict[tuple, tuple[int, int]] = {}
+
+
+def _saved_activations(cfg: RunConfig, phase: str, kind: str) -> tuple[int, int]:
+    """(parameter count, bytes autograd saves for backward) of one ``kind`` step ("w": weights learn,
+    "alpha": alpha learn) on one ``(1, 3, crop, crop)`` crop, float32. Shapes only: the model runs
+    its forward on the meta device (no memory, no arithmetic); the parameters' own storage, which
+    autograd saves too, is not counted twice."""
+    import torch
+
+    key, build = _model_builder(cfg, phase)
+    k = (key, cfg.data.crop_size, kind)
+    if k not in _SAVED:
+        with torch.device("meta"):
+            model = build()
+        params = list(model.parameters())
+        own = {p.untyped_storage()._cdata for p in params}
+        arch = {id(p) for p in model.arch_parameters()} if hasattr(model, "arch_parameters") else set()
+        for p in params:
+            p.requires_grad_((id(p) in arch) == (kind == "alpha"))
+        saved: dict[int, int] = {}  # one entry per storage: a tensor saved by two ops is held once
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage._cdata not in own:
+                saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
+            return t
+
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.zeros(1, 3, cfg.data.crop_size, cfg.data.crop_size, device="meta"))
+        _SAVED[k] = (sum(p.numel() for p in params), sum(saved.values()))
+    return _SAVED[k]
+
+
+def data_bytes(data) -> int:
+    """Bytes of a prepared dataset a trial reads into memory (its images, labels and ignore masks:
+    ``CropDataset`` preloads them); ``data``: a ``PreparedData``."""
+    return sum(f.stat().st_size for kind in ("images", "labels", "ignore") for f in (data.root / kind).glob("*.npy"))
+
+
+def run_memory(cfg: RunConfig, phase: str, data_size: int = 0) -> int:
+    """Bytes of memory one run (a search or a retrain) of ``cfg`` needs at its peak, for a trial to ask
+    Ray for (``WORKER_BYTES`` and the factors above say how). The batch is its upper bound, per_class
+    crops of every class; ``data_size``: ``data_bytes`` of its prepared data. Deterministic: shapes
+    and constants only, nothing measured now."""
+    per_class = cfg.search.per_class if phase == "search" else cfg.train.per_class
+    kinds = ("w", "alpha") if phase == "search" else ("w",)
+    params = _saved_activations(cfg, phase, kinds[0])[0]
+    saved = max(_saved_activations(cfg, phase, kind)[1] for kind in kinds)
+    need = WORKER_BYTES + STATE_COPIES * 4 * params + ACTIVATIONS * per_class * NUM_CLASSES * saved + data_size
+    return int(MEMORY_MARGIN * need)
+
+
+def trial_memory(trials: list[Trial], data_root: Optional[Path] = None) -> dict[str, int]:
+    """Trial name -> the memory it asks Ray for: the most any of its runs needs (``config_memory``)."""
+    sizes: dict = {}
+    return {t.name: max(config_memory(r.config, r.phase, data_root, sizes) for r in t.runs) for t in trials}
+
+
+def config_memory(config: dict[str, Any], phase: str, data_root: Optional[Path] = None,
+                  sizes: Optional[dict] = None) -> int:
+    """``run_memory`` of a RunConfig dict with its prepared data counted: the dataset is prepared (or
+    opened) now, as the runner would next. ``sizes``: data config -> bytes, kept between calls."""
+    from nas_core.data import ensure_dataset
+
+    cfg = config_from_dict(config)
+    sizes = {} if sizes is None else sizes
+    if cfg.data not in sizes:
+        sizes[cfg.data] = data_bytes(ensure_dataset(cfg.data, data_root, cfg.data.seed))
+    return run_memory(cfg, phase, sizes[cfg.data])
+
+
+def fmt_bytes(n: float) -> str:
+    """``1.2 GiB``, ``768 MiB``: memory figures as the plan and the runner's messages print them."""
+    for unit, scale in (("TiB", 2 ** 40), ("GiB", 2 ** 30)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / MiB:.0f} MiB"
 
 
 def _trial(cfg: RunConfig, phase: str, method: str, seed: int, lengths: dict, data, rate: float) -> dict:
@@ -252,7 +418,8 @@ def build_plan(spec: AblationSpec, settings: Settings, rate: Optional[dict] = No
             datasets[cfg.data] = (len(datasets), data)
         index, data = datasets[cfg.data]
         row = _trial(cfg, r.phase, r.method, r.seed, epoch_lengths(cfg, data), data, rate["flops_per_s"])
-        rows.append({**row, "data": index})
+        rows.append({**row, "run": r.name, "draw": r.draw, "fold": r.fold, "variant": r.variant, "data": index})
+        rows[-1]["memory"] = run_memory(cfg, r.phase, data_bytes(data))
     data_info = []
     for dcfg, (index, data) in datasets.items():
         source = dcfg.source or f"synthetic: {dcfg.synthetic_images} images of {dcfg.synthetic_size} px"
@@ -264,10 +431,11 @@ def build_plan(spec: AblationSpec, settings: Settings, rate: Optional[dict] = No
     return {
         "kind": "ablation", "name": spec.name, "protocol": spec.protocol, "preset": spec.preset,
         "repeat": spec.repeat, "std": spec.std, "seeds": spec.seed_list, "methods": spec.methods,
+        "grid": _grid_info(spec, trials),
         "protocol_lines": _protocol_lines(first, spec),
         "common_overrides": common, "data": data_info, "rate": rate, "trials": rows,
         "totals": {"trials": len(rows), "flops": int(sum(t["flops"] for t in rows)),
-                   "time_s": sum(t["time_s"] for t in rows)},
+                   "time_s": sum(t["time_s"] for t in rows), "memory": max(t["memory"] for t in rows)},
         "notes": [
             "FLOPs: convolutions and matrix products per step (torch FlopCounterMode on the meta device), "
             "times the batch; element-wise work is not counted. Evaluation = validation and test windows "
@@ -279,8 +447,23 @@ def build_plan(spec: AblationSpec, settings: Settings, rate: Optional[dict] = No
             "Crops per epoch: train = the crops in the class buckets, alpha = the validation images' crops.",
             "(max): a NAS-SCAM retrain is planned before its search, so its genotype is unknown; it is costed "
             "with the costliest op on every edge (an upper bound).",
+            f"Memory: what each trial asks Ray for (resources: memory), so no node runs more trials than it "
+            f"holds; a trial that needs more than any node offers is refused before it starts. "
+            f"{MEMORY_MARGIN:g} x ({fmt_bytes(WORKER_BYTES)} for a trial worker + {STATE_COPIES} float32 copies of "
+            f"the parameters + {ACTIVATIONS:g} x the batch (per_class x {NUM_CLASSES} classes) x the "
+            f"activations autograd saves per crop, counted on the meta device + the prepared data), checked "
+            f"against measured peaks (orchestrator/plan.py).",
         ],
     }
+
+
+def _grid_info(spec: AblationSpec, trials: list[Trial]) -> dict[str, Any]:
+    """The grid's dimensions and how many searches the variants share."""
+    searches = {r.name for t in trials for r in t.runs if r.phase == "search"}
+    wanted = sum(1 for t in trials for r in t.runs if r.phase == "train" and t.carry)
+    return {"methods": len(spec.methods), "seeds": len(spec.seed_list), "random_draws": spec.random_draws,
+            "axes": {k: list(v) for k, v in spec.axes.items()}, "variants": [v for v, _ in spec.variants if v],
+            "folds": spec.folds, "searches": len(searches), "retrains_reading_a_search": wanted}
 
 
 def _common_overrides(trials: list[dict]) -> dict[str, list]:
@@ -311,14 +494,15 @@ def _duration(seconds: float) -> str:
 
 def _rows(plan: dict) -> list[list[str]]:
     common = plan["common_overrides"]
-    rows = [["phase", "method", "seed", "epochs", "it/epoch", "batch", "steps w/alpha", "val", "FLOPs",
-             "est. time", "other overrides"]]
+    rows = [["phase", "run", "epochs", "it/epoch", "batch", "steps w/alpha", "val", "FLOPs",
+             "est. time", "memory", "other overrides"]]
     for t in plan["trials"]:
         it = "/".join(f"{k} {v}" for k, v in t["iterations_per_epoch"].items())
         extra = {k: v for k, v in t["overrides"].items() if k not in common}
-        rows.append([t["phase"], t["method"], str(t["seed"]), str(t["epochs"]), it, str(t["batch"]),
+        rows.append([t["phase"], t.get("run") or t["method"], str(t["epochs"]), it, str(t["batch"]),
                      f"{t['steps']['w']}/{t['steps']['alpha']}", str(t["validations"]),
                      _num(t["flops"]) + ("(max)" if t["flops_note"] else ""), _duration(t["time_s"]),
+                     fmt_bytes(t["memory"]) if "memory" in t else "-",
                      ", ".join(f"{k}={v[1]}" for k, v in extra.items()) or "-"])
     return rows
 
@@ -326,6 +510,17 @@ def _rows(plan: dict) -> list[list[str]]:
 def _sections(plan: dict) -> tuple[list[str], list[str], list[str], list[str]]:
     head = [f"Plan of ablation {plan['name']!r}: protocol {plan['protocol']}, preset {plan['preset'] or '-'}, "
             f"{len(plan['methods'])} methods x seeds {plan['seeds']} (nothing has run yet)"]
+    g = plan.get("grid")
+    if g and (g["axes"] or g["folds"] > 1 or g["random_draws"] > 1):
+        dims = [f"{g['methods']} methods", f"{g['seeds']} seeds"]
+        if g["random_draws"] > 1:
+            dims.append(f"{g['random_draws']} random draws per seed (random-* controls)")
+        for key, values in g["axes"].items():
+            dims.append(f"{key} in {values}")
+        if g["folds"] > 1:
+            dims.append(f"{g['folds']} patient folds")
+        head.append("grid: " + " x ".join(dims) + f"; {g['searches']} searches (shared where a variant's search "
+                    f"config is the same), {g['retrains_reading_a_search']} retrains read one")
     protocol = [f"{p['item']:<13} {p['value']}  [method.md {p['method_md']}]" for p in plan["protocol_lines"]]
     overrides = [f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in plan["common_overrides"].items()] or \
         [f"none: every trial runs the {plan['protocol']} table"]
@@ -345,6 +540,10 @@ def _sections(plan: dict) -> tuple[list[str], list[str], list[str], list[str]]:
     return head, protocol, overrides, data
 
 
+def _peak(totals: dict) -> str:
+    return f"; the largest trial asks Ray for {fmt_bytes(totals['memory'])} of memory" if "memory" in totals else ""
+
+
 def to_text(plan: dict) -> str:
     head, protocol, overrides, data = _sections(plan)
     rows = _rows(plan)
@@ -358,7 +557,7 @@ def to_text(plan: dict) -> str:
              f"{r['steps']} steps in {r['seconds']} s)", "",
              f"trials ({tot['trials']}):", *("  " + x for x in table), "",
              f"total: {tot['trials']} trials, {_num(tot['flops'])}FLOPs, about {_duration(tot['time_s'])} "
-             f"one after the other at the measured rate", "", *(f"note: {n}" for n in plan["notes"])]
+             f"one after the other at the measured rate{_peak(tot)}", "", *(f"note: {n}" for n in plan["notes"])]
     return "\n".join(lines) + "\n"
 
 
@@ -373,6 +572,7 @@ def to_markdown(plan: dict) -> str:
              f"{r['seconds']} s).", "", "## Trials", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]),
              *("| " + " | ".join(row) + " |" for row in rows[1:]), "",
-             f"Total: {tot['trials']} trials, {_num(tot['flops'])}FLOPs, about {_duration(tot['time_s'])}.", "",
+             f"Total: {tot['trials']} trials, {_num(tot['flops'])}FLOPs, about {_duration(tot['time_s'])}"
+             f"{_peak(tot)}.", "",
              *(f"- {n}" for n in plan["notes"])]
     return "\n".join(lines) + "\n"

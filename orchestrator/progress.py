@@ -98,7 +98,7 @@ class Progress:
     def trial_failed(self, name: str, reason: str, log_hint: str = "") -> str:
         self.failed.append(name)
         first = next((ln.strip() for ln in str(reason).splitlines() if ln.strip()), "unknown error")
-        return self._emit(f"FAILED    {name}: {first[:300]}{log_hint} | {self.overall()}")
+        return self._emit(f"FAILED    {name}: {first[:400]}{log_hint} | {self.overall()}")
 
     def already_done(self, name: str) -> None:
         """A trial that finished in an earlier session (``--resume``): counted, but not timed."""
@@ -108,7 +108,7 @@ class Progress:
     def trial_retried(self, name: str, reason: str) -> str:
         """Tune restarts a failed trial from its last checkpoint (``max_failures``): not an end."""
         first = next((ln.strip() for ln in str(reason).splitlines() if ln.strip()), "unknown error")
-        return self._emit(f"retrying  {name} from its last checkpoint after: {first[:300]}")
+        return self._emit(f"retrying  {name} from its last checkpoint after: {first[:400]}")
 
     # ------------------------------------------------------------------ overall
     def eta(self) -> Optional[float]:
@@ -177,17 +177,90 @@ def tune_callback(progress: Progress, log_dir: Optional[Path] = None):
 
 
 def _reason(trial) -> str:
+    """The cause of a trial's latest failure, in one line (``failure_reason``).
+
+    Tune writes the failure to the trial's local folder (``error.txt``, one section per failure) before
+    it calls back; ``get_error`` reads the copy in the run's storage, which is not there yet then."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        return failure_reason(Path(path).read_text(encoding="utf-8", errors="replace"))
     err = trial.get_error() if hasattr(trial, "get_error") else None
-    return _error_reason(err) if err is not None else (getattr(trial, "error_msg", None) or "error")
+    return failure_reason(err) if err else (getattr(trial, "error_msg", None) or "error")
 
 
-def _error_reason(err: BaseException) -> str:
-    # Tune wraps the trial's exception (RayTaskError(...)); its last line names the user's error
-    lines = [ln for ln in str(err).splitlines() if ln.strip()]
-    cause = getattr(err, "cause", None) or err.__cause__
-    if cause is not None:
-        return f"{type(cause).__name__}: {cause}"
-    return lines[-1] if lines else type(err).__name__
+_FAILURE_HEADER = re.compile(r"^Failure # \d+ \(occurred at [^)]*\)\n", re.M)
+# Ray's memory monitor (2.60: "1 worker(s) were killed due to the node running low on memory. Memory on
+# the node (IP: ..., ID: ...) was 1.43GB used / 23.59GB limit (0.06)"; before: "Task was killed due to
+# the node running low on memory. Memory on the node (IP: ...) where the task (..., pid=N, memory
+# used=0.4GB) was running was 7.26GB / 7.68GB (0.945), which exceeds the memory usage threshold of 0.95")
+_OOM = re.compile(r"running low on memory")
+_OOM_NODE = re.compile(r"Memory on the node \(IP: ([^,)]+).*?was ([\d.]+\s*[KMGT]?B)(?: used)? / ([\d.]+\s*[KMGT]?B)",
+                       re.S)
+_OOM_THRESHOLD = re.compile(r"threshold of \d+B \((\d+(?:\.\d+)?%) of|memory usage threshold of (\d+(?:\.\d+)?)")
+_OOM_KILLED = re.compile(r"pid=(\d+), (?:actual )?memory used=([\d.]+\s*[KMGT]?B)")
+_OOM_TOP = re.compile(r"^\s*(\d+)\s+([\d.]+)\s+(\S.*)$", re.M)
+# a worker process that ended under its trial: SIGKILL (the kernel's OOM killer, `kill -9`), SIGSEGV
+_DIED = re.compile(r"worker process has died|The worker died unexpectedly|Worker unexpectedly exits")
+_NODE_DIED = re.compile(r"node has died|NodeDiedError|node .{0,40}(?:was terminated|is dead|died)", re.I)
+
+
+def failure_reason(error: Any) -> str:
+    """One line that says why a trial failed, from its exception or the text Tune saved of it.
+
+    Killed by Ray's memory monitor: the node's figures, the trial's worker and the largest processes,
+    as Ray's OutOfMemoryError lists them. A worker that died (ActorDiedError, WorkerCrashedError: a
+    SIGKILL, a segfault): its pid and what can do that. A lost node: so. Else the user's exception
+    (a RayTaskError's cause, or the last line of the saved traceback). Of a text that holds several
+    failures (Tune's error.txt: one "Failure # k" section each), the last."""
+    text = _FAILURE_HEADER.split(strip_ansi(error if isinstance(error, str) else str(error)))[-1]
+    if _OOM.search(text):
+        return _memory_reason(text)
+    if _DIED.search(text) and not _NODE_DIED.search(text):
+        pid = re.search(r"\bpid[:=] ?(\d+)|Worker PID: (\d+)", text)
+        exit_type = re.search(r"Worker exit type: (\w+)", text)
+        where = ", ".join(x for x in ((f"pid {pid.group(1) or pid.group(2)}" if pid else ""),
+                                      (f"exit {exit_type.group(1)}" if exit_type else "")) if x)
+        return (f"the trial's worker process died{f' ({where})' if where else ''}: killed (SIGKILL, the kernel's "
+                f"OOM killer) or crashed (SIGSEGV); the worker log may say more")
+    if _NODE_DIED.search(text):
+        first = next((ln.strip() for ln in text.splitlines() if _NODE_DIED.search(ln)), "")
+        return f"the node running the trial was lost ({first[:200]})"
+    if not isinstance(error, str):
+        cause = getattr(error, "cause", None) or error.__cause__
+        if cause is not None:
+            return f"{type(cause).__name__}: {_first_line(str(cause))}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(error).__name__ if not isinstance(error, str) else "error"
+    return lines[-1]
+
+
+def _first_line(text: str) -> str:
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+
+
+def _memory_reason(text: str) -> str:
+    parts = ["killed for memory by Ray's memory monitor"]
+    node, threshold = _OOM_NODE.search(text), _OOM_THRESHOLD.search(text)
+    if node:
+        limit = f" (threshold {threshold.group(1) or threshold.group(2)})" if threshold else ""
+        parts[0] += f": node {node.group(1)} at {node.group(2)} of {node.group(3)}{limit}"
+    killed = _OOM_KILLED.search(text)
+    if killed:
+        parts.append(f"the trial's worker (pid {killed.group(1)}) held {killed.group(2)}")
+    top = text.split("memory users:", 1)[1] if "memory users:" in text else ""
+    users = [f"pid {pid} {gb}GB ({_command(cmd)})" for pid, gb, cmd in _OOM_TOP.findall(top)[:3]]
+    if users:
+        parts.append("largest: " + ", ".join(users))
+    return "; ".join(parts)
+
+
+def _command(cmd: str) -> str:
+    # "/venv/bin/python /venv/bin/nas-scam ablate ..." -> "python nas-scam ablate ...", at most 40 characters
+    words = cmd.split()[:4]
+    words[:2] = [w.rsplit("/", 1)[-1] for w in words[:2]]  # the interpreter and the script, without folders
+    text = " ".join(words).rstrip(".")
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class _LazyFileHandler(logging.FileHandler):

@@ -2,10 +2,13 @@
 
 What a reader needs to judge a Table 2: the test DSC per class beside the paper's, the test PQ per
 class, both as mean and spread over seeds; each retrain's validation curve (what more epochs would
-buy); each searched genotype; and, with ``--overlay IMAGE``, the best method's prediction on chosen
-images. Like ``table --eval-data`` it reads the folder the runner writes (``train__METHOD__seedN/``
-with ``result.json`` and ``best.pt``, ``search__METHOD__seedN/genotype.json``, ``ablation.json``): no
-MLflow or Ray is needed, so a copied run folder reports as well as the original.
+buy); each searched genotype; every NAS variant against its random control and against U-Net, paired
+by test image (``orchestrator.stats``: mean difference in per-image DSC with a bootstrap interval, a
+different number from Table 2's global DSC); the global DSC by fold, patient and organ where the runs
+carry them; and, with ``--overlay IMAGE``, the best method's prediction on chosen images. Like
+``table --eval-data`` it reads the folder the runner writes (``train__METHOD__seedN.../`` with
+``result.json`` and ``best.pt``, ``search__METHOD__seedN/genotype.json``, ``ablation.json``): no MLflow
+or Ray is needed, so a copied run folder reports as well as the original.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from orchestrator import tables
+from orchestrator import stats, tables
 from orchestrator.curves import retrain_did_not_learn
-from orchestrator.rescore import RescoreError, finished_retrains
+from orchestrator.rescore import RescoreError, Retrain, finished_retrains
 
 FIGURE_FORMATS = ("svg", "png")
 
@@ -30,24 +33,24 @@ class Report:
     runs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _runs(run_root: Path) -> list[dict[str, Any]]:
+def _runs(found: Sequence[Retrain]) -> list[dict[str, Any]]:
     """One dict per finished retrain: method, seed, folder, test scores (fractions), validation history."""
-    found, _ = finished_retrains(run_root)
     runs = []
     for run in found:
         folder, result = run.checkpoint.parent, run.result
         test = result.get("test") or {}
         if not all(c in (test.get("dsc") or {}) for c in tables.CLASSES):
             raise RescoreError(f"{folder / 'result.json'}: no test DSC per class (an unfinished retrain?)")
-        runs.append({"method": run.method, "seed": run.seed, "folder": folder, "dsc": test["dsc"],
+        runs.append({"method": run.method, "seed": run.seed, "draw": run.run.draw, "fold": run.run.fold,
+                     "variant": run.run.variant, "folder": folder, "dsc": test["dsc"],
                      "pq": test.get("pq") or {}, "best_epoch": result.get("best_epoch"),
                      "history": result.get("history") or []})
     return runs
 
 
 def _records(runs: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    return [{"method": r["method"], "seed": r["seed"], **{c: r[key].get(c, math.nan) for c in tables.CLASSES}}
-            for r in runs]
+    return [{"method": r["method"], "seed": r["seed"], "draw": r.get("draw"), "fold": r.get("fold"),
+             "variant": r.get("variant", ""), **{c: r[key].get(c, math.nan) for c in tables.CLASSES}} for r in runs]
 
 
 def pq_markdown(summary, std: str) -> str:
@@ -101,6 +104,38 @@ def curves_figure(runs: Sequence[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def paired_section(found: Sequence[Retrain], out_dir: Path, paths: dict[str, Path]) -> list[str]:
+    """Markdown lines: every NAS variant against its random control and U-Net (paired, per-image DSC),
+    and the global DSC by fold, patient and organ where the runs carry them. Writes paired.json and
+    dsc_by_<fold|patient|organ>.csv into ``out_dir`` (listed in ``paths``)."""
+    frame, missing = stats.image_frame(found)
+    md = ["## Paired comparisons (per-image DSC)", ""]
+    if frame.empty:
+        return md + ["No retrain kept per-image test rows (result.json test.images): no paired figures or "
+                     "breakdowns. Retrains made before the engine kept them need retraining.", ""]
+    comparisons, failed = [], []
+    for a, b in stats.report_pairs(frame["method"].unique()):
+        for variant in sorted(set(stats.variants_of(frame, a)) & set(stats.variants_of(frame, b))):
+            try:
+                comparisons.append(stats.compare(frame, a, b, variant))
+            except stats.StatsError as exc:
+                failed.append(f"{a} - {b} ({variant or 'no variant'}): {exc}")
+    md += [stats.comparisons_markdown(comparisons)]
+    md += [f"- not compared: {f}" for f in failed]
+    if missing:
+        md += [f"- left out (no per-image test rows): {', '.join(missing)}"]
+    if failed or missing:
+        md.append("")
+    if comparisons:
+        paths["paired"] = out_dir / "paired.json"
+        paths["paired"].write_text(json.dumps([c.to_dict() for c in comparisons], indent=1))
+    for by in stats.breakdowns_available(frame):
+        paths[f"by_{by}"] = out_dir / f"dsc_by_{by}.csv"
+        stats.breakdown(frame, by).to_csv(paths[f"by_{by}"], index=False, float_format="%.4f")
+        md += [f"## DSC by {by} (global DSC)", "", stats.breakdown_markdown(frame, by)]
+    return md
+
+
 def write_report(run_root: str | Path, out_dir: str | Path, overlays: Sequence[str | Path] = (),
                  fmt: str = "svg", device: str = "cpu", name: Optional[str] = None, bgr: bool = False) -> Report:
     """report.md and its figures under ``out_dir`` for the ablation in ``run_root``; ``bgr``: the overlay
@@ -113,7 +148,8 @@ def write_report(run_root: str | Path, out_dir: str | Path, overlays: Sequence[s
     missing = [str(p) for p in overlays if not Path(p).is_file()]
     if missing:
         raise RescoreError(f"--overlay: no such image file: {', '.join(missing)}")
-    runs = _runs(run_root)
+    found, _ = finished_retrains(run_root)
+    runs = _runs(found)
     state = run_root / "ablation.json"
     spec = json.loads(state.read_text()).get("spec", {}) if state.is_file() else {}
     std, repeat = spec.get("std", "population"), spec.get("repeat")
@@ -155,6 +191,7 @@ def write_report(run_root: str | Path, out_dir: str | Path, overlays: Sequence[s
         md += ["## Searched genotypes", ""]
         for method, g in genotypes:
             md += [f"- {method}: `{g}`", "", f"![{method}]({paths[f'genotype:{method}'].name})", ""]
+    md += paired_section(found, out_dir, paths)
     if predicted:
         md += [f"## Predictions of the best method ({best_method}, seed {best_run['seed']}, test Average DSC "
                f"{100 * best_run['dsc']['Average']:.1f}%)", ""]

@@ -2,23 +2,22 @@
 of an ablation (``nas-scam table NAME --eval-data FOLDER``), with Table 2 for that folder.
 
 An ablation's checkpoints are found by the run-folder layout the runner writes
-(``settings.runs_root/NAME/train__METHOD__seedN/best.pt``, method and seed read back from the folder
-name, ``ablation.json`` naming the spec's std and repeat); a train folder without ``result.json`` did
-not finish and is listed as skipped. No MLflow or Ray is needed: the folder is the record.
+(``settings.runs_root/NAME/train__METHOD__seedN[__drawD][__foldK][__VARIANT]/best.pt``, the run's
+identity read back from the folder name, ``ablation.json`` naming the spec's std and repeat); a train
+folder without ``result.json`` did not finish and is listed as skipped. No MLflow or Ray is needed: the
+folder is the record.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator import tables
 from orchestrator.curves import retrain_did_not_learn
-
-_TRAIN_DIR = re.compile(r"^train__(?P<method>[^_].*?)__seed(?P<seed>\d+)$")
+from orchestrator.specs import RunId, parse_run_name
 
 
 class RescoreError(ValueError):
@@ -56,20 +55,23 @@ def evaluate_all(checkpoint: str | Path, folder: str | Path, out: Optional[str |
     return result, paths
 
 
-def find_checkpoints(run_root: Path) -> tuple[list[tuple[str, int, Path]], list[str]]:
-    """(method, seed, best.pt) of every finished train folder under ``run_root``, and the skipped ones."""
+def find_checkpoints(run_root: Path) -> tuple[list[tuple[RunId, Path]], list[str]]:
+    """(run identity, best.pt) of every finished train folder under ``run_root``, and the skipped ones.
+
+    The identity is the folder name read back (``specs.parse_run_name``: method, seed and, in grids that
+    have them, draw, fold and variant)."""
     run_root = Path(run_root)
     if not run_root.is_dir():
         raise RescoreError(f"{run_root}: no such run folder (an ablation's runs live in settings.runs_root/NAME)")
     found, skipped = [], []
     for d in sorted(p for p in run_root.iterdir() if p.is_dir()):
-        m = _TRAIN_DIR.match(d.name)
-        if not m:
+        run = parse_run_name(d.name)
+        if run is None or run.phase != "train":
             continue
         if not (d / "best.pt").is_file() or not (d / "result.json").is_file():
             skipped.append(f"{d.name} (unfinished: no best.pt/result.json)")
             continue
-        found.append((m["method"], int(m["seed"]), d / "best.pt"))
+        found.append((run, d / "best.pt"))
     if not found:
         raise RescoreError(f"{run_root}: no finished train run (train__METHOD__seedN/best.pt with result.json)")
     return found, skipped
@@ -77,12 +79,23 @@ def find_checkpoints(run_root: Path) -> tuple[list[tuple[str, int, Path]], list[
 
 @dataclass(frozen=True)
 class Retrain:
-    """A finished retrain of an ablation: its folder name's method and seed, best.pt, result.json."""
+    """A finished retrain of an ablation: its identity (from the folder name), best.pt, result.json."""
 
-    method: str
-    seed: int
+    run: RunId
     checkpoint: Path
     result: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        return self.run.method
+
+    @property
+    def seed(self) -> int:
+        return self.run.seed
+
+    @property
+    def folder(self) -> Path:
+        return self.checkpoint.parent
 
 
 def finished_retrains(run_root: Path) -> tuple[list[Retrain], list[str]]:
@@ -91,7 +104,7 @@ def finished_retrains(run_root: Path) -> tuple[list[Retrain], list[str]]:
     A ``result.json`` that is not a JSON object fails with its path (report and table read it alike)."""
     found, skipped = find_checkpoints(run_root)
     runs = []
-    for method, seed, ckpt in found:
+    for run, ckpt in found:
         path = ckpt.parent / "result.json"
         try:
             result = json.loads(path.read_text())
@@ -99,7 +112,7 @@ def finished_retrains(run_root: Path) -> tuple[list[Retrain], list[str]]:
             raise RescoreError(f"{path}: unreadable ({exc})") from None
         if not isinstance(result, dict):
             raise RescoreError(f"{path}: not a JSON object")
-        runs.append(Retrain(method, seed, ckpt, result))
+        runs.append(Retrain(run, ckpt, result))
     return runs, skipped
 
 
@@ -123,7 +136,8 @@ def rescore_ablation(run_root: str | Path, folder: str | Path, out_dir: Optional
     for run in found:
         result = score_checkpoint(run.checkpoint, folder, device=device)
         write_scores(result, out_dir / run.checkpoint.parent.name)
-        records.append({"method": run.method, "seed": run.seed,
+        records.append({"method": run.method, "seed": run.seed, "draw": run.run.draw, "fold": run.run.fold,
+                        "variant": run.run.variant,
                         **{c: result["global"]["dsc"][c] for c in tables.CLASSES},
                         "no_learning": retrain_did_not_learn(run.result.get("history") or [])})
     table = tables.with_flags(tables.compare(tables.summarize(records, std)), records)

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
@@ -54,12 +54,14 @@ def preflight(spec, settings: Settings) -> None:
         raise RunnerError(f"genotype file {genotype} does not exist (genotype:)")
 
 
-def start_ray(settings: Settings, cpu: float, gpu: float, log_to_driver: bool = True) -> bool:
+def start_ray(settings: Settings, cpu: float, gpu: float, log_to_driver: bool = True,
+              memory: Optional[Mapping[str, int]] = None) -> bool:
     """Attach to the configured cluster or start a local one on loopback; True if we started it.
 
     ``log_to_driver=False`` (quiet mode): workers' output is not forwarded to this terminal; trials
     write theirs to the run's logs/ folder, and what a worker prints outside a trial (an interpreter's
-    "Exception ignored" at exit, say) stays in Ray's own worker logs."""
+    "Exception ignored" at exit, say) stays in Ray's own worker logs. ``memory``: trial name -> the
+    bytes it will ask for (``plan.trial_memory``); refused when one fits on no node."""
     address = ray_env.resolve_address(settings.ray_address)
     ray_env.prepare(local=address is None)
     import ray
@@ -72,23 +74,52 @@ def start_ray(settings: Settings, cpu: float, gpu: float, log_to_driver: bool = 
             ray_env.init_local(settings.ray_num_cpus or os.cpu_count() or 1, log_to_driver=log_to_driver)
             started = True
     total = ray.cluster_resources()
+    problem = None
     if cpu > total.get("CPU", 0) or gpu > total.get("GPU", 0):
+        problem = (f"resources per trial cpu={cpu}, gpu={gpu} exceed the cluster's "
+                   f"CPU={total.get('CPU', 0)}, GPU={total.get('GPU', 0)} (resources:)")
+    elif memory:
+        problem = memory_problem(memory, [n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")])
+    if problem:
         if started:
             ray.shutdown()
-        raise RunnerError(f"resources per trial cpu={cpu}, gpu={gpu} exceed the cluster's "
-                          f"CPU={total.get('CPU', 0)}, GPU={total.get('GPU', 0)} (resources:)")
+        raise RunnerError(problem)
     return started
 
 
-def _prepare_data(spec, settings: Settings, seeds: list[int]) -> None:
-    # generate/prepare the dataset once in the driver: parallel trials must not race to create it
+def memory_problem(memory: Mapping[str, int], nodes: list[float]) -> Optional[str]:
+    """Why trials that ask for ``memory`` (trial name -> bytes) cannot run on nodes offering ``nodes``
+    bytes of Ray's ``memory`` resource each, or None when every trial fits on some node (a trial runs
+    on one node: the cluster's sum does not count)."""
+    from orchestrator.plan import fmt_bytes
+
+    largest = max(nodes, default=0)
+    too_big = {name: need for name, need in memory.items() if need > largest}
+    if not too_big:
+        return None
+    name = max(too_big, key=too_big.get)
+    more = f" (and {len(too_big) - 1} more trials)" if len(too_big) > 1 else ""
+    return (f"trial {name}{more} needs about {fmt_bytes(too_big[name])} of memory, more than any node of the "
+            f"cluster offers (the largest: {fmt_bytes(largest)} of Ray's memory resource; the plan's estimate, "
+            f"--plan shows it); use smaller crops (data.crop_size) or batches (search.per_class, "
+            f"train.per_class), or a node with more memory")
+
+
+def _prepare_data(spec, settings: Settings, seeds: list[int], trials=None) -> None:
+    """Generate/prepare every dataset the trials read, once, in the driver: parallel trials must not race
+    to create them. ``trials``: an ablation's ``plan.expand`` (every fold and axes variant has its own
+    data config); without it, the spec's first method at each seed."""
+    from nas_core.config import config_from_dict
     from nas_core.data import ensure_dataset
 
     # the engine seeds data and split with data.seed (not the run seed): one dataset serves every seed
-    method = spec.methods[0] if isinstance(spec, AblationSpec) else spec.method
+    if trials is not None:
+        configs = [config_from_dict(r.config) for t in trials for r in t.runs]
+    else:
+        method = spec.methods[0] if isinstance(spec, AblationSpec) else spec.method
+        configs = [build_config(spec, method, seed, data_root=settings.data_root) for seed in seeds]
     done = set()
-    for seed in seeds:
-        cfg = build_config(spec, method, seed, data_root=settings.data_root)
+    for cfg in configs:
         if cfg.data not in done:
             ensure_dataset(cfg.data, settings.data_root, cfg.data.seed)
             done.add(cfg.data)
@@ -140,11 +171,11 @@ def spec_tracker(spec, settings: Settings, resume: bool) -> tuple[tracking.Track
     return tracker, root
 
 
-def _begin(spec, settings: Settings, resume: bool, seeds: list[int], started: bool):
+def _begin(spec, settings: Settings, resume: bool, seeds: list[int], started: bool, trials=None):
     """Data, then the parent run and state file, once Ray is up: a failed start leaves nothing that
     demands --resume. The Ray we started stops if either fails."""
     try:
-        _prepare_data(spec, settings, seeds)
+        _prepare_data(spec, settings, seeds, trials)
         return spec_tracker(spec, settings, resume)
     except BaseException:
         if started:
@@ -154,12 +185,15 @@ def _begin(spec, settings: Settings, resume: bool, seeds: list[int], started: bo
         raise
 
 
-def _tuner(trainable, name: str, storage: Path, param_space: dict, tune_config, resources: dict,
+def _tuner(trainable, name: str, storage: Path, param_space: dict, tune_config, resources: Union[dict, Callable],
            max_failures: int, resume: bool, progress=None, verbose: bool = False):
+    """``resources``: a trial's request (``{"cpu", "gpu", "memory"}``) or ``trial_resources``'s function of
+    its config."""
     from ray import tune
 
     from orchestrator.progress import tune_callback
 
+    _trial_deaths_fail_the_trial()
     trainable = tune.with_resources(trainable, resources)
     path = storage / name
     # quiet: our one-line-per-event callback instead of Tune's status table. Tune's new output engine
@@ -186,8 +220,54 @@ def _tuner(trainable, name: str, storage: Path, param_space: dict, tune_config, 
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
+def trial_resources(cpu: float, gpu: float, memory: Mapping[str, int]) -> Callable:
+    """Each grid trial's request, a function of its config: its CPUs and GPUs, and the memory its plan
+    measures (``memory``: trial name -> bytes, ``plan.trial_memory``), so Ray's scheduler never starts
+    more trials on a node than its memory holds."""
+    from ray import tune
+
+    def request(config: dict):
+        return tune.PlacementGroupFactory([{"CPU": cpu, "GPU": gpu, "memory": memory[config["trial"]]}])
+
+    return request
+
+
+def _trial_deaths_fail_the_trial() -> None:
+    """Make a trial whose worker dies in the middle of a task fail alone, as one that dies while starting does.
+
+    Ray Tune 2.60 handles a trial task's actor errors and task errors; any other Ray error ends the
+    whole ``fit()`` ("RuntimeError: Caught unexpected exception: 1 worker(s) were killed due to the node
+    running low on memory") and every running trial with it. Ray's memory monitor killing a trial's
+    worker mid-task raises such an error (OutOfMemoryError), as can a crashed worker or a lost node:
+    each means the trial's actor is gone, so it is handed on as the actor's error, with Ray's message,
+    and Tune retries the trial (``max_failures``) or reports it failed. Patched once per process."""
+    from ray.air.execution._internal.actor_manager import RayActorManager
+    from ray.exceptions import RayActorError, RayError, RayTaskError
+
+    original = RayActorManager._actor_task_failed
+    if getattr(original, "trial_deaths_fail_the_trial", False):
+        return
+
+    def _actor_task_failed(self, tracked_actor_task, exception):
+        if isinstance(exception, RayError) and not isinstance(exception, (RayActorError, RayTaskError)):
+            exception = RayActorError(error_msg=f"{type(exception).__name__}: {exception}")
+        return original(self, tracked_actor_task=tracked_actor_task, exception=exception)
+
+    _actor_task_failed.trial_deaths_fail_the_trial = True
+    RayActorManager._actor_task_failed = _actor_task_failed
+
+
 def _trial_name(trial) -> str:
     return trial.config["trial"]  # plan.Trial.name
+
+
+def _result_trial(res, names) -> str:
+    """The name of the grid trial a Tune result belongs to. One that failed before its first report has
+    no config (``res.config`` is None); its folder is named for it (``trial_dirname_creator``)."""
+    name = (res.config or {}).get("trial")
+    if name in names:
+        return name
+    return Path(res.path).name if res.path else "?"
 
 
 def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, log_model: bool = True,
@@ -199,21 +279,25 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
     from ray import tune
 
     from orchestrator import plan
-    from orchestrator.progress import Progress
+    from orchestrator.progress import Progress, failure_reason
     from orchestrator.trials import ablation_trial
 
     preflight(spec, settings)
     root = settings.runs_root / spec.name
     trials = plan.expand(spec, root, settings.data_root)
-    started = start_ray(settings, spec.resources.cpu, spec.resources.gpu, log_to_driver=verbose)
-    tracker, root = _begin(spec, settings, resume, spec.seed_list, started)
+    # what each trial will ask Ray for, known before Ray starts: a trial no node holds is refused now
+    # (its data is prepared here: the data's size counts)
+    memory = plan.trial_memory(trials, settings.data_root)
+    started = start_ray(settings, spec.resources.cpu, spec.resources.gpu, log_to_driver=verbose, memory=memory)
+    tracker, root = _begin(spec, settings, resume, spec.seed_list, started, trials)
     parent = tracker.parent_run_id
     failures: list[dict[str, Any]] = []
     try:
         _log_plan(tracker, spec, settings, trials)
         ctx = {**tracker.ctx(), "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model,
                "verbose": verbose}
-        resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+        resources = trial_resources(spec.resources.cpu, spec.resources.gpu, memory)
+        failed_runs: set[str] = set()
         for stage, group in plan.stages(trials):
             # a grid over trial names; each trial's config dicts reach it through the object store
             # (tune.with_parameters), not through every result row as a Tune config would
@@ -226,11 +310,17 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
             trainable = tune.with_parameters(ablation_trial, trials=table)
             grid = _tuner(trainable, f"stage-{stage}", root / "tune", space, tc, resources,
                           spec.max_failures, resume, progress, verbose).fit()
-            for res in grid:
-                if res.error is not None:
-                    t = table[res.config["trial"]]
-                    failures.append({"stage": stage, "method": t["method"], "seed": t["seed"],
-                                     "error": f"{type(res.error).__name__}: {res.error}"[:2000]})
+            # a trial that finally failed (after max_failures retries): its cause in one line; the others ran on
+            failed = [(_result_trial(res, table), failure_reason(res.error)) for res in grid if res.error is not None]
+            for name, cause in failed:
+                t = table.get(name, {})
+                if t.get("carry") in failed_runs:  # a retrain of a failed search (the grid stays whole for --resume)
+                    cause = f"its search {t['carry']} failed; then {cause}"
+                failures.append({"stage": stage, "trial": name, "method": t.get("method", "?"),
+                                 "seed": t.get("seed", "?"), "error": cause})
+                failed_runs.update(r["name"] for r in t.get("runs", ()))
+            _close_failed_runs(tracker, {r["name"]: cause for name, cause in failed
+                                         for r in table.get(name, {}).get("runs", ())})
     finally:
         tracker.kill_dangling("the trial ended without closing its run")
         if started:
@@ -238,20 +328,60 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
 
             ray.shutdown()
     outcome = publish_table(tracker, root / "table2", title=f"Table 2 ({spec.name})", std=spec.std,
-                            repeat=spec.repeat, subtitle=tables.describe(spec))
+                            repeat=spec.repeat, subtitle=tables.describe(spec), expected=_replicates(trials))
     outcome.failures = failures
-    tracker.client.set_tag(parent, "failed_trials", json.dumps(failures)[:5000])
+    from orchestrator.stats import paired_summary
+
+    paired = paired_summary(root, spec.methods)
+    outcome.text += f"\n{paired}" if paired else ""
+    tracker.client.set_tag(parent, "failed_trials", _failed_tag(failures))
     tracker.finish(parent)
     return outcome
 
 
+def _close_failed_runs(tracker: tracking.Tracker, causes: Mapping[str, str]) -> None:
+    """The runs of trials that finally failed (run name -> cause) that are still RUNNING (the worker died
+    in the middle of a phase) end FAILED with the cause as their ``error`` tag; a resume reopens them."""
+    if not causes:
+        return
+    for run in tracker.children(status="RUNNING"):
+        cause = causes.get(run.info.run_name)
+        if cause is not None:
+            tracker.client.set_tag(run.info.run_id, "error", cause[:5000])
+            tracker.client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def _replicates(trials) -> dict[tuple[str, str], int]:
+    """(variant, method) -> how many retrains (seeds x draws x folds) the plan makes: the cells the spec
+    asked for, which Table 2 marks where they have no result."""
+    runs: dict[tuple[str, str], set] = {}
+    for t in trials:
+        for r in t.runs:
+            if r.phase == "train":
+                key = (getattr(r, "variant", "") or "", r.method)
+                runs.setdefault(key, set()).add((r.seed, getattr(r, "draw", None)))
+    return {key: len(v) for key, v in runs.items()}
+
+
+def _failed_tag(failures: list[dict[str, Any]]) -> str:
+    """The parent's ``failed_trials`` tag: JSON, whole (MLflow tags hold 5000 characters here), the causes
+    shortened as far as that needs."""
+    for width in (400, 200, 100, 0):
+        text = json.dumps([{**f, "error": f["error"][:width]} for f in failures])
+        if len(text) <= 5000:
+            return text
+    return json.dumps([f.get("trial") for f in failures])[:5000]
+
+
 def publish_table(tracker: tracking.Tracker, out_dir: Path, title: str = "Table 2",
                   log_to_parent: bool = True, std: Optional[str] = None,
-                  repeat: Optional[str] = None, subtitle: str = "") -> AblationOutcome:
+                  repeat: Optional[str] = None, subtitle: str = "",
+                  expected: Optional[Mapping[tuple[str, str], int]] = None) -> AblationOutcome:
     """Table 2 from the parent's FINISHED train children: printed text, files, parent-run artifacts.
 
     ``std`` / ``repeat`` None: read from the parent run's spec params (a parent logged before ``std``
-    existed printed the sample std)."""
+    existed printed the sample std). ``expected``: (variant, method) -> the retrains the spec asked for;
+    the cells without a result are marked (``tables.with_missing``)."""
     parent = tracker.parent_run_id
     if std is None or repeat is None:
         params = tracker.client.get_run(parent).data.params
@@ -259,11 +389,14 @@ def publish_table(tracker: tracking.Tracker, out_dir: Path, title: str = "Table 
         repeat = repeat or params.get("repeat")
     records = tracker.collect_records()
     table = tables.with_flags(tables.compare(tables.summarize(records, std)), records)
-    paths = tables.write_all(table, out_dir, title, std, repeat, subtitle) if records else {}
-    if records and log_to_parent:
+    if expected:
+        table = tables.with_missing(table, expected)
+    paths = tables.write_all(table, out_dir, title, std, repeat, subtitle, records) if len(table) else {}
+    if paths and log_to_parent:
         tracker.log_files(parent, paths.values(), "table2")
         tracker.log_table_metrics(parent, table)
-    text = tables.to_text(table, title, std, repeat) if records else f"{title}: no finished train runs under parent {parent}"
+    text = (tables.to_text(table, title, std, repeat) if len(table)
+            else f"{title}: no finished train runs under parent {parent}")
     return AblationOutcome(parent_run_id=parent, experiment_id=tracker.experiment_id, table=table, paths=paths,
                            text=text)
 
@@ -344,7 +477,11 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
     preflight(spec, settings)
     base = plan.hpo_base(spec, settings.data_root)
     storage = optuna_storage(settings, spec.name, resume)
-    started = start_ray(settings, spec.resources.cpu, spec.resources.gpu, log_to_driver=verbose)
+    # every trial asks for the memory of the base config's retrain (a sampled crop size or per_class
+    # that needs more is not re-estimated)
+    memory = plan.config_memory(base, "train", settings.data_root)
+    started = start_ray(settings, spec.resources.cpu, spec.resources.gpu, log_to_driver=verbose,
+                        memory={"hpo": memory})
     tracker, root = _begin(spec, settings, resume, [spec.seed], started)
     parent = tracker.parent_run_id
     try:
@@ -364,7 +501,8 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
         space = {"params": _space(spec), "trial": trial, "ctx": ctx}
         progress = None if verbose else Progress(spec.num_samples, spec.max_concurrent, label="HPO trials")
         grid = _tuner(hpo_trial, "hpo", root / "tune", space, tc,
-                      {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}, 0, resume, progress, verbose).fit()
+                      {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu, "memory": memory}, 0, resume, progress,
+                      verbose).fit()
         if len(grid) and grid.num_errors == len(grid):
             # get_best_result returns the only trial even when it errored: a search without one
             # finished trial has no best configuration
@@ -436,7 +574,11 @@ def run_spec_file(path: Path, settings: Optional[Settings] = None, log_model: bo
     settings = settings or get_settings()
     outcome: dict[str, Any] = {"kind": spec.kind, "experiment": spec.name}
     if spec.kind == "ablation":
-        result = run_ablation(spec, settings, resume=True, log_model=log_model)
+        from orchestrator.progress import quiet_logging
+
+        # the job log reads like the CLI's: progress lines, Ray's and MLflow's logging in the run's logs/
+        with quiet_logging(settings.runs_root / spec.name / "logs" / "driver.log"):
+            result = run_ablation(spec, settings, resume=True, log_model=log_model)
         print(result.text, flush=True)
         outcome.update(parent_run_id=result.parent_run_id, experiment_id=result.experiment_id,
                        failures=result.failures, files={k: str(v) for k, v in result.paths.items()})
@@ -446,7 +588,24 @@ def run_spec_file(path: Path, settings: Optional[Settings] = None, log_model: bo
     else:
         outcome.update(run_single(spec, settings, log_model=log_model), failures=[])
     (settings.runs_root / "outcome.json").write_text(json.dumps(outcome, indent=2, default=str))
-    for f in outcome["failures"]:
-        print(f"FAILED {f['stage']} {f['method']} seed {f['seed']}: {f['error'].splitlines()[0]}", file=sys.stderr)
-    return 1 if outcome["failures"] else 0
+    if not outcome["failures"]:
+        return 0
+    print(failure_report(outcome["failures"], "resume the run (the API's POST /v1/runs/<id>/resume, or this "
+                                              "command again): finished trials are kept, the failed ones run again"),
+          file=sys.stderr, flush=True)
+    return 1
+
+
+def failure_report(failures: list[dict[str, Any]], hint: str) -> str:
+    """What a run that ended with failed trials prints last: one line per trial with its cause, then
+    ``hint`` (how to go on)."""
+    lines = []
+    for f in failures:
+        who = f.get("trial") or f"{f['stage']} {f['method']} seed {f['seed']}"
+        cause = next((ln.strip() for ln in str(f["error"]).splitlines() if ln.strip()), "error")
+        lines.append(f"FAILED {who}: {cause}")
+    n = len(failures)
+    lines.append(f"{n} trial{'s' if n > 1 else ''} failed, {'their' if n > 1 else 'its'} cells marked missing in "
+                 f"Table 2; {hint}")
+    return "\n".join(lines)
 

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     # upper bounds on what one spec may ask of the cluster, checked on every trial config it expands
     # into (overrides and HPO spaces included); the CLI has no such bounds (a user's own machine)
     api_max_seeds: int = Field(100, ge=1)  # seeds per ablation
+    # runs one ablation may expand into: methods x seeds x random draws x axes variants x folds
+    api_max_trials: int = Field(1000, ge=1)
     api_max_samples: int = Field(1000, ge=1)  # HPO num_samples
     api_max_epochs: int = Field(1000, ge=1)  # search.epochs, train.epochs, HPO grace_period
     api_max_iters_per_epoch: int = Field(100_000, ge=1)

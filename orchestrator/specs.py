@@ -9,6 +9,7 @@ Trials receive the dicts, never the spec.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -16,22 +17,33 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, TypeAdapter, ValidationError,
                       field_validator, model_validator)
 
-from nas_core.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, load_config, nest_dotted,
-                             read_yaml_mapping)
+from nas_core.config import (LIMITS, ConfigError, RunConfig, apply_overrides, config_from_dict, flatten, load_config,
+                             nest_dotted, read_yaml_mapping)
 
 
 @dataclass(frozen=True)
 class Method:
-    """A Table 2 row: the registry model it trains and, for NAS-SCAM, its search mode."""
+    """A Table 2 row: the registry model it trains and, for NAS-SCAM, its search mode. A random control
+    (``control_of`` names its searched variant) retrains a genotype drawn uniformly from the same
+    space instead of a searched one (``Genotype.random``)."""
 
     id: str
     label: str  # the paper's row name (experiments/reference_table2.csv)
     model: str
     search: Optional[Literal["synchronous", "shared"]] = None
+    control_of: Optional[str] = None
 
     @property
     def needs_search(self) -> bool:
-        return self.search is not None
+        return self.search is not None and self.control_of is None
+
+    @property
+    def draws_genotype(self) -> bool:
+        return self.control_of is not None
+
+    @property
+    def combine(self) -> str:
+        return "parallel" if self.model.endswith("-p") else "serial"
 
 
 # Table 2 order (method.md section 8).
@@ -41,10 +53,16 @@ METHODS: dict[str, Method] = {m.id: m for m in (
     Method("cbam", "CBAM", "cbam"),
     Method("scse", "scSE", "scse"),
     Method("nas-scam-s-shared", "NAS-SCAM-S, shared search", "nas-scam-s", "shared"),
+    Method("random-s-shared", "Random-S, shared (control)", "nas-scam-s", "shared", "nas-scam-s-shared"),
     Method("nas-scam-p-shared", "NAS-SCAM-P, shared search", "nas-scam-p", "shared"),
+    Method("random-p-shared", "Random-P, shared (control)", "nas-scam-p", "shared", "nas-scam-p-shared"),
     Method("nas-scam-s-sync", "NAS-SCAM-S, synchronous search", "nas-scam-s", "synchronous"),
+    Method("random-s-sync", "Random-S, synchronous (control)", "nas-scam-s", "synchronous", "nas-scam-s-sync"),
     Method("nas-scam-p-sync", "NAS-SCAM-P, synchronous search", "nas-scam-p", "synchronous"),
+    Method("random-p-sync", "Random-P, synchronous (control)", "nas-scam-p", "synchronous", "nas-scam-p-sync"),
 )}
+# the paper's eight rows (a spec's default methods); the random controls are asked for by name
+PAPER_METHODS = tuple(m for m in METHODS if METHODS[m].control_of is None)
 
 PHASES = ("search", "train")
 
@@ -56,9 +74,46 @@ def get_method(method_id: str) -> Method:
         raise ConfigError(f"unknown method {method_id!r}; valid methods: {', '.join(METHODS)}") from None
 
 
-def run_name(phase: str, method: str, seed: int) -> str:
-    """Run names encode identity: ``search__nas-scam-p-sync__seed1``."""
-    return f"{phase}__{method}__seed{seed}"
+@dataclass(frozen=True)
+class RunId:
+    """Who a run is: phase, method, seed and, in grids that have them, the random draw, the patient fold
+    and the axes variant (``data.stain=none+train.lr=0.001``). ``name`` is its folder / MLflow run name."""
+
+    phase: str
+    method: str
+    seed: int
+    draw: Optional[int] = None
+    fold: Optional[int] = None
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        return run_name(self.phase, self.method, self.seed, draw=self.draw, fold=self.fold, variant=self.variant)
+
+
+def run_name(phase: str, method: str, seed: int, *, draw: Optional[int] = None, fold: Optional[int] = None,
+             variant: str = "") -> str:
+    """Run names encode identity: ``search__nas-scam-p-sync__seed1``, and in larger grids
+    ``train__random-p-sync__seed0__draw1__fold2__data.stain=none`` (each part only where the grid has it)."""
+    name = f"{phase}__{method}__seed{seed}"
+    if draw is not None:
+        name += f"__draw{draw}"
+    if fold is not None:
+        name += f"__fold{fold}"
+    return name + (f"__{variant}" if variant else "")
+
+
+_RUN_NAME = re.compile(r"^(?P<phase>search|train|full)__(?P<method>[A-Za-z0-9][A-Za-z0-9-]*)__seed(?P<seed>\d+)"
+                       r"(?:__draw(?P<draw>\d+))?(?:__fold(?P<fold>\d+))?(?:__(?P<variant>.+))?$")
+
+
+def parse_run_name(name: str) -> Optional[RunId]:
+    """``run_name``'s inverse; None for a name that is not a run's."""
+    m = _RUN_NAME.match(name)
+    if m is None:
+        return None
+    return RunId(m["phase"], m["method"], int(m["seed"]), draw=int(m["draw"]) if m["draw"] else None,
+                 fold=int(m["fold"]) if m["fold"] else None, variant=m["variant"] or "")
 
 
 # A spec's name is a folder and an MLflow experiment name: an identifier, never a path
@@ -66,7 +121,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 MAX_NAME_LENGTH = 64
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=MAX_NAME_LENGTH)]
 # seeds reach numpy and torch; larger values are typos, not studies
-MAX_SEED_VALUE = 2**31 - 1
+MAX_SEED_VALUE = LIMITS["seed"][1]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED_VALUE)]
 # an HPO space is a few dimensions of a few values each; these bound the configs it expands into
 MAX_SPACE_DIMS, MAX_CHOICES = 16, 32
@@ -84,6 +139,12 @@ class ResourceSpec(_Spec):
     gpu: float = Field(0.0, ge=0)
 
 
+def _bounded(key: str):
+    """An optional shorthand field with the bounds of the RunConfig ``key`` it sets (``LIMITS``)."""
+    low, high = LIMITS[key]
+    return Field(None, ge=low, le=high)
+
+
 class DataSpec(_Spec):
     """Data source and preparation; ``None`` keeps the protocol/preset value."""
 
@@ -92,25 +153,44 @@ class DataSpec(_Spec):
     stain: Optional[Literal["none", "reinhard", "macenko"]] = None
     split: Optional[str] = None
     split_by: Optional[Literal["image", "patient"]] = None
-    synthetic_images: Optional[int] = Field(None, ge=3)
-    synthetic_size: Optional[int] = Field(None, ge=16)
-    crop_size: Optional[int] = Field(None, ge=16)
-    stride: Optional[int] = Field(None, ge=1)
+    synthetic_images: Optional[int] = _bounded("data.synthetic_images")
+    synthetic_size: Optional[int] = _bounded("data.synthetic_size")
+    crop_size: Optional[int] = _bounded("data.crop_size")
+    stride: Optional[int] = _bounded("data.stride")
+    # patient folds: an ablation runs every trial on each of the K folds (nas_core.data.prepare)
+    folds: Optional[int] = Field(None, ge=1)
 
 
 class EpochSpec(_Spec):
     """Epoch/step overrides, the knobs a shorter ablation turns."""
 
-    search: Optional[int] = Field(None, ge=1)
-    warmup: Optional[int] = Field(None, ge=0)
-    train: Optional[int] = Field(None, ge=1)
-    search_iters: Optional[int] = Field(None, ge=1)
-    train_iters: Optional[int] = Field(None, ge=1)
+    search: Optional[int] = _bounded("search.epochs")
+    warmup: Optional[int] = _bounded("search.warmup_epochs")
+    train: Optional[int] = _bounded("train.epochs")
+    search_iters: Optional[int] = _bounded("search.iters_per_epoch")
+    train_iters: Optional[int] = _bounded("train.iters_per_epoch")
 
 
 # the ``epochs:`` shorthand of a spec -> the RunConfig key each of its fields sets
 EPOCH_KEYS = {"search": "search.epochs", "warmup": "search.warmup_epochs", "train": "train.epochs",
               "search_iters": "search.iters_per_epoch", "train_iters": "train.iters_per_epoch"}
+
+# RunConfig keys that say which trial a config is: a spec's grid fields set them, never ``overrides:``
+# (a value there used to be overwritten without a word); each -> the spec field to use instead
+IDENTITY_KEYS = {
+    "model.name": "method: (methods: in an ablation)",
+    "model.search": "method: (methods: in an ablation; the method picks its search mode)",
+    "model.genotype": "genotype: (kind train or hpo; an ablation retrains the genotypes its searches find)",
+    "seed": "seed: (seeds: in an ablation)",
+}
+
+
+def _refuse_identity(layer: dict[str, Any]) -> None:
+    flat = flatten(layer)
+    for key, instead in IDENTITY_KEYS.items():
+        if key in flat:
+            raise ConfigError(f"overrides.{key}: a trial's identity is not an override (from overrides: or "
+                              f"--set it would be ignored); use the spec field {instead}")
 
 
 class _ConfigSpec(_Spec):
@@ -138,6 +218,7 @@ class _ConfigSpec(_Spec):
         """The partial RunConfig (nested dict) of this spec: ``overrides:``, then the ``data:`` and
         ``epochs:`` shorthands, then ``protocol:``."""
         layer = nest_dotted(self.overrides)
+        _refuse_identity(layer)
         if layer.get("protocol", self.protocol) != self.protocol:
             raise ConfigError(f"overrides.protocol {layer['protocol']!r}: the spec's protocol: field "
                               f"({self.protocol!r}) picks the protocol table; set it there")
@@ -209,6 +290,9 @@ class RunSpec(_ConfigSpec):
     @model_validator(mode="after")
     def _check(self) -> "RunSpec":
         m = get_method(self.method)
+        if m.draws_genotype and (self.kind != "train" or not self.genotype):
+            raise ValueError(f"method {self.method!r} is a random control: an ablation draws its genotype per seed "
+                             f"(methods: [{self.method}]); a single run takes kind: train with genotype: PATH")
         if self.kind == "search" and not m.needs_search:
             raise ValueError(f"method {self.method!r} has no search phase (kind: search)")
         if self.kind == "train" and m.needs_search and not self.genotype:
@@ -219,6 +303,19 @@ class RunSpec(_ConfigSpec):
 
 # a grid is methods x seeds trials; more seeds than this is a typo, not a study
 MAX_SEEDS = 1000
+# the other grid dimensions: random draws per seed, axes, values per axis, variants in all
+MAX_DRAWS, MAX_AXES, MAX_AXIS_VALUES, MAX_VARIANTS = 100, 4, 16, 64
+# keys an axis may not vary: the trial's identity (methods and seeds are the grid's own), the fold
+# (data.folds makes folds), machine paths
+AXIS_FORBIDDEN = (*IDENTITY_KEYS, "data.fold", "data.folds", "data.cache_dir", "out_dir")
+AxisValue = Union[bool, int, float, Annotated[str, StringConstraints(max_length=200)]]
+
+
+def axis_label(key: str, value: Any) -> str:
+    """``data.stain=none``: one axis value as it appears in run names (characters that a folder or an
+    MLflow filter would not take become '-')."""
+    text = f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+    return re.sub(r"[^A-Za-z0-9._=-]", "-", f"{key}={text}")
 
 
 class AblationSpec(_ConfigSpec):
@@ -226,7 +323,7 @@ class AblationSpec(_ConfigSpec):
 
     kind: Literal["ablation"] = "ablation"
     name: Name = "table2"
-    methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1)
+    methods: list[str] = Field(default_factory=lambda: list(PAPER_METHODS), min_length=1)
     # a count N (seeds 0..N-1) or explicit seeds
     seeds: Union[int, list[Seed]] = 3
     # retrain (default, the release's): one search per NAS method (first seed), every seed retrains
@@ -236,6 +333,53 @@ class AblationSpec(_ConfigSpec):
     std: Literal["population", "sample"] = "population"
     max_failures: int = Field(1, ge=0)
     max_concurrent: Optional[int] = Field(None, ge=1)
+    # random controls (random-*): genotypes drawn per seed; N > 1 retrains N draws of each seed
+    random_draws: int = Field(1, ge=1, le=MAX_DRAWS)
+    # factor axes: dotted RunConfig key -> values; the grid is methods x seeds x the axes' product
+    # (x folds). A search is shared by the variants whose search runs have the same config (an axis
+    # of train.* keys only changes retrains: one search serves all its values)
+    axes: dict[str, list[AxisValue]] = Field(default_factory=dict, max_length=MAX_AXES)
+
+    @field_validator("axes")
+    @classmethod
+    def _check_axes(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if key.split(".")[0] in ("protocol",) or key in AXIS_FORBIDDEN:
+                raise ValueError(f"axes.{key}: not an axis (identity, fold or machine path; allowed: any other "
+                                 f"RunConfig key such as data.stain or train.lr)")
+            if not 1 <= len(values) <= MAX_AXIS_VALUES:
+                raise ValueError(f"axes.{key}: needs 1 to {MAX_AXIS_VALUES} values, got {len(values)}")
+            labels = [axis_label(key, x) for x in values]
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"axes.{key}: values must be distinct, got {values}")
+        n = 1
+        for values in v.values():
+            n *= len(values)
+        if n > MAX_VARIANTS:
+            raise ValueError(f"axes: {n} variants (the product of the value counts); at most {MAX_VARIANTS}")
+        return v
+
+    @property
+    def variants(self) -> list[tuple[str, dict[str, Any]]]:
+        """(label, dotted overrides) of every point of the axes' product, in spec order; [("", {})]
+        without axes. Label: ``data.stain=none+train.lr=0.001``."""
+        out: list[tuple[str, dict[str, Any]]] = [("", {})]
+        for key, values in self.axes.items():
+            out = [(f"{lab}+{axis_label(key, x)}" if lab else axis_label(key, x), {**ov, key: x})
+                   for lab, ov in out for x in values]
+        return out
+
+    @property
+    def folds(self) -> int:
+        return self.data.folds or 1
+
+    @property
+    def trial_count(self) -> int:
+        """Retrains + searches of the grid at most (searches shared between variants counted once each
+        variant: an upper bound), what the API's trial limit counts."""
+        per_seed = sum(self.random_draws if METHODS[m].draws_genotype else 1 for m in self.methods)
+        searches = len(self.search_methods) * (len(self.seed_list) if self.repeat == "full" else 1)
+        return (per_seed * len(self.seed_list) + searches) * len(self.variants) * self.folds
 
     @field_validator("methods")
     @classmethod
@@ -344,6 +488,8 @@ def trial_configs(spec: _ConfigSpec) -> list[tuple[str, RunConfig]]:
         values = r.values if r.type == "choice" else (
             [int(r.low), int(r.high)] if r.type == "int" else [r.low, r.high])
         samples += [(f", space.{key}={str(v)[:80]}", {key: v}) for v in values]
+    if isinstance(spec, AblationSpec):
+        samples += [(f", variant {label}", ov) for label, ov in spec.variants if ov]
     out = []
     for m in methods:
         label = f"method {m!r}"

@@ -38,27 +38,63 @@ def note(std: str = "population", repeat: Optional[str] = None) -> str:
     return text
 
 
-def summarize(records: Iterable[Mapping], std: str = "population") -> pd.DataFrame:
-    """Records ``{"method", "seed", <class>: fraction}`` -> long frame (method, class, mean, std, n) in %.
+_KEYS = ("variant", "method", "seed", "draw", "fold")
 
-    ``std``: "population" (ddof=0) or "sample" (ddof=1). NaN when a method has a single seed in both
-    cases: one run has no spread to report, and a printed 0 would claim one.
+
+def _long(records: Iterable[Mapping]) -> pd.DataFrame:
+    """One row per (variant, method, seed, draw, fold, class) with the DSC in %; a record without the
+    grid's extra dimensions has variant "" and draw / fold -1."""
+    rows = [{"variant": r.get("variant") or "", "method": r["method"], "seed": int(r["seed"]),
+             "draw": -1 if r.get("draw") is None else int(r["draw"]),
+             "fold": -1 if r.get("fold") is None else int(r["fold"]), "class": c, "dsc": 100.0 * float(r[c])}
+            for r in records for c in CLASSES]
+    if not rows:
+        return pd.DataFrame(columns=[*_KEYS, "class", "dsc"])
+    return pd.DataFrame(rows).drop_duplicates([*_KEYS, "class"], keep="last")
+
+
+def _ordered(out: pd.DataFrame) -> pd.DataFrame:
+    order = {m: i for i, m in enumerate(METHODS)}
+    variants = {v: i for i, v in enumerate(dict.fromkeys(out["variant"]))}
+    out = out.assign(_v=out["variant"].map(variants), _m=out["method"].map(lambda m: order.get(m, len(order))),
+                     _c=out["class"].map(CLASSES.index))
+    return out.sort_values(["_v", "_m", "_c"]).drop(columns=["_v", "_m", "_c"]).reset_index(drop=True)
+
+
+def summarize(records: Iterable[Mapping], std: str = "population") -> pd.DataFrame:
+    """Records ``{"method", "seed", <class>: fraction}`` (and, in larger grids, ``variant``, ``draw``,
+    ``fold``) -> long frame (variant, method, class, mean, std, n, folds) in %.
+
+    A replicate is one (seed, draw): its value is the mean over the folds it ran on (each fold's global
+    DSC), and ``n`` counts replicates, ``folds`` the folds averaged. ``std``: "population" (ddof=0) or
+    "sample" (ddof=1) over replicates. NaN when a method has a single replicate in both cases: one run
+    has no spread to report, and a printed 0 would claim one.
     """
     if std not in DDOF:
         raise ValueError(f"std: {std!r} is not one of {', '.join(DDOF)}")
     ddof = DDOF[std]
-    rows = [{"method": r["method"], "seed": int(r["seed"]), "class": c, "dsc": 100.0 * float(r[c])}
-            for r in records for c in CLASSES]
-    if not rows:
-        return pd.DataFrame(columns=["method", "class", "mean", "std", "n"])
-    df = pd.DataFrame(rows).drop_duplicates(["method", "seed", "class"], keep="last")
-    out = df.groupby(["method", "class"], sort=False)["dsc"].agg(
-        mean="mean", std=lambda s: s.std(ddof=ddof) if len(s) > 1 else float("nan"), n="count")
-    out = out.reset_index()
-    order = {m: i for i, m in enumerate(METHODS)}
-    out["_m"] = out["method"].map(lambda m: order.get(m, len(order)))
-    out["_c"] = out["class"].map(CLASSES.index)
-    return out.sort_values(["_m", "_c"]).drop(columns=["_m", "_c"]).reset_index(drop=True)
+    df = _long(records)
+    if df.empty:
+        return pd.DataFrame(columns=["method", "class", "mean", "std", "n", "folds", "variant"])
+    reps = df.groupby(["variant", "method", "seed", "draw", "class"], sort=False).agg(
+        dsc=("dsc", "mean"), folds=("fold", "nunique")).reset_index()
+    out = reps.groupby(["variant", "method", "class"], sort=False).agg(
+        mean=("dsc", "mean"), std=("dsc", lambda s: s.std(ddof=ddof) if len(s) > 1 else float("nan")),
+        n=("dsc", "count"), folds=("folds", "max")).reset_index()
+    # the columns of old tables first (method, class, ...): readers of table2.csv keep their columns
+    return _ordered(out)[["method", "class", "mean", "std", "n", "folds", "variant"]]
+
+
+def per_fold(records: Iterable[Mapping]) -> pd.DataFrame:
+    """(variant, method, fold, class, mean, n): each fold's global test DSC in %, averaged over the
+    replicates (seeds, draws) that ran on it; empty when the records carry no fold."""
+    df = _long(records)
+    df = df[df["fold"] >= 0]
+    if df.empty:
+        return pd.DataFrame(columns=["variant", "method", "fold", "class", "mean", "n"])
+    out = df.groupby(["variant", "method", "fold", "class"], sort=False)["dsc"].agg(
+        mean="mean", n="count").reset_index()
+    return _ordered(out).sort_values(["variant", "method", "fold"], kind="stable").reset_index(drop=True)
 
 
 def load_reference(path: Path = REFERENCE_CSV) -> pd.DataFrame:
@@ -70,6 +106,8 @@ def compare(summary: pd.DataFrame, reference: Optional[pd.DataFrame] = None) -> 
     """Ours beside the paper: method, label, class, mean, std, n, paper_mean, paper_std, diff (ours - paper)."""
     ref = load_reference() if reference is None else reference
     ref = ref.rename(columns={"mean": "paper_mean", "std": "paper_std"})[["method", "class", "paper_mean", "paper_std"]]
+    if "variant" not in summary:
+        summary = summary.assign(variant="")
     out = summary.merge(ref, on=["method", "class"], how="left")
     out.insert(1, "label", out["method"].map(lambda m: METHODS[m].label if m in METHODS else m))
     out["diff"] = out["mean"] - out["paper_mean"]
@@ -79,11 +117,41 @@ def compare(summary: pd.DataFrame, reference: Optional[pd.DataFrame] = None) -> 
 def with_flags(table: pd.DataFrame, records: Iterable[Mapping]) -> pd.DataFrame:
     """Add a ``flag`` column: ``"no learning k/n"`` for a method whose k of n seeds have
     ``no_learning`` true in their record (orchestrator.curves.no_learning), else ``""``."""
-    flags: dict[str, list[bool]] = {}
+    flags: dict[tuple[str, str], list[bool]] = {}
     for r in records:
-        flags.setdefault(r["method"], []).append(bool(r.get("no_learning", False)))
-    text = {m: f"no learning {sum(f)}/{len(f)}" if any(f) else "" for m, f in flags.items()}
-    return table.assign(flag=table["method"].map(lambda m: text.get(m, "")))
+        flags.setdefault((r.get("variant") or "", r["method"]), []).append(bool(r.get("no_learning", False)))
+    text = {k: f"no learning {sum(f)}/{len(f)}" if any(f) else "" for k, f in flags.items()}
+    variants = table["variant"] if "variant" in table else pd.Series([""] * len(table), index=table.index)
+    return table.assign(flag=[text.get((v, m), "") for v, m in zip(variants, table["method"])])
+
+
+def with_missing(table: pd.DataFrame, expected: Mapping[tuple[str, str], int]) -> pd.DataFrame:
+    """Mark the cells the spec asked for that have no result (their trial failed, or has not run yet).
+
+    ``expected``: (variant, method) -> the retrains asked for (the plan's seeds x draws); ``table``:
+    ``with_flags``'s frame. A (variant, method) without any result gets rows of its own: no numbers,
+    n 0, the paper's beside them. Every (variant, method) short of results says "missing k/n runs" in
+    its ``flag``, which the renderings print beside its name."""
+    if "variant" not in table:
+        table = table.assign(variant="")
+    have = table.groupby(["variant", "method"], sort=False)["n"].max().to_dict() if len(table) else {}
+    absent = [key for key in expected if key not in have]
+    if absent:
+        nan = float("nan")
+        rows = pd.DataFrame([{"variant": v, "method": m, "class": c, "mean": nan, "std": nan, "n": 0, "folds": 0}
+                             for v, m in absent for c in CLASSES])
+        extra = compare(rows).assign(flag="")
+        table = _ordered(pd.concat([table, extra], ignore_index=True) if len(table) else extra)
+
+    def flag(variant: str, method: str, n: int, old: str) -> str:
+        want = expected.get((variant, method))
+        if want is None or n >= want:
+            return old
+        mark = f"missing {want - int(n)}/{want} runs"
+        return f"{old}; {mark}" if old else mark
+
+    return table.assign(flag=[flag(v, m, n, f) for v, m, n, f in
+                              zip(table["variant"], table["method"], table["n"], table["flag"])])
 
 
 def mean_pm(mean: float, std: float) -> str:
@@ -95,9 +163,15 @@ def mean_pm(mean: float, std: float) -> str:
 def _grid(table: pd.DataFrame) -> list[list[str]]:
     """Rows of cells: per method three rows (ours, paper, diff) x classes."""
     rows = []
-    for method, g in table.groupby("method", sort=False):
+    if "variant" not in table:
+        table = table.assign(variant="")
+    for (variant, method), g in table.groupby(["variant", "method"], sort=False):
         g = g.set_index("class")
         label, n = g["label"].iloc[0], int(g["n"].iloc[0])
+        if variant:
+            label = f"[{variant}] {label}"
+        if "folds" in g and g["folds"].iloc[0] > 1:
+            label = f"{label} ({int(g['folds'].iloc[0])} folds)"
         if "flag" in g and g["flag"].iloc[0]:  # a method that did not learn says so beside its name
             label = f"{label} [{g['flag'].iloc[0]}]"
         ours = [mean_pm(g.at[c, "mean"], g.at[c, "std"]) if c in g.index else "-" for c in CLASSES]
@@ -170,20 +244,35 @@ def bar_chart(table: pd.DataFrame, path: Path, title: str = "Table 2", std: str 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    methods = list(dict.fromkeys(table["method"]))
-    n = table.groupby("method", sort=False)["n"].max()
-    labels = [f"{METHODS[m].label if m in METHODS else m} (n={int(n[m])})" for m in methods]
+    # one bar row per (variant, method); a random control's bars are hatched apart from the searched ones
+    variants = table["variant"] if "variant" in table else pd.Series([""] * len(table), index=table.index)
+    table = table.assign(row=[f"{v} | {m}" if v else m for v, m in zip(variants, table["method"])])
+    rows = list(dict.fromkeys(table["row"]))
+    first = table.drop_duplicates("row").set_index("row")
+    n = table.groupby("row", sort=False)["n"].max()
+
+    def label(r: str) -> str:
+        m, v = first.at[r, "method"], first.at[r, "variant"] if "variant" in first else ""
+        text = METHODS[m].label if m in METHODS else m
+        return f"{v}: {text} (n={int(n[r])})" if v else f"{text} (n={int(n[r])})"
+
+    labels = [label(r) for r in rows]
+    control = [bool(METHODS[first.at[r, "method"]].control_of) if first.at[r, "method"] in METHODS else False
+               for r in rows]
     lows = [table["mean"] - table["std"].fillna(0), table["paper_mean"] - table["paper_std"].fillna(0)]
     highs = [table["mean"] + table["std"].fillna(0), table["paper_mean"] + table["paper_std"].fillna(0)]
     lo = min(0.0, float(np.nanmin(pd.concat(lows)))) - 2
     hi = max(100.0, float(np.nanmax(pd.concat(highs)))) + 2
     fig, axes = plt.subplots(1, len(CLASSES), sharey=True, layout="constrained",
-                             figsize=(2.6 * len(CLASSES) + 2.2, 0.55 * len(methods) + 1.6))
-    y = np.arange(len(methods))
+                             figsize=(2.6 * len(CLASSES) + 2.2, 0.55 * len(rows) + 1.6))
+    y = np.arange(len(rows))
     for ax, cls in zip(axes, CLASSES):
-        g = table[table["class"] == cls].set_index("method").reindex(methods)
-        ax.barh(y - 0.2, g["mean"], 0.4, xerr=g["std"], color="tab:blue",
-                label=f"ours (mean ± {std} std over seeds)", error_kw=dict(capsize=2, lw=0.9))
+        g = table[table["class"] == cls].set_index("row").reindex(rows)
+        bars = ax.barh(y - 0.2, g["mean"], 0.4, xerr=g["std"], color="tab:blue",
+                       label=f"ours (mean ± {std} std over seeds)", error_kw=dict(capsize=2, lw=0.9))
+        for bar, is_control in zip(bars, control):
+            if is_control:  # random-architecture controls: hatched, lighter
+                bar.set(hatch="///", facecolor="lightsteelblue", edgecolor="tab:blue")
         ax.barh(y + 0.2, g["paper_mean"], 0.4, xerr=g["paper_std"], color="tab:orange", alpha=0.65,
                 label="paper (mean ± std, 3 runs)", error_kw=dict(capsize=2, lw=0.9))
         ax.axvline(0, color="0.3", lw=0.8)
@@ -203,9 +292,10 @@ def bar_chart(table: pd.DataFrame, path: Path, title: str = "Table 2", std: str 
 
 
 def write_all(table: pd.DataFrame, out_dir: Path, title: str = "Table 2", std: str = "population",
-              repeat: Optional[str] = None, subtitle: str = "") -> dict[str, Path]:
+              repeat: Optional[str] = None, subtitle: str = "",
+              records: Optional[Iterable[Mapping]] = None) -> dict[str, Path]:
     """table2.md, table2.csv (long form, with ``std_kind`` and ``repeat`` columns), table2.tex,
-    table2.png under ``out_dir``."""
+    table2.png under ``out_dir``; per_fold.csv (:func:`per_fold`) when ``records`` carry folds."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "table2.md", "csv": out_dir / "table2.csv", "tex": out_dir / "table2.tex",
@@ -215,4 +305,8 @@ def write_all(table: pd.DataFrame, out_dir: Path, title: str = "Table 2", std: s
         paths["csv"], index=False, float_format="%.4f")
     paths["tex"].write_text(to_latex(table, title, std, repeat))
     bar_chart(table, paths["png"], title, std, repeat, subtitle)
+    folds = per_fold(records or [])
+    if not folds.empty:
+        paths["per_fold"] = out_dir / "per_fold.csv"
+        folds.to_csv(paths["per_fold"], index=False, float_format="%.4f")
     return paths

@@ -25,6 +25,11 @@ from orchestrator.tables import CLASSES
 # tag keys without dots: MLflow's filter syntax needs backticks around dotted keys
 T_KIND, T_ABLATION, T_METHOD, T_SEED, T_PHASE = "nas_scam_kind", "ablation", "method", "seed", "phase"
 T_PARENT = "mlflow.parentRunId"
+# tags of how a run ended (``kill_dangling``, the API's lost/cancelled runs, ``fail``); a resume clears them
+END_TAGS = ("stopped", "error")
+# a run's place in a larger grid (absent where the grid has no such dimension): random draw, patient
+# fold, axes variant label; each axis value also as tag ``axis.<dotted key>``
+T_DRAW, T_FOLD, T_VARIANT, T_AXIS = "draw", "fold", "variant", "axis."
 # MLflow 3's UI opens an experiment in the view this tag names; untagged ones open in the GenAI (traces)
 # view. "custom_model_development" is the model-training view: the runs table and charts.
 T_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -132,6 +137,15 @@ class Tracker:
         return self.parent_run_id
 
     def reopen(self, run_id: str) -> None:
+        """RUNNING again (a resume). The tags that said how the last attempt ended ("stopped", "error")
+        would outlive it and contradict the new end: they become ``resumed_after``."""
+        tags = self.client.get_run(run_id).data.tags
+        ended = [f"{key}={tags[key]}" for key in END_TAGS if key in tags]
+        for key in END_TAGS:
+            if key in tags:
+                self.client.delete_tag(run_id, key)
+        if ended:
+            self.client.set_tag(run_id, "resumed_after", "; ".join(ended)[:5000])
         self.client.update_run(run_id, status="RUNNING")
 
     def latest_parent(self, kind: str = "ablation") -> Optional[str]:
@@ -144,7 +158,8 @@ class Tracker:
         """Get or create the child run of (method, seed, phase) under the parent: (run_id, status)."""
         runs = self.client.search_runs([self.experiment_id], filter_string=(
             f"tags.`{T_PARENT}` = '{self.parent_run_id}' and tags.{T_METHOD} = '{method}' and "
-            f"tags.{T_SEED} = '{seed}' and tags.{T_PHASE} = '{phase}'"), max_results=5)
+            f"tags.{T_SEED} = '{seed}' and tags.{T_PHASE} = '{phase}' and attributes.run_name = '{run_name}'"),
+            max_results=5)
         if runs:
             return runs[0].info.run_id, runs[0].info.status
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
@@ -175,7 +190,11 @@ class Tracker:
         for run in self.children(phase="train", status="FINISHED"):
             m = run.data.metrics
             if all(f"test_dsc_{cls}" in m for cls in CLASSES):
-                records.append({"method": run.data.tags[T_METHOD], "seed": int(run.data.tags[T_SEED]),
+                tags = run.data.tags
+                records.append({"method": tags[T_METHOD], "seed": int(tags[T_SEED]),
+                                "draw": int(tags[T_DRAW]) if tags.get(T_DRAW) else None,
+                                "fold": int(tags[T_FOLD]) if tags.get(T_FOLD) else None,
+                                "variant": tags.get(T_VARIANT, ""),
                                 **{cls: m[f"test_dsc_{cls}"] for cls in CLASSES},
                                 "no_learning": run.data.tags.get("no_learning") == "true"})
         return records

@@ -130,14 +130,41 @@ def _ablation_trial(trial: dict[str, Any], ctx: dict[str, Any]) -> None:
     for run in trial["runs"]:
         cfg = config_from_dict(run["config"])
         out_dir = root / run["name"]
+        tags = identity_tags(run)
         if run["phase"] == "search":
-            _phase(tracker, run["method"], run["seed"], "search", cfg, out_dir)
+            _phase(tracker, run["method"], run["seed"], "search", cfg, out_dir, tags=tags)
             continue
-        result = _phase(tracker, run["method"], run["seed"], "train", cfg, out_dir, carry,
+        if run.get("genotype_draw") is not None:
+            draw_genotype(run["method"], run["genotype_draw"], Path(cfg.model.genotype))
+        result = _phase(tracker, run["method"], run["seed"], "train", cfg, out_dir, carry, tags=tags,
                         log_model=ctx.get("log_model", True))
         # a final report: the trial's result row in Tune's table (test DSC in %)
         tune.report({"phase": "done", "run": out_dir.name,
                      **{f"test_{k}": 100 * v for k, v in result.test["dsc"].items()}})
+
+
+def identity_tags(run: dict[str, Any]) -> dict[str, str]:
+    """A run's place in the grid as MLflow tags (draw, fold, variant and each axis value)."""
+    tags = {key: str(run[key]) for key in (tracking.T_DRAW, tracking.T_FOLD) if run.get(key) is not None}
+    if run.get("variant"):
+        tags[tracking.T_VARIANT] = run["variant"]
+    for key, value in (run.get("axes") or {}).items():
+        tags[tracking.T_AXIS + key] = str(value)
+    if run.get("genotype_draw") is not None:
+        tags["genotype_draw_seed"] = str(run["genotype_draw"])
+    return tags
+
+
+def draw_genotype(method: str, seed: int, path: Path) -> Path:
+    """A random control's genotype (``Genotype.random`` of the method's combination and search mode,
+    drawn with ``seed``) saved at ``path``, once: a retried trial keeps the genotype it trained."""
+    from nas_core.search_space.genotype import Genotype
+    from orchestrator.specs import METHODS
+
+    if not path.is_file():
+        m = METHODS[method]
+        Genotype.random(m.combine, m.search, seed).save(path)
+    return path
 
 
 def hpo_trial(config: dict[str, Any]) -> None:

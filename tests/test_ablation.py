@@ -164,6 +164,56 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
     assert all(line in rebuilt.stdout for line in printed)
 
 
+# a random control, one axis and 2 patient folds (issue 23): 12 images of 64 px make 4 synthetic
+# patients, so each fold tests 2 and keeps one for validation and one for training
+GRID = {**TINY, "name": "grid", "methods": ["unet", "random-s-shared"], "seeds": 1,
+        "axes": {"train.lr": [1.0e-4, 1.0e-3]},
+        "data": {**TINY["data"], "synthetic_images": 12, "folds": 2, "split_by": "patient"},
+        "epochs": {"train": 1, "train_iters": 2}, "max_concurrent": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_grid_with_a_random_control_an_axis_and_folds_runs_end_to_end(home, tmp_path):
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(yaml.safe_dump(GRID))
+    env = {"NAS_SCAM_HOME": str(home)}
+    plan = _finish(_cli("ablate", str(spec), "--plan", env=env), timeout=300)
+    assert "grid: 2 methods x 1 seeds x train.lr in [0.0001, 0.001] x 2 patient folds" in plan, plan[-3000:]
+    assert "total: 8 trials" in plan
+
+    out = _finish(_cli("ablate", str(spec), env=env))
+    assert "Traceback" not in out and "8/8 train trials done" in out, out[-5000:]
+    for variant in ("train.lr=0.0001", "train.lr=0.001"):
+        assert f"[{variant}] U-Net (2 folds)" in out and f"[{variant}] Random-S, shared (control) (2 folds)" in out
+    root = home / "runs" / "grid"
+    for lr in ("0.0001", "0.001"):
+        for fold in (0, 1):
+            run = root / f"train__random-s-shared__seed0__fold{fold}__train.lr={lr}"
+            geno = json.loads((run / "genotype.json").read_text())  # drawn per seed: the same in every cell
+            assert geno == json.loads((root / "train__random-s-shared__seed0__fold0__train.lr=0.0001"
+                                       / "genotype.json").read_text())
+            assert geno["search"] == "shared" and len({tuple(c) for c in geno["sam"]}) == 1
+            result = json.loads((run / "result.json").read_text())
+            assert len(result["test"]["images"]) == 6  # 2 test patients of 3 images
+    assert (root / "table2" / "per_fold.csv").is_file()
+
+    # MLflow children carry the grid's identity as tags
+    c, exp, runs = _runs(home, "grid")
+    kids = [r for r in runs if r.data.tags.get("phase") == "train"]
+    assert len(kids) == 8
+    assert {(r.data.tags["fold"], r.data.tags["axis.train.lr"]) for r in kids} == {
+        (f, lr) for f in ("0", "1") for lr in ("0.0001", "0.001")}
+    assert all(r.data.tags["variant"] == f"train.lr={r.data.tags['axis.train.lr']}" for r in kids)
+
+    # the paired comparison, over the 12 test images of both folds
+    cmp = subprocess.run([sys.executable, "-m", "orchestrator.cli", "compare", "grid", "random-s-shared", "unet",
+                          "--variant", "train.lr=0.001", "--resamples", "500"], cwd=ROOT,
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert cmp.returncode == 0, cmp.stderr
+    assert "over 12 paired test images" in cmp.stdout and "Average" in cmp.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_killed_driver_resumes_without_rerunning_finished_trials(home, tmp_path):

@@ -32,6 +32,11 @@ SMOKE = {"kind": "ablation", "name": "smoke", "preset": "smoke", "methods": ["un
          "resources": {"cpu": 1}}
 SEARCH = {"kind": "search", "name": "smoke-search", "method": "nas-scam-p-sync", "preset": "smoke",
           "resources": {"cpu": 1}}
+# the grid of issue 23 through the API: one axis and 2 patient folds (12 images: 4 synthetic patients)
+GRID = {"kind": "ablation", "name": "smoke-grid", "preset": "smoke", "methods": ["unet"], "seeds": 1,
+        "axes": {"train.lr": [1.0e-4, 1.0e-3]}, "epochs": {"train": 1, "train_iters": 2},
+        "data": {"synthetic_images": 12, "synthetic_size": 64, "crop_size": 32, "stride": 32, "folds": 2,
+                 "split_by": "patient"}, "resources": {"cpu": 1}}
 # long enough to be caught running; cancelled long before it ends
 LONG = {"kind": "train", "name": "long", "method": "unet", "preset": "smoke", "epochs": {"train": 1000},
         "resources": {"cpu": 1}}
@@ -139,7 +144,7 @@ def finished_runs(server):
     """The smoke ablation (Tune path) and a smoke search (single-run path), launched together and awaited."""
     with server.client() as c:
         ids = {}
-        for name, spec in (("ablation", SMOKE), ("search", SEARCH)):
+        for name, spec in (("ablation", SMOKE), ("search", SEARCH), ("grid", GRID)):
             resp = c.post("/v1/runs", json=spec)
             assert resp.status_code == 202, resp.text
             body = resp.json()
@@ -170,9 +175,10 @@ def test_parser_bombs_get_422_on_a_kept_connection(server):
 
 def test_hpo_whose_trials_all_fail_is_failed(server):
     """Issue 15: an HPO run whose only trial failed was reported succeeded (Tune's get_best_result
-    returns a lone trial even when it errored). An unknown loss passes the config and fails in the trial."""
+    returns a lone trial even when it errored). Augmentation probabilities summing past 1 (the paper's
+    5 x 0.2, times 10) pass the config and fail in the trial (an unknown loss did, until issue 22)."""
     spec = {"kind": "hpo", "name": "hpo-fails", "method": "unet", "preset": "smoke", "num_samples": 1,
-            "space": {"loss.name": {"type": "choice", "values": ["no-such-loss"]}}, "resources": {"cpu": 1}}
+            "space": {"augment.strength": {"type": "choice", "values": [10.0]}}, "resources": {"cpu": 1}}
     with server.client() as c:
         resp = c.post("/v1/runs", json=spec)
         assert resp.status_code == 202, resp.text
@@ -204,6 +210,18 @@ def test_smoke_ablation_runs_to_its_table(server, finished_runs):
         assert c.get(f"/v1/runs/{run['id']}/genotype").status_code == 404  # a baseline has no search
         logs = c.get(f"/v1/runs/{run['id']}/logs").json()
         assert "run-spec" in logs["logs"] and logs["status"] == "succeeded"
+
+
+def test_grid_ablation_tables_each_variant_over_its_folds(server, finished_runs):
+    run = finished_runs["grid"]
+    with server.client() as c:
+        assert run["status"] == "succeeded", c.get(f"/v1/runs/{run['id']}/logs").json()["logs"][-3000:]
+        # 2 variants x 2 folds, counted from the plan
+        assert run["progress"] == {"total": 4, "finished": 4, "failed": 0, "running": 0, "fraction": 1.0}
+        table = c.get(f"/v1/runs/{run['id']}/table").json()
+        avg = [r for r in table["rows"] if r["class"] == "Average"]
+        assert sorted(r["variant"] for r in avg) == ["train.lr=0.0001", "train.lr=0.001"]
+        assert all(r["method"] == "unet" and r["n"] == 1 and r["folds"] == 2 for r in avg)
 
 
 def test_predict_with_the_smoke_model(server, finished_runs):

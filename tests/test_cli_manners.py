@@ -55,8 +55,10 @@ def test_model_info_and_ablate_share_method_names(capsys):
     # every Table 2 baseline is a registry model of the same name; NAS-SCAM ids add their search mode
     for method in METHODS.values():
         assert method.model in model_names()
-        if not method.needs_search:
+        if method.search is None:
             assert method.model == method.id
+        elif method.control_of:  # a random control names the searched variant it controls
+            assert METHODS[method.control_of].model == method.model
     # the old registry names still build the same model and say their canonical name
     for old, new in MODEL_ALIASES.items():
         assert create_model(old).model_spec["name"] == new

@@ -67,6 +67,20 @@ def test_retrain_from_genotype_and_checkpoint_describes_itself(data_root, tmp_pa
     model, meta = load_checkpoint(res.checkpoint_path)  # no flags needed
     assert meta["genotype"] == g.to_dict()
     assert json.loads((tmp_path / "train" / "metrics.json").read_text())["test"]["n_images"] >= 1
+    # one row per test image in result.json: id, patient, DSC per class (null when undefined), pixel sums
+    rows = json.loads((tmp_path / "train" / "result.json").read_text())["test"]["images"]
+    from nas_core.data import ensure_dataset
+
+    data = ensure_dataset(cfg.data, data_root, cfg.data.seed, progress=False)
+    assert [r["id"] for r in rows] == data.image_ids("test") and len(rows) == res.test["n_images"]
+    patients = {m["id"]: m["patient"] for m in data.manifest["images"]}
+    assert all(r["patient"] == patients[r["id"]] is not None for r in rows)
+    for name in CLASS_BY_ID.values():
+        assert all(r[f"dsc_{name}"] is None or 0 <= r[f"dsc_{name}"] <= 1 for r in rows)
+        assert all((r[f"dsc_{name}"] is None) == (r[f"pred_{name}"] + r[f"gt_{name}"] == 0) for r in rows)
+        denom = sum(r[f"pred_{name}"] + r[f"gt_{name}"] for r in rows)
+        if denom:  # the rows' sums give back the global DSC
+            assert 2 * sum(r[f"inter_{name}"] for r in rows) / denom == pytest.approx(res.test["dsc"][name])
 
 
 def test_a_run_depends_on_its_seed_not_on_the_process_rng(data_root, tmp_path):
@@ -356,3 +370,33 @@ def test_predict_feeds_the_model_the_checkpoints_stain_normalisation(tmp_path, m
     assert not np.array_equal(expected, image)  # normalisation changes this image
     np.testing.assert_array_equal(seen[0], expected)
     np.testing.assert_array_equal(seen[1], StainNormalizer("macenko")(np.ascontiguousarray(image[..., ::-1])))
+
+
+def test_uniform_sampler_feeds_the_loops_windows_of_every_kind(data_root, tmp_path, monkeypatch):
+    """train.sampler / search.sampler reach the loops: uniform batches may hold windows without a nucleus
+    (the balanced sampler's buckets never do) and have the balanced batch size."""
+    from nas_core.data import dataset as ds
+
+    seen = {"uniform": [], "balanced": []}
+    real_u, real_b = ds.UniformBatchSampler.batch, ds.ClassBalancedBatchSampler.batch
+    monkeypatch.setattr(ds.UniformBatchSampler, "batch", lambda s, k: seen["uniform"].append(real_u(s, k))
+                        or seen["uniform"][-1])
+    monkeypatch.setattr(ds.ClassBalancedBatchSampler, "batch", lambda s, k: seen["balanced"].append(real_b(s, k))
+                        or seen["balanced"][-1])
+    cfg = tiny_cfg(data_root, "model.name=nas-scam-p", "search.sampler=uniform")
+    run_search(cfg, tmp_path / "search")
+    assert seen["uniform"] and not seen["balanced"]  # w and alpha batches both uniform
+    run_train(tiny_cfg(data_root, "model.name=unet", "train.sampler=uniform", "train.epochs=1",
+                       "train.iters_per_epoch=40"), tmp_path / "train")
+    bucketed = set()
+    from nas_core.data.prepare import ensure_dataset
+
+    data = ensure_dataset(cfg.data, data_root, cfg.data.seed, progress=False)
+    for v in data.buckets.values():
+        bucketed |= {int(i) for i in v}
+    drawn = {i for b in seen["uniform"][-40:] for i in b}
+    n_windows = len(data.crops("train"))
+    assert all(len(b) == len(set(b)) == sum(1 for v in data.buckets.values() if len(v)) for b in seen["uniform"][-40:])
+    assert drawn <= set(range(n_windows))
+    if len(bucketed) < n_windows:  # windows without a nucleus exist: uniform batches reach them
+        assert drawn - bucketed

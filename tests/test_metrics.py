@@ -72,6 +72,26 @@ def test_global_dsc_differs_from_per_image_mean():
     assert res["n_images"] == 2
 
 
+def test_image_rows_hold_each_images_dsc_and_pixel_sums():
+    (pa, ga), (pb, gb) = two_images()
+    left, right = SegmentationMetrics(), SegmentationMetrics()
+    left.update(pa, ga)
+    right.update(pb, gb)
+    rows = left.merge(right).image_rows(["a", "b"], ["p1", "p2"])
+    a, b = rows
+    assert (a["id"], a["patient"], b["id"], b["patient"]) == ("a", "p1", "b", "p2")
+    assert a["dsc_Epithelial"] == approx(1 / 2) and a["dsc_Macrophage"] == 1.0 and a["dsc_Average"] == approx(3 / 4)
+    assert a["dsc_Lymphocyte"] is None and a["dsc_Neutrophil"] is None  # undefined: JSON null, not NaN
+    assert (a["inter_Epithelial"], a["pred_Epithelial"], a["gt_Epithelial"]) == (2, 4, 4)
+    assert (b["inter_Epithelial"], b["pred_Epithelial"], b["gt_Epithelial"]) == (0, 0, 1) and b["dsc_Epithelial"] == 0
+    # the sums give back the global DSC
+    inter = sum(r["inter_Epithelial"] for r in rows)
+    assert 2 * inter / sum(r["pred_Epithelial"] + r["gt_Epithelial"] for r in rows) == approx(4 / 9)
+    assert SegmentationMetrics().image_rows([]) == []
+    with pytest.raises(ValueError, match="1 image ids .* for 2 scored images"):
+        left.image_rows(["a"])
+
+
 def test_predicted_but_absent_class_scores_zero():
     gt = np.zeros((3, 3), np.uint8)
     gt[0, 0] = 2

@@ -100,7 +100,8 @@ def test_run_ablation_hands_trials_config_dicts(home, counts, monkeypatch):
     ran = []
     monkeypatch.setattr(specs, "parse_spec", lambda *a, **k: pytest.fail("a trial parsed a spec"))
     monkeypatch.setattr(trials, "_unpack", lambda root: None)
-    monkeypatch.setattr(trials, "_phase", lambda tracker, m, s, phase, cfg, out_dir, carry=(), log_model=True:
+    monkeypatch.setattr(trials, "_phase", lambda tracker, m, s, phase, cfg, out_dir, carry=(), log_model=True,
+                        tags=None:
                         ran.append((phase, cfg, out_dir.name, [d.name for d in carry])) or
                         type("R", (), {"test": {"dsc": {"Average": 0.5}}})())
     monkeypatch.setattr(tune, "report", lambda *a, **k: None)

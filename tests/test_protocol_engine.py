@@ -119,9 +119,9 @@ def test_code_search_of_70_epochs_takes_the_genotype_from_63_66_or_69(data_root,
     real = {"w": search_mod.train_batches, "alpha": search_mod.alpha_batches}
 
     def spy(kind):
-        def batches(ctx, per_class, n, epoch, start):
+        def batches(ctx, per_class, n, epoch, start, sampler="balanced"):
             starts.append((epoch, kind, n, start))
-            return real[kind](ctx, per_class, n, epoch, start)
+            return real[kind](ctx, per_class, n, epoch, start, sampler)
         return batches
     monkeypatch.setattr(search_mod, "train_batches", spy("w"))
     monkeypatch.setattr(search_mod, "alpha_batches", spy("alpha"))

@@ -140,7 +140,7 @@ def test_table_eval_data_rescores_each_kept_checkpoint(syn_folder, tmp_path, mon
     root = home / "runs" / "abl"
     _fake_ablation(root)
     found, skipped = find_checkpoints(root)
-    assert sorted((m, s) for m, s, _ in found) == [("scse", 0), ("scse", 1), ("unet", 0), ("unet", 1)]
+    assert sorted((r.method, r.seed) for r, _ in found) == [("scse", 0), ("scse", 1), ("unet", 0), ("unet", 1)]
     assert skipped and "train__cbam__seed0" in skipped[0]
 
     outcome = rescore_ablation(root, syn_folder, device="cpu")

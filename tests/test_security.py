@@ -150,7 +150,8 @@ def test_every_string_field_of_the_run_config_is_classified():
 
     not_paths = {"device", "model.name", "model.search", "model.zero_op", "model.impl", "data.layout",
                  "data.stain", "data.split", "data.split_by", "augment.pipeline", "loss.name", "protocol", "compile",
-                 "search.alternation", "data.grid", "search.val_timing", "train.val_timing"}
+                 "search.alternation", "data.grid", "search.val_timing", "train.val_timing", "search.sampler",
+                 "train.sampler"}
 
     def strings(cls, prefix=""):
         for f in dataclasses.fields(cls):
@@ -175,8 +176,8 @@ def test_every_string_field_of_the_run_config_is_classified():
     ({**SMOKE, "seeds": [2**40]}, "seeds"),
     ({**HPO, "num_samples": 1001}, "num_samples"),
     ({**HPO, "grace_period": 10**6}, "grace_period"),
-    ({**SMOKE, "epochs": {"train": 10**6}}, "train.epochs"),
-    ({**SMOKE, "epochs": {"search": 10**6}}, "search.epochs"),
+    ({**SMOKE, "epochs": {"train": 10**6}}, "epochs.train"),  # as written; bounded by LIMITS
+    ({**SMOKE, "epochs": {"search": 10**6}}, "epochs.search"),
     ({**SMOKE, "overrides": {"train.epochs": 10**6}}, "train.epochs"),
     ({**SMOKE, "overrides": {"train": {"iters_per_epoch": 10**9}}}, "train.iters_per_epoch"),
     ({**HPO, "space": {"train.epochs": {"type": "int", "low": 1, "high": 10**7}}}, "train.epochs"),
@@ -410,3 +411,173 @@ def test_bounded_schemathesis_run_finds_no_server_error(settings):
         run()
     assert not failures, "\n".join(failures[:10])
     assert calls >= 13
+
+
+# ---------------------------------------------------------------- issue 22: bounds before expansion, finite, Unicode
+def _raw_post(client, spec: dict):
+    # json.dumps escapes a lone surrogate as "\ud800"; httpx's json= cannot encode one at all
+    return client.post("/v1/runs", content=json.dumps(spec), headers={"Content-Type": "application/json"})
+
+
+def test_a_huge_search_is_refused_before_its_epochs_are_listed(accepting):
+    # 10**8 epochs took 42 s and 5 GB before the 422 (the validation epochs were listed first)
+    started = time.monotonic()
+    for spec in ({**SEARCH, "epochs": {"search": 100_000_000}}, {**SEARCH, "overrides": {"search.epochs": 10**9}}):
+        err = _error(accepting.post("/v1/runs", json=spec), 422, "validation_error")
+        assert "search" in err["message"] and "100000" in err["message"], err
+    assert time.monotonic() - started < 10 and not accepting.jobs.submitted
+
+
+def test_healthz_answers_while_a_spec_is_validated(settings, monkeypatch):
+    import api.validation
+    from orchestrator.specs import parse_spec
+
+    def slow_parse(data, source="spec"):
+        time.sleep(1.5)  # a spec whose configs take long to build
+        return parse_spec(data, source)
+
+    monkeypatch.setattr(api.validation, "parse_spec", slow_parse)
+    app = create_app(settings, _service(settings, FakeJobs()))
+
+    async def both():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api", headers={"X-API-Key": KEY}) as c:
+            started = time.monotonic()
+            post = asyncio.create_task(c.post("/v1/runs", json=SMOKE))
+            await asyncio.sleep(0.3)  # a loop that validates on itself wakes from this only after 1.5 s
+            health = await c.get("/healthz")
+            return health.status_code, time.monotonic() - started, (await post).status_code
+
+    health, answered, posted = asyncio.run(both())
+    assert health == 200 and posted == 202
+    assert answered < 1.2, f"/healthz answered after {answered:.1f} s, behind a spec's validation"
+
+
+@pytest.mark.parametrize("raw", ["1e400", "-1e400"])
+@pytest.mark.parametrize("key", ["train.lr", "augment.strength", "search.lr_alpha"])
+def test_an_infinite_float_is_422_naming_the_key(accepting, key, raw):
+    body = json.dumps({**SMOKE, "overrides": {key: 0.5}}).replace("0.5", raw)
+    err = _error(accepting.post("/v1/runs", content=body, headers={"Content-Type": "application/json"}),
+                 422, "validation_error")
+    assert f"{key}: expected a finite number" in err["message"], err
+    assert not accepting.jobs.submitted
+
+
+def test_an_unknown_loss_is_422_listing_the_valid_ones(accepting):
+    for spec in ({**SMOKE, "overrides": {"loss.name": "dice"}},
+                 {**HPO, "space": {"loss.name": {"type": "choice", "values": ["exp_log", "dice"]}}}):
+        err = _error(accepting.post("/v1/runs", json=spec), 422, "validation_error")
+        assert "loss.name: 'dice' is not a registered loss; valid names: bce, exp_log" in err["message"], err
+    assert not accepting.jobs.submitted
+
+
+@pytest.mark.parametrize("key", ["model.genotype", "model.name", "seed"])
+def test_an_identity_key_in_overrides_is_refused_not_dropped(accepting, key):
+    value = {"seed": 3}.get(key, "/etc/passwd")
+    err = _error(accepting.post("/v1/runs", json={**SMOKE, "overrides": {key: value}}), 422, "validation_error")
+    assert f"overrides.{key}:" in err["message"] and "use the spec field" in err["message"], err
+    assert not accepting.jobs.submitted
+
+
+def test_a_size_key_is_checked_the_same_in_overrides(accepting):
+    for spec in ({**SMOKE, "data": {"synthetic_images": 1}}, {**SMOKE, "overrides": {"data.synthetic_images": 1}},
+                 {**SMOKE, "overrides": {"data.crop_size": 256, "data.stride": 1}}):
+        err = _error(accepting.post("/v1/runs", json=spec), 422, "validation_error")
+        assert "synthetic_images" in err["message"] or "data.stride" in err["message"], err
+    assert not accepting.jobs.submitted
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({**SMOKE, "data": {"source": "/data/\ud800"}}, "data.source"),
+    ({**SMOKE, "overrides": {"out_dir": "\ud800"}}, "overrides.out_dir"),
+    ({"kind": "train", "name": "t", "method": "nas-scam-p-sync", "genotype": "/x/\ud800.json"}, "genotype"),
+    ({**HPO, "space": {"data.source": {"type": "choice", "values": ["/\ud800"]}}}, "space.data.source.values.0"),
+    ({**SMOKE, "overrides": {"\ud800": 1}}, "overrides"),
+])
+def test_a_lone_surrogate_is_422_naming_the_field(accepting, spec, field):
+    err = _error(_raw_post(accepting, spec), 422, "validation_error")
+    assert err["message"].startswith(f"{field}: not valid Unicode"), err
+    assert not accepting.jobs.submitted
+
+
+def test_check_path_refuses_a_lone_surrogate(settings):
+    from api.errors import ApiError
+    from api.validation import check_path
+
+    with pytest.raises(ApiError) as err:
+        check_path("data.source", f"{settings.data_roots[0]}/\ud800", settings)
+    assert err.value.status == 422 and "data.source: not valid Unicode" in str(err.value)
+
+
+def _tiff(entries: list[tuple[int, int]], pixels: bytes = b"\0" * 100) -> bytes:
+    """A little-endian baseline TIFF, one strip of 8-bit grey, with the (tag, LONG value) ``entries`` first
+    and in that order (repeats included)."""
+    n = len(entries) + 6
+    data_at = 8 + 2 + 12 * n + 4
+    tags = [*entries, (258, 8), (259, 1), (262, 1), (273, data_at), (278, 10), (279, len(pixels))]
+    ifd = struct.pack("<H", n) + b"".join(struct.pack("<HHII", tag, 4, 1, value) for tag, value in tags)
+    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + pixels
+
+
+@pytest.mark.parametrize("first, then", [(20000, 10), (10, 20000)])
+def test_a_tiff_that_declares_its_size_twice_is_refused_before_decoding(client, settings, monkeypatch, first, then):
+    # libtiff (OpenCV) reads the first ImageWidth/ImageLength, the old check the last: 20000 x 20000 was
+    # decoded behind a 10 x 10 header (+2.3 GB per request)
+    ckpt = settings.data_roots[0] / "m.pt"
+    ckpt.write_bytes(b"x")
+    decoded = []
+    monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: decoded.append(1))
+    raw = _tiff([(256, first), (256, then), (257, first), (257, then)])
+    err = _error(client.post("/v1/predict", params={"checkpoint": str(ckpt)}, content=raw), 422, "bad_image")
+    assert f"ImageWidth twice ({first}, then {then})" in err["message"] and not decoded
+    assert image_size(_tiff([(256, 10), (257, 10), (256, 10)])) == ("tiff", 10, 10)  # a harmless repeat
+
+
+# ---------------------------------------------------------------- issue 22: a server that stops its head
+class StoppableJobs(FakeJobs):
+    """Jobs that run until stopped, as Ray's job API reports them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stopped = []
+
+    def stop_job(self, submission_id):
+        self.stopped.append(submission_id)
+        return True
+
+    def get_job_status(self, submission_id):
+        return "STOPPED" if submission_id in self.stopped else "RUNNING"
+
+    def get_job_info(self, submission_id):
+        status = self.get_job_status(submission_id)
+
+        class Info:
+            message, start_time, end_time = "", None, None
+        Info.status = status
+        return Info()
+
+
+def test_runs_on_a_stopping_head_are_stopped_lost_and_resume_clean(settings):
+    service, rec, c, parent, child = _lost_run(settings)
+    jobs = StoppableJobs()
+    jobs.known.add(rec.submission_id)
+    service.jobs = JobServer(settings.ray_dashboard, client=jobs)
+    assert service.get("lost1").status == "running"
+
+    assert service.abandon_active("the server stopped", wait_s=5) == ["lost1"]
+    assert jobs.stopped == ["nas-scam-lost1"]  # the driver does not outlive the head
+    lost = service.store.get("lost1")
+    assert lost.status == "lost" and "the server stopped" in lost.message and "/resume" in lost.message
+    for run_id in (parent, child):
+        run = c.get_run(run_id)
+        assert run.info.status == "FAILED" and "the server stopped" in run.data.tags["stopped"]
+    assert service.abandon_active("again") == []  # nothing active is left
+
+    # a resumed parent and child run again and end without the old "stopped" tag (it was kept on FINISHED)
+    tracker = tracking.Tracker.attach(settings.tracking_uri, lost.experiment_id, parent)
+    for run_id in (parent, child):
+        tracker.reopen(run_id)
+        tracker.finish(run_id)
+        tags = c.get_run(run_id).data.tags
+        assert c.get_run(run_id).info.status == "FINISHED" and "stopped" not in tags
+        assert "the server stopped" in tags["resumed_after"]

@@ -1,10 +1,13 @@
+import re
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from orchestrator.specs import (METHODS, AblationSpec, HpoSpec, RunSpec, SpecError, build_config, load_spec,
-                                parse_spec, run_name)
+from nas_core.config import LIMITS, nest_dotted
+from orchestrator.specs import (IDENTITY_KEYS, METHODS, PAPER_METHODS, AblationSpec, HpoSpec, RunSpec, SpecError, build_config,
+                                load_spec, parse_spec, run_name)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_specs_load():
     t2 = load_spec(ROOT / "experiments" / "table2.yaml")
     assert isinstance(t2, AblationSpec)
-    assert t2.methods == list(METHODS) and t2.seed_list == [0, 1, 2]
+    assert t2.methods == list(PAPER_METHODS) and t2.seed_list == [0, 1, 2]
     assert (t2.repeat, t2.std) == ("retrain", "population")
     hpo = load_spec(ROOT / "experiments" / "hpo.yaml", preset="smoke")
     assert isinstance(hpo, HpoSpec)
@@ -22,7 +25,7 @@ def test_shipped_specs_load():
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_builds_its_config(method, tmp_path):
     spec = parse_spec({"methods": [method], "preset": "smoke", "seeds": [4]})
-    geno = tmp_path / "g.json" if METHODS[method].needs_search else None
+    geno = tmp_path / "g.json" if METHODS[method].search else None  # searched or drawn
     cfg = build_config(spec, method, 4, data_root=tmp_path, genotype=geno)
     assert cfg.model.name == METHODS[method].model and cfg.seed == 4
     assert cfg.data.cache_dir == str(tmp_path)
@@ -123,13 +126,13 @@ def test_a_huge_seed_count_is_refused_without_building_the_list():
 
 def test_trial_configs_cover_every_method_choice_and_range_end():
     spec = parse_spec({"kind": "hpo", "preset": "smoke", "space": {
-        "loss.name": {"type": "choice", "values": ["exp_log", "exp_log_dice", "dice"]},
+        "loss.name": {"type": "choice", "values": ["exp_log", "exp_log_dice", "soft_dice"]},
         "train.epochs": {"type": "int", "low": 2, "high": 9}}})
     labels = [label for label, _ in spec.configs]
     assert len(labels) == 1 + 3 + 2 and labels[0] == "method 'unet'"
     assert sorted(cfg.train.epochs for _, cfg in spec.configs) == [2, 4, 4, 4, 4, 9]  # smoke: 4 epochs
     # the protocol table names the loss (exp_log for paper), so no config leaves it None
-    assert {cfg.loss.name for _, cfg in spec.configs} == {"exp_log", "exp_log_dice", "dice"}
+    assert {cfg.loss.name for _, cfg in spec.configs} == {"exp_log", "exp_log_dice", "soft_dice"}
     ablation = parse_spec({"methods": ["unet", "nas-scam-p-sync"], "preset": "smoke", "seeds": [5, 6]})
     assert [(label, cfg.seed) for label, cfg in ablation.configs] == [("method 'unet'", 5),
                                                                       ("method 'nas-scam-p-sync'", 5)]
@@ -146,3 +149,47 @@ def test_every_shipped_experiment_file_loads(path):
         assert load_spec(str(path)).configs
     else:
         assert load_config(path).protocol in ("paper", "code")
+
+
+# ---------------------------------------------------------------- one check per key, whichever way it came (issue 22)
+@pytest.mark.parametrize("key, value", [("data.synthetic_images", 1), ("data.synthetic_size", 8),
+                                        ("data.crop_size", 8192), ("data.stride", 8192),
+                                        ("search.epochs", 10**8), ("train.iters_per_epoch", 0)])
+def test_a_key_is_bounded_the_same_by_every_path(key, value):
+    # `data: {synthetic_images: 1}` was refused while `overrides: {data.synthetic_images: 1}` passed
+    section, leaf = key.split(".")
+    short = {"search.epochs": "epochs.search", "train.iters_per_epoch": "epochs.train_iters"}.get(key, key)
+    low, high = LIMITS[key]
+    bound = f">= {low}" if value < low else f"<= {high}"
+    ways = [(nest_dotted({short: value}), short, f"{'greater' if value < low else 'less'} than or equal to"),
+            ({"overrides": {key: value}}, key, f"must be {bound}"),
+            ({"overrides": {section: {leaf: value}}}, key, f"must be {bound}")]
+    for extra, field, words in ways:
+        with pytest.raises(SpecError) as err:
+            parse_spec({"kind": "search", "method": "nas-scam-p-sync", **extra}, "my.yaml")
+        assert field in str(err.value) and words in str(err.value), str(err.value)
+    if section != "search":  # an HPO space holds retraining keys only
+        with pytest.raises(SpecError, match=rf"space\.{re.escape(key)}={value}: {re.escape(key)} must be {bound}"):
+            parse_spec({"kind": "hpo", "space": {key: {"type": "choice", "values": [value]}}}, "my.yaml")
+
+
+@pytest.mark.parametrize("key, field", [("model.genotype", "genotype:"), ("model.name", "method:"),
+                                        ("model.search", "method:"), ("seed", "seed:")])
+@pytest.mark.parametrize("nested", [False, True], ids=["dotted", "nested"])
+def test_identity_keys_in_overrides_are_refused_naming_the_field(key, field, nested):
+    # they were overwritten by the method, seed and genotype of each trial without a word
+    overrides = {key: "/etc/passwd"} if not nested else nest_dotted({key: "/etc/passwd"})
+    for data in ({"methods": ["unet"], "overrides": overrides},
+                 {"kind": "search", "method": "nas-scam-p-sync", "overrides": overrides}):
+        with pytest.raises(SpecError, match=rf"overrides\.{re.escape(key)}: .*use the spec field {field}"):
+            parse_spec(data, "my.yaml")
+    assert set(IDENTITY_KEYS) == {"model.name", "model.search", "model.genotype", "seed"}
+
+
+def test_a_search_epoch_count_is_refused_before_it_is_expanded():
+    started = time.monotonic()
+    with pytest.raises(SpecError, match=r"epochs\.search: Input should be less than or equal to 100000"):
+        parse_spec({"kind": "search", "method": "nas-scam-p-sync", "preset": "smoke", "epochs": {"search": 10**9}})
+    with pytest.raises(SpecError, match=r"search\.epochs must be <= 100000"):
+        parse_spec({"kind": "search", "method": "nas-scam-p-sync", "overrides": {"search.epochs": 10**9}})
+    assert time.monotonic() - started < 5

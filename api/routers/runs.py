@@ -47,7 +47,9 @@ _SPEC_BODY = {"requestBody": {"required": True, "description": "a run spec (orch
 async def create_run(request: Request, response: Response, settings: SettingsDep, service: RunServiceDep) -> RunCreated:
     from starlette.concurrency import run_in_threadpool
 
-    spec = parse_body(await request.body(), settings)
+    # off the event loop: building a spec's configs takes a while (HPO spaces, many methods), and
+    # /healthz and the other requests must keep answering meanwhile
+    spec = await run_in_threadpool(parse_body, await request.body(), settings)
     rec = await run_in_threadpool(service.submit, spec)
     response.headers["Location"] = f"/v1/runs/{rec.id}"
     return RunCreated(id=rec.id, status=rec.status, ray_job_id=rec.submission_id, links=links(rec.id))

@@ -12,7 +12,7 @@ _EXPORTS = {
     "DataError": "readers", "list_samples": "readers", "detect_layout": "readers",
     "write_synthetic": "synthetic", "prepare": "prepare", "ensure_dataset": "prepare",
     "PreparedData": "dataset", "CropDataset": "dataset", "ClassBalancedBatchSampler": "dataset",
-    "make_loader": "dataset", "build_augmentation": "augment", "tile_positions": "tiling",
+    "UniformBatchSampler": "dataset",    "make_loader": "dataset", "build_augmentation": "augment", "tile_positions": "tiling",
     "Stitcher": "tiling", "StainNormalizer": "stain", "inspect_source": "inspect",
 }
 __all__ = sorted(_EXPORTS)

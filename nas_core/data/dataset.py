@@ -209,6 +209,41 @@ class ClassBalancedBatchSampler(Sampler):
             yield self.batch(k)
 
 
+class UniformBatchSampler(Sampler):
+    """Batches of crops drawn uniformly at random from all windows of a split (``train.sampler: uniform``).
+
+    The alternative to :class:`ClassBalancedBatchSampler` for small datasets, where one crop per class
+    bucket builds a quarter of every batch around a handful of rare nuclei: here every window of the
+    split's crop grid (those without a nucleus included) is equally likely, so classes appear at their
+    natural frequency. Each batch draws ``batch_size`` distinct windows; batch ``k`` depends only on
+    (windows, batch_size, seed, start + k), like the balanced sampler, so resuming changes nothing.
+    """
+
+    def __init__(self, num_windows: int, batch_size: int, num_batches: int, seed: int = 0, start: int = 0):
+        if num_windows < 1:
+            raise ValueError("UniformBatchSampler: the split has no crop window")
+        if batch_size < 1 or num_batches < 0 or start < 0:
+            raise ValueError(f"batch_size {batch_size} must be >= 1, num_batches {num_batches} and start {start} >= 0")
+        self.num_windows, self.size = int(num_windows), int(batch_size)
+        self.num_batches, self.seed, self.start = int(num_batches), seed, start
+
+    @property
+    def batch_size(self) -> int:
+        return self.size
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batch(self, k: int) -> list[int]:
+        """The stream's batch number ``k``: window indices into the split's crop rows."""
+        rng = np.random.default_rng([self.seed, k, 1])  # 1: a stream apart from the balanced sampler's
+        return [int(i) for i in rng.choice(self.num_windows, size=min(self.size, self.num_windows), replace=False)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k in range(self.start, self.start + self.num_batches):
+            yield self.batch(k)
+
+
 def _worker_init(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     np.random.seed(info.seed % (2 ** 32))

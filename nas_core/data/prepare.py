@@ -83,10 +83,52 @@ def parse_split(spec: str, n: int) -> list[int]:
     return counts
 
 
-def assign_splits(ids: list[str], patients: list[str], split: str, split_by: str, seed: int) -> list[str]:
+def fold_groups(patients: list[str], folds: int, seed: int) -> list[list[str]]:
+    """The patients dealt into ``folds`` groups: shuffled with ``seed``, then each patient (most images
+    first) to the group with the fewest images so far, so the test sets are of similar size. Every
+    patient is in exactly one group."""
+    uniq = sorted(set(patients))
+    if folds > len(uniq):
+        raise ValueError(f"data.folds={folds}: only {len(uniq)} patients to deal into folds")
+    rng = np.random.default_rng([seed, 17])
+    order = [uniq[i] for i in rng.permutation(len(uniq))]
+    order.sort(key=lambda p: -patients.count(p))  # stable: ties keep the shuffled order
+    groups: list[list[str]] = [[] for _ in range(folds)]
+    sizes = [0] * folds
+    for p in order:
+        g = min(range(folds), key=lambda i: (sizes[i], len(groups[i]), i))
+        groups[g].append(p)
+        sizes[g] += patients.count(p)
+    return [sorted(g) for g in groups]
+
+
+def _fold_splits(patients: list[str], split: str, folds: int, fold: int, seed: int) -> list[str]:
+    """Split per image for fold ``fold``: its group tests; the other patients go to train / val by the
+    train:val ratio of ``split`` (at least one val and one train patient), val drawn with ``seed``."""
+    test = set(fold_groups(patients, folds, seed)[fold])
+    rest = sorted(set(patients) - test)
+    parts = [float(x) for x in str(split).split(",")]
+    if len(parts) != 3 or any(x < 0 for x in parts) or parts[0] <= 0:
+        raise ValueError(f"split {split!r}: expected three non-negative numbers (train,val,test)")
+    n_val = int(round(len(rest) * parts[1] / (parts[0] + parts[1])))
+    n_val = min(max(n_val, 1), len(rest) - 1)
+    if n_val < 1:
+        raise ValueError(f"data.folds={folds}: fold {fold} leaves {len(rest)} patient(s) for train and val; need 2")
+    rng = np.random.default_rng([seed, 31, fold])
+    val = {rest[i] for i in rng.permutation(len(rest))[:n_val]}
+    return ["test" if p in test else "val" if p in val else "train" for p in patients]
+
+
+def assign_splits(ids: list[str], patients: list[str], split: str, split_by: str, seed: int,
+                  folds: int = 1, fold: int = 0) -> list[str]:
     """Split name per image. By image: shuffle and cut. By patient: whole patients, greedily to the
-    split furthest below its image target (targets from ``split`` applied to images)."""
+    split furthest below its image target (targets from ``split`` applied to images). With ``folds``
+    > 1 (by patient only): fold ``fold`` of :func:`fold_groups` tests, the rest splits into train/val."""
     n = len(ids)
+    if folds > 1:
+        if split_by != "patient":
+            raise ValueError(f"data.folds={folds} needs split_by 'patient', got {split_by!r}")
+        return _fold_splits(patients, split, folds, fold, seed)
     rng = np.random.default_rng(seed)
     if split_by == "image":
         counts = parse_split(split, n)
@@ -134,6 +176,7 @@ def cache_key(source: Path, options: dict) -> str:
 
 def prepare(source: str | Path, cache_root: str | Path, *, layout: str = "auto", stain: str = "none",
             split: str = "0.6,0.2,0.2", split_by: str = "image", seed: int = 0, crop_size: int = 256,
+            folds: int = 1, fold: int = 0,
             stride: int = 128, grid: str = "release", channel_order: str = "auto", stain_target: Optional[str] = None,
             min_pixels: int = 1, skip_bad: bool = False, progress: bool = True) -> Path:
     """Prepare ``source`` into ``cache_root``; returns the cache folder (see the module docstring).
@@ -153,13 +196,16 @@ def prepare(source: str | Path, cache_root: str | Path, *, layout: str = "auto",
                "crop_size": int(crop_size), "stride": int(stride), "grid": grid, "channel_order": channel_order,
                "stain_target": _file_digest(stain_target), "min_pixels": int(min_pixels),
                "skip_bad": bool(skip_bad)}
+    if folds > 1:  # only then: caches prepared before folds existed keep their keys
+        options.update(folds=int(folds), fold=int(fold))
     normalizer = StainNormalizer(stain)
     if stain_target is not None and stain != "none":
         from .readers import read_image_file
         normalizer.fit(read_image_file(Path(stain_target)))
     final = cache_root / f"{layout}-{cache_key(source, options)}"
     return publish_atomically(final, "manifest.json",
-                              lambda tmp: _build(tmp, source, refs, options, normalizer, tqdm, progress))
+                              lambda tmp: _build(tmp, source, refs, options, normalizer, tqdm, progress,
+                                                 cache_root / "stain-normalised"))
 
 
 def publish_atomically(final: Path, marker: str, build) -> Path:
@@ -195,7 +241,31 @@ def _file_digest(path: Optional[str]) -> Optional[str]:
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
 
 
-def _build(tmp: Path, source: Path, refs, options: dict, normalizer, tqdm, progress: bool) -> None:
+def _normalised(s, normalizer, stain_cache: Optional[Path], options: dict) -> np.ndarray:
+    """``normalizer(s.image)``, kept in ``stain_cache`` per (image content, stain options): the caches of
+    the K patient folds (or of other crop sizes) of one source hold the same pixels, and Macenko takes
+    seconds per image."""
+    if stain_cache is None or normalizer.method == "none":
+        return normalizer(s.image)
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, options["stain"], options["stain_target"],
+                                   options["channel_order"]]).encode())
+    h.update(np.ascontiguousarray(s.image).tobytes())
+    path = stain_cache / f"{h.hexdigest()[:24]}.npy"
+    if path.is_file():
+        try:
+            return np.load(path)
+        except (OSError, ValueError):
+            pass  # a torn file: compute it again
+    image = normalizer(s.image)
+    stain_cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, image)
+    os.replace(tmp, path)
+    return image
+
+
+def _build(tmp: Path, source: Path, refs, options: dict, normalizer, tqdm, progress: bool,
+           stain_cache: Optional[Path] = None) -> None:
     for sub in ("images", "labels", "ignore", "instances"):
         (tmp / sub).mkdir(parents=True)
     images, skipped, notes = [], [], []
@@ -212,7 +282,7 @@ def _build(tmp: Path, source: Path, refs, options: dict, normalizer, tqdm, progr
             skipped.append({"id": ref.id, "files": [str(f) for f in ref.files], "error": str(exc)})
             continue
         try:
-            image = normalizer(s.image)
+            image = _normalised(s, normalizer, stain_cache, options)
         except StainError as exc:
             image = s.image
             s.warnings.append(f"{s.id}: stain normalisation skipped ({exc})")
@@ -230,7 +300,8 @@ def _build(tmp: Path, source: Path, refs, options: dict, normalizer, tqdm, progr
     if not images:
         raise DataError(f"{source}: no image could be read ({len(skipped)} skipped)")
     splits = assign_splits([m["id"] for m in images], [m["patient"] for m in images],
-                           options["split"], options["split_by"], options["seed"])
+                           options["split"], options["split_by"], options["seed"],
+                           options.get("folds", 1), options.get("fold", 0))
     for m, sp in zip(images, splits):
         m["split"] = sp
     pix_arr, nuc_arr = np.array(pix), np.array(nuc)
@@ -320,5 +391,6 @@ def ensure_dataset(data_cfg, root: Path, seed: int, progress: bool = True):
         source, layout = Path(data_cfg.source).expanduser(), data_cfg.layout
     cache = prepare(source, root / "cache", layout=layout, stain=data_cfg.stain, split=data_cfg.split,
                     split_by=data_cfg.split_by, seed=seed, crop_size=data_cfg.crop_size,
-                    stride=data_cfg.stride, grid=data_cfg.grid, progress=progress)
+                    stride=data_cfg.stride, grid=data_cfg.grid, folds=getattr(data_cfg, "folds", 1),
+                    fold=getattr(data_cfg, "fold", 0), progress=progress)
     return PreparedData.open(cache)

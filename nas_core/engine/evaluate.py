@@ -10,7 +10,7 @@ image pixel are not run (their output would be cropped away). Only one batch of 
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,28 +54,40 @@ def predict_probs(model: nn.Module, image: np.ndarray, *, tile: int = 256, strid
 
 
 def evaluate_images(model: nn.Module, items: Iterable[tuple], *, tile: int, stride: int,
-                    device: torch.device | str = "cpu", amp: bool = False, grid: str = "release") -> dict:
-    """items: (image uint8 (H,W,3), label uint8 (H,W), ignore bool (H,W) or None, instances or None)."""
+                    device: torch.device | str = "cpu", amp: bool = False, grid: str = "release",
+                    ids: Optional[Sequence[str]] = None, patients: Optional[Sequence[Optional[str]]] = None) -> dict:
+    """items: (image uint8 (H,W,3), label uint8 (H,W), ignore bool (H,W) or None, instances or None).
+    With ``ids`` (one per item; ``patients`` likewise, optional) the result has per-image ``"images"`` rows."""
     from nas_core.metrics import SegmentationMetrics
 
     acc = SegmentationMetrics()
     for image, label, ignore, instances in items:
         pred = predict_probs(model, image, tile=tile, stride=stride, device=device, amp=amp, grid=grid)
         acc.update(pred, label, ignore=ignore, instances=instances)
-    return acc.compute()
+    out = acc.compute()
+    if ids is not None:
+        out["images"] = acc.image_rows(ids, patients)
+    return out
 
 
 def evaluate_split(model: nn.Module, data, split: str, *, tile: int, stride: int,
-                   device: torch.device | str = "cpu", amp: bool = False, grid: str | None = None) -> dict:
+                   device: torch.device | str = "cpu", amp: bool = False, grid: str | None = None,
+                   images: bool = False) -> dict:
     """Global per-class DSC (the paper's number), per-image DSC, PQ and pixel accuracy on one split.
-    ``grid`` None = the grid the data was prepared with."""
+    ``grid`` None = the grid the data was prepared with; ``images``: add the per-image rows (the
+    manifest's patient of each), off for validations, whose results are flattened into scalars."""
     ids = data.image_ids(split)
     if not ids:
         raise ValueError(f"the {split!r} split holds no images")
     items = ((data.load_image(i), data.load_label(i), data.load_ignore(i), data.load_instances(i)) for i in ids)
+    patients = None
+    if images:
+        patient_of = {m["id"]: m.get("patient") for m in getattr(data, "manifest", {}).get("images", [])}
+        patients = [patient_of.get(i) for i in ids]
     was_training = model.training
     try:
         return evaluate_images(model, items, tile=tile, stride=stride, device=device, amp=amp,
-                               grid=grid or getattr(data, "grid", "release"))
+                               grid=grid or getattr(data, "grid", "release"), ids=ids if images else None,
+                               patients=patients)
     finally:
         model.train(was_training)

@@ -206,29 +206,39 @@ def search_steps(mode: str, lengths: dict) -> tuple[int, int]:
     return lengths["w"], lengths["w"]
 
 
-def train_batches(ctx: RunContext, per_class: int, n_batches: int, epoch: int, start: int) -> Iterator[dict]:
-    """Class-balanced, augmented training batches ``start .. start + n_batches - 1`` of the w stream
-    (the buckets are walked in stored order across epochs); augmentation depends on (seed, epoch)."""
+def train_batches(ctx: RunContext, per_class: int, n_batches: int, epoch: int, start: int,
+                  sampler: str = "balanced") -> Iterator[dict]:
+    """Augmented training batches ``start .. start + n_batches - 1`` of the w stream: class-balanced
+    (the buckets are walked in stored order across epochs) or uniform over the split's windows
+    (``sampler``, the config's ``train.sampler`` / ``search.sampler``); augmentation depends on (seed, epoch)."""
     yield from _bucket_batches(ctx, "train", ctx.data.buckets, per_class, n_batches, start,
-                               seed=ctx.cfg.seed * 100003 + epoch)
+                               seed=ctx.cfg.seed * 100003 + epoch, sampler=sampler)
 
 
-def alpha_batches(ctx: RunContext, per_class: int, n_batches: int, epoch: int, start: int) -> Iterator[dict]:
-    """Alpha-update batches: class-balanced from the validation images' crop buckets and augmented like
-    the w batches (the release's ``yield_data(search=True)``), batches ``start ..`` of the alpha stream."""
+def alpha_batches(ctx: RunContext, per_class: int, n_batches: int, epoch: int, start: int,
+                  sampler: str = "balanced") -> Iterator[dict]:
+    """Alpha-update batches: from the validation images' crops, drawn like the w batches (``sampler``)
+    and augmented like them (the release's ``yield_data(search=True)``), batches ``start ..`` of the
+    alpha stream."""
     if not any(len(v) for v in ctx.data.alpha_buckets.values()):
         raise ConfigError("the validation split has no crop with a nucleus: the alpha update needs validation images")
     yield from _bucket_batches(ctx, "val", ctx.data.alpha_buckets, per_class, n_batches, start,
-                               seed=ctx.cfg.seed * 7919 + epoch + 1)
+                               seed=ctx.cfg.seed * 7919 + epoch + 1, sampler=sampler)
 
 
 def _bucket_batches(ctx: RunContext, split: str, buckets: dict, per_class: int, n_batches: int, start: int,
-                    seed: int) -> Iterator[dict]:
-    from nas_core.data import ClassBalancedBatchSampler, make_loader
+                    seed: int, sampler: str = "balanced") -> Iterator[dict]:
+    from nas_core.data import make_loader
+    from nas_core.data.dataset import ClassBalancedBatchSampler, UniformBatchSampler
 
     dataset = ctx.dataset(split, augment=True)
-    sampler = ClassBalancedBatchSampler(buckets, per_class=per_class, num_batches=n_batches,
-                                        seed=ctx.cfg.seed, start=start)
+    if sampler == "uniform":
+        # the same batch size as the balanced sampler's, so steps and costs compare one to one
+        sampler = UniformBatchSampler(len(ctx.data.crops(split)), _bucket_batch(buckets, per_class), n_batches,
+                                      seed=ctx.cfg.seed, start=start)
+    else:
+        sampler = ClassBalancedBatchSampler(buckets, per_class=per_class, num_batches=n_batches,
+                                            seed=ctx.cfg.seed, start=start)
     loader = make_loader(dataset, sampler, workers=ctx.cfg.data.workers, pin_memory=ctx.device.type == "cuda",
                          seed=seed)
     for batch in loader:

@@ -135,8 +135,8 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
         n_w, n_a = search_steps(mode, lengths)
         model.train()
         w_losses, a_losses = [], []
-        w_iter = train_batches(ctx, s.per_class, n_w, epoch, w_pos) if n_w else None
-        a_iter = alpha_batches(ctx, s.per_class, n_a, epoch, a_pos) if n_a else None
+        w_iter = train_batches(ctx, s.per_class, n_w, epoch, w_pos, s.sampler) if n_w else None
+        a_iter = alpha_batches(ctx, s.per_class, n_a, epoch, a_pos, s.sampler) if n_a else None
         w_pos, a_pos = w_pos + n_w, a_pos + n_a
         n_iter = max(n_w, n_a)
         for it in progress(range(n_iter), n_iter, f"search {epoch + 1}/{s.epochs} [{mode}]"):

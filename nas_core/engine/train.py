@@ -84,7 +84,7 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
     for epoch in range(start, t.epochs):
         metrics = tail.begin(epoch)
         model.train()
-        batches = train_batches(ctx, t.per_class, n_iter, epoch, start=epoch * n_iter)
+        batches = train_batches(ctx, t.per_class, n_iter, epoch, start=epoch * n_iter, sampler=t.sampler)
         losses = [optimisation_step(model, next(batches), opt, ctx, f"train epoch {epoch} iteration {it}")
                   for it in progress(range(n_iter), n_iter, f"train {epoch + 1}/{t.epochs}")]
         epoch_losses(metrics, "train_loss", losses, ctx)
@@ -92,8 +92,9 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
 
     best = read_checkpoint(out_dir / "best.pt")
     load_weights(model, best, out_dir / "best.pt")
+    # test["images"]: per-image rows, so paired comparisons and per-patient breakdowns need no re-scoring
     test = evaluate_split(model, ctx.data, "test", device=ctx.device, amp=ctx.amp,
-                          tile=cfg.data.crop_size, stride=cfg.data.stride, grid=cfg.data.grid)
+                          tile=cfg.data.crop_size, stride=cfg.data.stride, grid=cfg.data.grid, images=True)
     metrics_path = write_json(out_dir / "metrics.json", {"best_epoch": state["best_epoch"], "val": state["best_val"],
                                                         "test": test})
     result = TrainResult(checkpoint_path=out_dir / "best.pt", best_epoch=state["best_epoch"],

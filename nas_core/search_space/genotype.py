@@ -100,6 +100,9 @@ class Genotype:
                 data = json.loads(data)
             except json.JSONDecodeError as exc:
                 raise GenotypeError(f"genotype is not valid JSON: {exc}") from None
+            except RecursionError:  # "[[[[..." deeper than the parser's stack; a genotype is 3 levels deep
+                raise GenotypeError("genotype JSON is nested far too deeply (a genotype is 3 levels deep: "
+                                    "an object of lists of lists of op names)") from None
         if not isinstance(data, Mapping):
             raise GenotypeError(f"genotype JSON must be an object, got {type(data).__name__}")
         unknown = sorted(set(data) - set(_KEYS))
@@ -134,3 +137,24 @@ class Genotype:
         """Every edge of every slot the same op (tests, smoke runs)."""
         e = num_edges(N_NODES)
         return cls(combine, search, ((sam_op,) * e,) * N_SLOTS, ((cam_op,) * e,) * N_SLOTS)
+
+    @classmethod
+    def random(cls, combine: str, search: str, seed: int) -> "Genotype":
+        """A genotype drawn uniformly from the search space: per slot and edge one op of that module's
+        candidates (Zero included, as the search's argmax may pick it), each with equal chance; a
+        ``shared`` genotype draws one cell per module kind for all slots. The architecture control of
+        Li & Talwalkar (UAI 2019) and Yu et al. (ICLR 2020); the same ``seed`` gives the same genotype
+        on every machine (numpy's PCG64)."""
+        import numpy as np
+
+        rng = np.random.default_rng([int(seed), 20200904])  # a stream apart from the run's own seed use
+        e = num_edges(N_NODES)
+        n_cells = 1 if search == "shared" else N_SLOTS
+
+        def draw(kind: str) -> tuple[tuple[str, ...], ...]:
+            names = list(OP_TABLES[kind])
+            cells = tuple(tuple(names[i] for i in rng.integers(0, len(names), size=e)) for _ in range(n_cells))
+            return cells * N_SLOTS if search == "shared" else cells
+
+        sam = draw("sam")
+        return cls(combine, search, sam, draw("cam"))

@@ -1,4 +1,5 @@
-"""`nas-scam ablate | table | ui | hpo`: Table 2 ablations, rebuilding the table, the MLflow UI, HPO."""
+"""`nas-scam ablate | table | report | compare | ui | hpo`: Table 2 ablations, rebuilding the table, the report,
+paired comparisons, the MLflow UI, HPO."""
 
 from __future__ import annotations
 
@@ -43,6 +44,21 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="with --overlay: cpu, cuda or auto")
     p.add_argument("--bgr", action="store_true", help="the --overlay images store R and B swapped")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="paired comparison of two methods of an ablation over its test images: "
+                                       "mean per-image DSC difference with a bootstrap 95%% interval",
+                       description="A minus B in per-image DSC (DSC points), paired by test image (fold, image id), "
+                                   "each method's runs (seeds, draws) of one variant pooled per image; a percentile "
+                                   "bootstrap 95%% interval over images. Global DSC (Table 2) is a different number.")
+    p.add_argument("experiment", help="the ablation's name (its run folder under the runs root)")
+    p.add_argument("a", help="method id A, e.g. nas-scam-p-sync")
+    p.add_argument("b", help="method id B, e.g. random-p-sync")
+    p.add_argument("--variant", help="the axes variant to compare, e.g. data.stain=none (default: the only one "
+                                     "both methods have; '' = the runs without a variant)")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)")
     p.add_argument("--port", type=int, default=5000, help="port of the UI (default 5000)")
@@ -143,7 +159,7 @@ def _tail(args) -> list[str]:
 
 def cmd_ablate(args) -> int:
     from orchestrator.progress import quiet_logging
-    from orchestrator.runner import run_ablation
+    from orchestrator.runner import failure_report, run_ablation
     from orchestrator.settings import get_settings
 
     spec = _load(args, "ablation")  # validated here too: a bad spec never reaches the cluster
@@ -164,13 +180,18 @@ def cmd_ablate(args) -> int:
         outcome = run_ablation(spec, get_settings(), resume=args.resume, log_model=not args.no_model,
                                verbose=args.verbose)
     print(outcome.text)
-    for f in outcome.failures:
-        print(f"FAILED {f['stage']} {f['method']} seed {f['seed']}: {f['error'].splitlines()[0]}", file=sys.stderr)
     if outcome.paths:
         print(f"written: {', '.join(str(p) for p in outcome.paths.values())}")
     print(f"MLflow: experiment {spec.name!r}, parent run {outcome.parent_run_id} at {get_settings().tracking_uri}; "
-          f"nas-scam ui, then {ui_link(outcome.experiment_id)}")
-    return 1 if outcome.failures else 0
+          f"nas-scam ui, then {ui_link(outcome.experiment_id)}", flush=True)
+    if not outcome.failures:
+        return 0
+    # last, where a person looks: what failed, why, and how to go on
+    logs = get_settings().runs_root / spec.name / "logs"
+    print(failure_report(outcome.failures, f"once the cause is fixed, run the same command with --resume: finished "
+                                           f"trials are kept, the failed ones run again (worker logs: {logs})"),
+          file=sys.stderr)
+    return 1
 
 
 def ui_link(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
@@ -200,6 +221,18 @@ def cmd_report(args) -> int:
     from orchestrator.report import cmd_report as run
 
     return run(args)
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from orchestrator.settings import get_settings
+    from orchestrator.stats import compare_runs
+
+    result = compare_runs(get_settings().runs_root / args.experiment, args.a, args.b, variant=args.variant,
+                          resamples=args.resamples, seed=args.seed)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text())
+    return 0
 
 
 def cmd_ui(args) -> int:
