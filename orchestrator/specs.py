@@ -371,7 +371,8 @@ class AblationSpec(_ConfigSpec):
 
     @property
     def folds(self) -> int:
-        return self.data.folds or 1
+        """data.folds as the trials' configs have it (the ``data:`` shorthand, ``overrides:`` or ``--set``)."""
+        return self.base_config(self.methods[0]).data.folds
 
     @property
     def trial_count(self) -> int:

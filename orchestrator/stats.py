@@ -289,13 +289,16 @@ def compare_runs(run_root: str | Path, a: str, b: str, variant: Optional[str] = 
 
 def report_pairs(methods: Iterable[str]) -> list[tuple[str, str]]:
     """The comparisons the report makes: each NAS variant against its random control
-    (``nas-scam-p-sync`` vs ``random-p-sync``) and against U-Net, where both are present."""
+    (``nas-scam-p-sync`` vs ``random-p-sync``) and against U-Net, where both are present; a random
+    control without its searched variant against U-Net."""
     present = set(methods)
     pairs = []
     for m in sorted(present):
         if m.startswith("nas-scam-"):
             control = "random-" + m.removeprefix("nas-scam-")
             pairs += [(m, b) for b in (control, "unet") if b in present]
+        elif m.startswith("random-") and "nas-scam-" + m.removeprefix("random-") not in present and "unet" in present:
+            pairs.append((m, "unet"))  # a control whose searched variant is absent: against U-Net
     return pairs
 
 
@@ -419,3 +422,65 @@ def paired_summary(run_root: str | Path, methods: Iterable[str], resamples: int 
             lines.append(f"  {a} - {b}{f' [{v}]' if v else ''}: {fmt_diff(row['diff'])} "
                          f"{fmt_interval(row['lo'], row['hi'])} over {int(row['n'])} images{mark}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- one axis' effect ----
+
+def variant_values(label: str) -> dict[str, str]:
+    """``data.stain=none+train.lr=0.001`` -> ``{"data.stain": "none", "train.lr": "0.001"}``."""
+    return dict(part.split("=", 1) for part in label.split("+") if "=" in part) if label else {}
+
+
+def axis_effect(frame: pd.DataFrame, method: str, key: str, a: str, b: str,
+                resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED, level: float = LEVEL) -> Comparison:
+    """What moving axis ``key`` from value ``b`` to ``a`` is worth for ``method``: the per-image DSC of each
+    variant with ``key=a`` minus that of the variant equal to it but for ``key=b``, averaged per test
+    image over those variant pairs (the other axes' levels), then the mean over images with a percentile
+    bootstrap interval over images (an image is resampled with all its pairs). Values as in the run names
+    (``axis_label``: ``1e-3`` reads ``0.001``)."""
+    variants = sorted(frame.loc[frame["method"] == method, "variant"].unique())
+    pairs = []
+    for v in variants:
+        values = variant_values(v)
+        if values.get(key) != a:
+            continue
+        twin = {**values, key: b}
+        match = [w for w in variants if variant_values(w) == twin]
+        if match:
+            pairs.append((v, match[0]))
+    if not pairs:
+        found = sorted({variant_values(v).get(key, "?") for v in variants})
+        raise StatsError(f"{method!r}: no pair of variants differing only in {key} ({a} vs {b}); values of {key} "
+                         f"found: {', '.join(found) or 'none'}")
+    diffs = []
+    for va, vb in pairs:
+        mine, theirs = method_images(frame, method, va), method_images(frame, method, vb)
+        both = mine.index.intersection(theirs.index)
+        diffs.append(100.0 * (mine.loc[both] - theirs.loc[both]))
+    per_image = pd.concat(diffs).groupby(level=["fold", "id"]).mean()  # NaN-skipping: defined pairs only
+    rows = []
+    for cls in TABLE_ORDER:
+        d = per_image[cls].to_numpy()
+        d = d[~np.isnan(d)]
+        lo, hi = bootstrap_interval(d, resamples, level, seed)
+        rows.append({"class": cls, "diff": float(d.mean()) if d.size else math.nan, "lo": lo, "hi": hi,
+                     "n": int(d.size), "excludes_zero": bool(lo > 0 or hi < 0)})
+    runs = {f"{key}={a}": [va for va, _ in pairs], f"{key}={b}": [vb for _, vb in pairs]}
+    notes = [f"{len(pairs)} variant pair(s) of {method}, differing only in {key}; per image the mean over pairs"]
+    return Comparison(f"{key}={a}", f"{key}={b}", f"{method}, pooled over the other axes", pd.DataFrame(rows), runs,
+                      int(len(per_image)), {f"{key}={a}": 0, f"{key}={b}": 0}, resamples, seed, level, notes)
+
+
+def axis_effect_runs(run_root: str | Path, method: str, key: str, a: str, b: str,
+                     resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Comparison:
+    """``axis_effect`` on an ablation's run folder (retrains without per-image rows are named)."""
+    from orchestrator.rescore import finished_retrains
+
+    found, _ = finished_retrains(Path(run_root))
+    runs = [r for r in found if r.method == method]
+    if not runs:
+        raise StatsError(f"{run_root}: no finished retrain of method {method!r}")
+    frame, missing = image_frame(runs)
+    if missing:
+        raise StatsError(f"{run_root}: no per-image test rows in {', '.join(missing)}")
+    return axis_effect(frame, method, key, a, b, resamples, seed)

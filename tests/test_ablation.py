@@ -206,6 +206,7 @@ def test_grid_with_a_random_control_an_axis_and_folds_runs_end_to_end(home, tmp_
         (f, lr) for f in ("0", "1") for lr in ("0.0001", "0.001")}
     assert all(r.data.tags["variant"] == f"train.lr={r.data.tags['axis.train.lr']}" for r in kids)
 
+    assert "random-s-shared - unet [train.lr=0.001]:" in out  # the paired comparison under Table 2
     # the paired comparison, over the 12 test images of both folds
     cmp = subprocess.run([sys.executable, "-m", "orchestrator.cli", "compare", "grid", "random-s-shared", "unet",
                           "--variant", "train.lr=0.001", "--resamples", "500"], cwd=ROOT,

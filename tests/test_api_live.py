@@ -33,8 +33,8 @@ SMOKE = {"kind": "ablation", "name": "smoke", "preset": "smoke", "methods": ["un
 SEARCH = {"kind": "search", "name": "smoke-search", "method": "nas-scam-p-sync", "preset": "smoke",
           "resources": {"cpu": 1}}
 # the grid of issue 23 through the API: one axis and 2 patient folds (12 images: 4 synthetic patients)
-GRID = {"kind": "ablation", "name": "smoke-grid", "preset": "smoke", "methods": ["unet"], "seeds": 1,
-        "axes": {"train.lr": [1.0e-4, 1.0e-3]}, "epochs": {"train": 1, "train_iters": 2},
+GRID = {"kind": "ablation", "name": "smoke-grid", "preset": "smoke", "methods": ["unet", "random-s-shared"],
+        "seeds": 1, "axes": {"train.lr": [1.0e-4, 1.0e-3]}, "epochs": {"train": 1, "train_iters": 2},
         "data": {"synthetic_images": 12, "synthetic_size": 64, "crop_size": 32, "stride": 32, "folds": 2,
                  "split_by": "patient"}, "resources": {"cpu": 1}}
 # long enough to be caught running; cancelled long before it ends
@@ -216,12 +216,15 @@ def test_grid_ablation_tables_each_variant_over_its_folds(server, finished_runs)
     run = finished_runs["grid"]
     with server.client() as c:
         assert run["status"] == "succeeded", c.get(f"/v1/runs/{run['id']}/logs").json()["logs"][-3000:]
-        # 2 variants x 2 folds, counted from the plan
-        assert run["progress"] == {"total": 4, "finished": 4, "failed": 0, "running": 0, "fraction": 1.0}
+        # 2 methods x 2 variants x 2 folds, counted from the plan
+        assert run["progress"] == {"total": 8, "finished": 8, "failed": 0, "running": 0, "fraction": 1.0}
         table = c.get(f"/v1/runs/{run['id']}/table").json()
         avg = [r for r in table["rows"] if r["class"] == "Average"]
-        assert sorted(r["variant"] for r in avg) == ["train.lr=0.0001", "train.lr=0.001"]
-        assert all(r["method"] == "unet" and r["n"] == 1 and r["folds"] == 2 for r in avg)
+        assert sorted((r["method"], r["variant"]) for r in avg) == sorted(
+            (m, v) for m in ("unet", "random-s-shared") for v in ("train.lr=0.0001", "train.lr=0.001"))
+        assert all(r["n"] == 1 and r["folds"] == 2 for r in avg)
+        logs = c.get(f"/v1/runs/{run['id']}/logs").json()["logs"]
+        assert "random-s-shared - unet [train.lr=0.001]" in logs  # the paired comparison under Table 2
 
 
 def test_predict_with_the_smoke_model(server, finished_runs):

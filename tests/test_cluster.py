@@ -133,25 +133,29 @@ def _wait_nodes(dash: int, n: int, timeout: float, worker: subprocess.Popen) -> 
 def test_submit_runs_the_ablation_as_a_ray_job_on_two_nodes(cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    # the spec must lie inside the uploaded working dir: the shipped one, shrunk by flags
+    # the spec must lie inside the uploaded working dir: the shipped one, shrunk by flags; the grid of issue
+    # 23 (a random control, one axis, 2 patient folds: 12 images make 4 synthetic patients)
     cmd = [sys.executable, "-m", "orchestrator.cli", "ablate", "experiments/table2.yaml", "--submit",
-           "--preset", "smoke", "--methods", "unet", "--seeds", "2", "--name", "cluster2",
+           "--preset", "smoke", "--methods", "unet,random-s-shared", "--seeds", "1", "--name", "cluster2",
+           "--axis", "train.lr=1e-4,1e-3", "--set", "data.folds=2", "--set", "data.split_by=patient",
            "--set", "train.epochs=1", "--set", "train.iters_per_epoch=2", "--set", "data.crop_size=32",
-           "--set", "data.stride=32", "--set", "data.synthetic_images=6", "--set", "data.synthetic_size=128",
+           "--set", "data.stride=32", "--set", "data.synthetic_images=12", "--set", "data.synthetic_size=64",
            "--no-model"]
     t0 = time.monotonic()
     out = subprocess.run(cmd, cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=600)
     print(f"cluster job wall time {time.monotonic() - t0:.1f} s\n{out.stdout[-3000:]}")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
     assert "submitted job" in out.stdout and "SUCCEEDED" in out.stdout and "Table 2" in out.stdout
+    assert "[train.lr=0.001] Random-S, shared (control) (2 folds)" in out.stdout
 
     c = MlflowClient(cluster["NAS_SCAM_MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("cluster2")
     runs = c.search_runs([exp.experiment_id])
     kids = [r for r in runs if r.data.tags.get("phase") == "train"]
-    assert sorted(r.data.tags["seed"] for r in kids) == ["0", "1"]
+    assert sorted((r.data.tags["method"], r.data.tags["fold"], r.data.tags["axis.train.lr"]) for r in kids) == sorted(
+        (m, f, lr) for m in ("unet", "random-s-shared") for f in ("0", "1") for lr in ("0.0001", "0.001"))
     assert all(r.info.status == "FINISHED" and "test_dsc_Average" in r.data.metrics for r in kids)
-    # the two 1-CPU trials ran at the same time, hence on both nodes
+    # 1-CPU trials ran two at a time, hence on both nodes
     assert len({r.data.tags["ray_node_id"] for r in kids}) == 2
     parent = [r for r in runs if r.data.tags.get("nas_scam_kind") == "ablation"][0]
     assert "table2/table2.md" in {a.path for a in c.list_artifacts(parent.info.run_id, "table2")}

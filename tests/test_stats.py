@@ -288,3 +288,22 @@ def test_report_has_the_paired_and_breakdown_tables(home, tmp_path):
     paired = json.loads((tmp_path / "out" / "paired.json").read_text())
     assert [(p["a"], p["b"]) for p in paired] == [("nas-scam-p-sync", "random-p-sync"), ("nas-scam-p-sync", "unet")]
     assert pd.read_csv(tmp_path / "out" / "dsc_by_organ.csv")["group"].nunique() == 2
+
+
+def test_an_axis_effect_pairs_each_variant_with_its_twin_and_pools_the_other_axes(tmp_path):
+    """sampler=uniform minus sampler=balanced, over two stain levels: per image the mean of the two pairs."""
+    runs = {}
+    for stain, bonus in (("none", 0.10), ("macenko", 0.30)):
+        for sampler, base in (("uniform", 0.5 + bonus), ("balanced", 0.5)):
+            name = f"train__unet__seed0__fold0__data.stain={stain}+train.sampler={sampler}"
+            runs[name] = [image_row(f"img{i}", all_classes(base + 0.01 * i)) for i in range(4)]
+    frame = frame_of(tmp_path, runs)
+    eff = stats.axis_effect(frame, "unet", "train.sampler", "uniform", "balanced", resamples=500)
+    row = eff.table.set_index("class").loc["Average"]
+    assert row["diff"] == pytest.approx(20.0) and row["n"] == 4  # mean of +10 and +30 points per image
+    assert row["lo"] == pytest.approx(20.0) and row["excludes_zero"]  # every image moved by the same amount
+    assert len(eff.runs["train.sampler=uniform"]) == 2
+    back = stats.axis_effect(frame, "unet", "train.sampler", "balanced", "uniform", resamples=500)
+    assert back.table.set_index("class").loc["Average", "diff"] == pytest.approx(-20.0)
+    with pytest.raises(stats.StatsError, match="values of loss.name found: \\?"):
+        stats.axis_effect(frame, "unet", "loss.name", "bce", "exp_log")

@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     _common(p)
     p.add_argument("--seeds", type=int, help="number of seeds (overrides the spec's seeds:)")
     p.add_argument("--methods", help="comma-separated method ids (overrides the spec's methods:)")
+    p.add_argument("--axis", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a factor axis (adds to the spec's axes:), e.g. --axis train.lr=1e-4,1e-3 (repeatable)")
     p.add_argument("--no-model", action="store_true", help="skip mlflow.pytorch.log_model (checkpoints are still logged)")
     p.add_argument("--plan", action="store_true",
                    help="print what the command would do (trials, config diffs against the protocol, crops and "
@@ -57,6 +59,10 @@ def add_parser(sub) -> None:
                                      "both methods have; '' = the runs without a variant)")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--axis", metavar="KEY=A,B", dest="axis_effect",
+                   help="instead of two methods: what one axis is worth for method A (B is ignored): each variant "
+                        "with KEY=A minus its twin with KEY=B, pooled over the other axes, e.g. "
+                        "--axis train.sampler=uniform,balanced")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
     p.set_defaults(func=cmd_compare)
 
@@ -96,6 +102,8 @@ def _load(args, kind: str):
         updates["seeds"] = args.seeds
     if getattr(args, "methods", None):
         updates["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if getattr(args, "axis", None):
+        updates["axes"] = _axes(args.axis)
     if args.data:
         updates["data"] = {"source": str(Path(args.data).expanduser().resolve())}
     data = read_spec(args.spec, **updates)
@@ -116,6 +124,21 @@ def _load(args, kind: str):
     if spec.kind != kind:
         raise ValueError(f"{args.spec}: kind: {spec.kind} is not an {kind} spec")
     return spec
+
+
+def _axes(items: list[str]) -> dict:
+    """``["train.lr=1e-4,1e-3"]`` -> ``{"train.lr": [0.0001, 0.001]}`` (each value read as YAML, as --set's)."""
+    import yaml
+
+    from nas_core.config import nest_dotted
+
+    axes: dict = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ValueError(f"--axis {item!r} must look like key.sub=value1,value2")
+        axes[key.strip()] = [nest_dotted({"v": yaml.safe_load(v.strip())})["v"] for v in values.split(",")]
+    return axes
 
 
 def _submit(args, argv_tail: list[str]) -> int:
@@ -148,6 +171,8 @@ def _tail(args) -> list[str]:
             out += [f"--{flag}", str(value)]
     for item in args.set:
         out += ["--set", item]
+    for item in getattr(args, "axis", None) or []:
+        out += ["--axis", item]
     if args.resume:
         out.append("--resume")
     if getattr(args, "no_model", False):
@@ -227,10 +252,17 @@ def cmd_compare(args) -> int:
     import json
 
     from orchestrator.settings import get_settings
-    from orchestrator.stats import compare_runs
+    from orchestrator.stats import StatsError, axis_effect_runs, compare_runs
 
-    result = compare_runs(get_settings().runs_root / args.experiment, args.a, args.b, variant=args.variant,
-                          resamples=args.resamples, seed=args.seed)
+    root = get_settings().runs_root / args.experiment
+    if args.axis_effect:
+        key, _, values = args.axis_effect.partition("=")
+        a, _, b = values.partition(",")
+        if not (key and a and b):
+            raise StatsError(f"--axis {args.axis_effect!r} must look like KEY=A,B (values as in the run names)")
+        result = axis_effect_runs(root, args.a, key, a, b, resamples=args.resamples, seed=args.seed)
+    else:
+        result = compare_runs(root, args.a, args.b, variant=args.variant, resamples=args.resamples, seed=args.seed)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text())
     return 0
 
