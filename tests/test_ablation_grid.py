@@ -179,3 +179,17 @@ def test_table_averages_folds_within_a_seed_and_groups_by_variant():
     assert "[a] U-Net (2 folds)" in text and "[b] U-Net (2 folds)" in text and "Random-P, synchronous" in text
     pf = tables.per_fold(recs)
     assert set(pf["fold"]) == {0, 1} and len(pf) == 2 * 2 * 5
+
+
+def test_axis_flag_and_folds_by_override_reach_the_grid(tmp_path):
+    from orchestrator.commands.ablate import _axes
+
+    assert _axes(["train.lr=1e-4,1e-3", "data.stain=none,macenko"]) == {
+        "train.lr": [1.0e-4, 1.0e-3], "data.stain": ["none", "macenko"]}
+    with pytest.raises(ValueError, match="key.sub=value1,value2"):
+        _axes(["train.lr"])
+    # folds set through overrides (as --set data.folds=2 does) expand the grid like the data: shorthand
+    spec = parse_spec({"preset": "smoke", "methods": ["unet"], "seeds": 1,
+                       "overrides": {"data.folds": 2, "data.split_by": "patient"}})
+    assert spec.folds == 2
+    assert [t.fold for t in plan.expand(spec, tmp_path)] == [0, 1]
