@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from orchestrator import stats, tables
+from orchestrator import results, stats, tables
 from orchestrator.curves import retrain_did_not_learn
 from orchestrator.rescore import RescoreError, Retrain, finished_retrains
 
@@ -58,9 +58,10 @@ def pq_markdown(summary, std: str) -> str:
     header = ["Method", "n", *tables.CLASSES]
     lines = [f"Test PQ (%), mean ± {std} std over seeds", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
-    for method, g in summary.groupby("method", sort=False):
+    for (variant, method), g in summary.groupby(["variant", "method"], sort=False):
         g = g.set_index("class")
         label = tables.METHODS[method].label if method in tables.METHODS else method
+        label = f"[{variant}] {label}" if variant else label
         cells = [tables.mean_pm(g.at[c, "mean"], g.at[c, "std"]) if c in g.index else "-" for c in tables.CLASSES]
         lines.append("| " + " | ".join([label, str(int(g["n"].iloc[0])), *cells]) + " |")
     return "\n".join(lines) + "\n"
@@ -129,6 +130,9 @@ def paired_section(found: Sequence[Retrain], out_dir: Path, paths: dict[str, Pat
     if comparisons:
         paths["paired"] = out_dir / "paired.json"
         paths["paired"].write_text(json.dumps([c.to_dict() for c in comparisons], indent=1))
+    paths["areas"] = out_dir / "area_ratios.csv"
+    stats.area_ratios(frame).to_csv(paths["areas"], index=False, float_format="%.4f")
+    md += ["## Predicted vs true area", "", stats.area_markdown(frame)]
     for by in stats.breakdowns_available(frame):
         paths[f"by_{by}"] = out_dir / f"dsc_by_{by}.csv"
         stats.breakdown(frame, by).to_csv(paths[f"by_{by}"], index=False, float_format="%.4f")
@@ -156,9 +160,8 @@ def write_report(run_root: str | Path, out_dir: str | Path, overlays: Sequence[s
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or run_root.name
 
-    dsc = tables.with_flags(tables.compare(tables.summarize(_records(runs, "dsc"), std)),
-                            [{"method": r["method"], "no_learning": retrain_did_not_learn(r["history"])}
-                             for r in runs])
+    dsc = results.table2([{**record, "no_learning": retrain_did_not_learn(r["history"])}
+                          for record, r in zip(_records(runs, "dsc"), runs)], std)
     pq = tables.summarize(_records(runs, "pq"), std)
     paths = {"table": tables.bar_chart(dsc, out_dir / f"table2.{fmt}", f"Table 2 ({name})", std, repeat),
              "curves": curves_figure(runs, out_dir / f"curves.{fmt}")}

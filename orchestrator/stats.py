@@ -484,3 +484,38 @@ def axis_effect_runs(run_root: str | Path, method: str, key: str, a: str, b: str
     if missing:
         raise StatsError(f"{run_root}: no per-image test rows in {', '.join(missing)}")
     return axis_effect(frame, method, key, a, b, resamples, seed)
+
+
+# ---------------------------------------------------------------- predicted vs true area ----
+
+def area_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Predicted / true pixel area per class, summed over the test images (all folds), per method and
+    variant, mean over repeats (seed, draw): > 1 over-predicts the class, 2 is the issue-26 bar. Long
+    frame: method, variant, class, ratio, predicted, true (pixels per repeat, mean)."""
+    columns = ["method", "variant", "class", "ratio", "predicted", "true"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    keys = ["method", "variant", "seed", "draw"]
+    sums = frame.groupby(keys, sort=False)[[f"{k}_{c}" for k in ("pred", "gt") for c in CLASS_NAMES]].sum()
+    rows = []
+    for (method, variant), g in sums.groupby(level=["method", "variant"], sort=False):
+        for c in CLASS_NAMES:
+            pred, true = float(g[f"pred_{c}"].mean()), float(g[f"gt_{c}"].mean())
+            rows.append({"method": method, "variant": variant, "class": c, "ratio": pred / true if true else math.nan,
+                         "predicted": pred, "true": true})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def area_markdown(frame: pd.DataFrame) -> str:
+    """Predicted / true area per class (rows: method and variant), the largest marked when above 2."""
+    table = area_ratios(frame)
+    classes = [c for c in TABLE_ORDER if c in CLASS_NAMES]
+    header = ["method", "variant", *classes]
+    lines = ["Predicted / true area per class, summed over all test images (mean over repeats); > 2 marked *: "
+             "the class is over-predicted more than twice.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (method, variant), g in table.groupby(["method", "variant"], sort=False):
+        r = g.set_index("class")["ratio"]
+        cells = ["-" if math.isnan(r[c]) else f"{r[c]:.2f}" + (" *" if r[c] > 2 else "") for c in classes]
+        lines.append("| " + " | ".join([method, variant or "-", *cells]) + " |")
+    return "\n".join(lines) + "\n"

@@ -307,3 +307,15 @@ def test_an_axis_effect_pairs_each_variant_with_its_twin_and_pools_the_other_axe
     assert back.table.set_index("class").loc["Average", "diff"] == pytest.approx(-20.0)
     with pytest.raises(stats.StatsError, match="values of loss.name found: \\?"):
         stats.axis_effect(frame, "unet", "loss.name", "bce", "exp_log")
+
+
+def test_area_ratios_sum_pixels_over_images_and_mark_over_prediction(tmp_path):
+    rows = [image_row("a", all_classes(0.5)), image_row("b", all_classes(0.5))]
+    for r in rows:  # Neutrophil predicted on 300 pixels of an image holding 100
+        r["pred_Neutrophil"] = 300
+    frame = frame_of(tmp_path, {"train__unet__seed0": rows, "train__unet__seed1": rows})
+    t = stats.area_ratios(frame).set_index("class")
+    assert t.at["Neutrophil", "ratio"] == pytest.approx(3.0) and t.at["Epithelial", "ratio"] == pytest.approx(1.0)
+    assert t.at["Neutrophil", "true"] == 200  # summed over both images, mean over the two seeds
+    md = stats.area_markdown(frame)
+    assert "3.00 *" in md and "1.00 *" not in md
