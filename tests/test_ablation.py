@@ -213,6 +213,13 @@ def test_grid_with_a_random_control_an_axis_and_folds_runs_end_to_end(home, tmp_
                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     assert cmp.returncode == 0, cmp.stderr
     assert "over 12 paired test images" in cmp.stdout and "Average" in cmp.stdout
+    # the report of a grid: variants grouped, paired table, area ratios, DSC by fold
+    rep = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "grid"], cwd=ROOT,
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    md = (root / "report" / "report.md").read_text()
+    assert "[train.lr=0.001] Random-S, shared (control)" in md and "random-s-shared - unet" in md
+    assert "## Predicted vs true area" in md and "## DSC by fold" in md
 
 
 @pytest.mark.slow
