@@ -11,6 +11,9 @@ from api.store import STATUSES, RunRecord
 
 RunStatus = Literal[STATUSES]  # type: ignore[valid-type]
 RunKind = Literal["search", "train", "pipeline", "ablation", "hpo"]
+# "api": launched through this API (a Ray job, logs, cancel, resume); "tracking": a parent run found in the
+# tracking store that the API did not launch (the CLI's, another API's): read-only
+RunOrigin = Literal["api", "tracking"]
 
 SMOKE_SPEC = {"kind": "ablation", "name": "smoke", "preset": "smoke", "methods": ["unet"], "seeds": 1,
               "resources": {"cpu": 1, "gpu": 0}}
@@ -45,6 +48,17 @@ class ErrorBody(_Out):
 
 class ErrorOut(_Out):
     error: ErrorBody
+
+
+_ERROR_TEXT = {401: "missing or invalid X-API-Key", 403: "a path outside the data roots",
+               404: "unknown run or nothing there", 409: "the run is not in a state for this",
+               413: "request body too large", 422: "invalid spec or parameter (the message names the field)",
+               429: "too many active runs", 503: "Ray or MLflow unreachable"}
+
+
+def error_responses(*codes: int) -> dict[int, dict[str, Any]]:
+    """A route's documented error answers: 401 and 422 always, and ``codes``."""
+    return {c: {"model": ErrorOut, "description": _ERROR_TEXT[c]} for c in (401, 422, *codes)}
 
 
 class Links(_Out):
@@ -82,7 +96,8 @@ class RunCreated(_Out):
 
 
 class RunOut(_Out):
-    id: str
+    id: str = Field(description="the API's run id, or the MLflow parent run id of a run it did not launch")
+    origin: RunOrigin = "api"
     kind: RunKind
     experiment: str
     status: RunStatus
@@ -90,7 +105,7 @@ class RunOut(_Out):
     created_at: datetime
     started_at: Optional[datetime] = None
     ended_at: Optional[datetime] = None
-    ray_job_id: str
+    ray_job_id: Optional[str] = Field(None, description="null for a run the API did not launch")
     mlflow: MlflowIds
     progress: Optional[Progress] = None
     spec: dict[str, Any]
@@ -181,9 +196,10 @@ def links(run_id: str) -> Links:
 
 
 def run_out(rec: RunRecord, tracking_uri: str, children: list[str] = (), progress: Optional[Progress] = None) -> RunOut:
-    return RunOut(id=rec.id, kind=rec.kind, experiment=rec.experiment, status=rec.status, message=rec.message,
+    return RunOut(id=rec.id, origin=rec.extra.get("origin", "api"), kind=rec.kind, experiment=rec.experiment,
+                  status=rec.status, message=rec.message,
                   created_at=_ts(rec.created_at), started_at=_ts(rec.started_at), ended_at=_ts(rec.ended_at),
-                  ray_job_id=rec.submission_id,
+                  ray_job_id=rec.submission_id or None,
                   mlflow=MlflowIds(tracking_uri=_redact(tracking_uri), experiment_id=rec.experiment_id,
                                    parent_run_id=rec.parent_run_id, child_run_ids=list(children)),
                   progress=progress, spec=rec.spec, links=links(rec.id))

@@ -29,21 +29,12 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def init_mlflow_store(settings) -> None:
-    """Create the local store (schema migrations) once, before jobs race to do it."""
-    from orchestrator import tracking
-
-    tracking.check_tracking_uri(settings.tracking_uri)
-    settings.artifacts_root.mkdir(parents=True, exist_ok=True)
-    tracking.client(settings.tracking_uri).search_experiments(max_results=1)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     # here, not at the top: `nas-scam --help` stays fast
     import uvicorn
 
     from api.main import create_app
-    from orchestrator import ray_env
+    from orchestrator import ray_env, tracking
     from orchestrator.ray_head import start_local_ray, stop_local_ray
     from orchestrator.settings import get_settings
 
@@ -69,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             head = start_local_ray(settings, args.num_cpus)
     app = None
     try:
-        init_mlflow_store(settings)
+        tracking.init_store(settings.tracking_uri, settings.artifacts_root)
         app = create_app(settings)
         print(f"MLflow store {settings.tracking_uri}; API on http://{host}:{port} (docs: /docs)", flush=True)
         uvicorn.run(app, host=host, port=port, log_level=args.log_level,

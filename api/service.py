@@ -6,20 +6,27 @@ A run = one validated spec submitted as the Ray job ``nas-scam-<id>`` whose entr
 ``<runs>/api/<id>`` (NAS_SCAM_RUNS_DIR) and into the shared MLflow store. The service asks Ray for the
 live status of active runs; a job Ray no longer knows (the head was restarted) gets its status from
 the MLflow parent run, else ``lost``.
+
+The service also lists the parent runs of the tracking store that it did not launch (``nas-scam ablate``
+from a shell, another API): read-only records with ``origin`` "tracking", the parent's run id as id, its
+``nas_scam_kind`` tag as kind, its MLflow status as status and its spec.yaml as spec (``tracked``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from api import results
 from api.errors import ClusterUnavailable, RunConflict, RunNotFound, TooManyRuns
 from api.store import RESUMABLE, RunRecord, RunStore
 from orchestrator.jobs import TERMINAL as JOB_TERMINAL, JobError, JobNotFound, JobServer, job_env
+from orchestrator.results import PARENT_KINDS, Run
 from orchestrator.settings import Settings
 
 # the message of a record whose Ray job is being submitted
@@ -27,8 +34,13 @@ SUBMITTING = "submitting to Ray"
 _RAY_STATUS = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
                "STOPPED": "cancelled"}
 _MLFLOW_STATUS = {"FINISHED": "succeeded", "FAILED": "failed", "KILLED": "cancelled"}
-# the state file each kind of job writes under <run_dir>/<experiment>/ (parent run and experiment ids)
+# a run the API did not launch has no Ray job: its status is its MLflow parent's
+_TRACKED_STATUS = {**_MLFLOW_STATUS, "RUNNING": "running", "SCHEDULED": "queued"}
+# the state file each kind of job writes under <run_dir>/<experiment>/ (parent run and experiment ids); a
+# single run's earlier attempts are kept as run.<n>.json
 STATE_FILES = ("ablation.json", "run.json")
+SINGLE_KINDS = ("search", "train", "pipeline")
+_MLFLOW_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class RunService:
@@ -106,6 +118,7 @@ class RunService:
         The job resumes: an ablation or HPO reopens its MLflow parent and restores its Tuner (finished
         trials are not re-run), a single run continues from its last checkpoint under a new parent."""
         rec = self.get(run_id)
+        self._launched_here(rec, "resume")
         if rec.status not in RESUMABLE:
             raise RunConflict(f"run {run_id} is {rec.status}; only {', '.join(RESUMABLE)} runs can be resumed")
         base = f"nas-scam-{rec.id}"
@@ -138,19 +151,83 @@ class RunService:
 
     # ------------------------------------------------------------ read
     def get(self, run_id: str, refresh: bool = True) -> RunRecord:
+        """An API run by its id, else a parent run of the tracking store by its MLflow run id."""
         rec = self.store.get(run_id)
-        if rec is None:
+        if rec is not None:
+            return self._refresh(rec) if refresh else rec
+        run = results.ask(results.reader(self.settings).run, run_id) if _MLFLOW_ID.match(run_id) else None
+        if run is None or run.kind not in PARENT_KINDS:
             raise RunNotFound(f"no run {run_id!r}")
-        return self._refresh(rec) if refresh else rec
+        return self.tracked(run)
 
     def list(self, kind: Optional[str] = None, status: Optional[str] = None, experiment: Optional[str] = None,
              limit: int = 50, offset: int = 0) -> tuple[list[RunRecord], int]:
+        """The API's runs and the tracking store's other parents, newest first: one page and the total."""
         # refresh the active runs first, so a status filter sees the true status
         active, _ = self.store.query(kind=kind, experiment=experiment, limit=1000)
         for rec in active:
             if not rec.terminal:
                 self._refresh(rec)
-        return self.store.query(kind=kind, status=status, experiment=experiment, limit=limit, offset=offset)
+        # both sources newest first: the page lies within the first offset + limit of each
+        own, own_total = self.store.query(kind=kind, status=status, experiment=experiment, limit=offset + limit)
+        others = [run for run in self._others(kind=kind, experiment=experiment)
+                  if status is None or _TRACKED_STATUS.get(run.status, "running") == status]
+        rows = sorted([(r.created_at, r.id, r) for r in own] + [(r.start_time or 0.0, r.run_id, r) for r in others],
+                      key=lambda row: (-row[0], row[1]))
+        page = [item if isinstance(item, RunRecord) else self.tracked(item)
+                for _, _, item in rows[offset:offset + limit]]
+        return page, own_total + len(others)
+
+    def experiments(self) -> list[dict[str, Any]]:
+        """Per (experiment, kind): the runs of both sources and the newest one's creation time."""
+        rows = {(r["experiment"], r["kind"]): dict(r) for r in self.store.experiments()}
+        for run in self._others():
+            row = rows.setdefault((run.experiment, run.kind), {"experiment": run.experiment, "kind": run.kind,
+                                                               "runs": 0, "last_created": 0.0})
+            row["runs"] += 1
+            row["last_created"] = max(row["last_created"], run.start_time or 0.0)
+        return [rows[key] for key in sorted(rows)]
+
+    # ------------------------------------------------------------ runs the API did not launch
+    def _others(self, kind: Optional[str] = None, experiment: Optional[str] = None) -> list[Run]:
+        """The tracking store's parent runs that no API run made."""
+        runs = results.ask(results.reader(self.settings).runs, experiment=experiment, kind=kind)
+        if not runs:
+            return []
+        ours = self._api_parents()
+        return [run for run in runs if run.run_id not in ours]
+
+    def _api_parents(self) -> set[str]:
+        """The MLflow parent runs the API's jobs opened: each run's current one, and a single run's earlier
+        attempts (``run.<n>.json``, kept by ``resume``)."""
+        parents = set()
+        for rec in self.store.query(limit=1_000_000)[0]:
+            self.find_parent(rec)
+            parents.add(rec.parent_run_id)
+            if rec.kind in SINGLE_KINDS:
+                for path in (Path(rec.run_dir) / rec.experiment).glob("run.*.json"):
+                    try:
+                        parents.add(json.loads(path.read_text()).get("parent_run_id"))
+                    except (OSError, ValueError, AttributeError):
+                        continue
+        return parents
+
+    def tracked(self, run: Run) -> RunRecord:
+        """A parent run the API did not launch as a read-only record (``origin`` tracking): its MLflow run
+        id as id, its kind tag, its MLflow status, its spec.yaml; no Ray job, no run folder."""
+        spec = results.ask(results.reader(self.settings).spec, run.run_id) or {"kind": run.kind,
+                                                                              "name": run.experiment}
+        return RunRecord(id=run.run_id, kind=run.kind, experiment=run.experiment, spec=spec,
+                         status=_TRACKED_STATUS.get(run.status, "running"), submission_id="", run_dir="",
+                         created_at=run.start_time or 0.0, started_at=run.start_time, ended_at=run.end_time,
+                         message="not launched through this API: read from the tracking store",
+                         parent_run_id=run.run_id, experiment_id=run.experiment_id, extra={"origin": "tracking"})
+
+    @staticmethod
+    def _launched_here(rec: RunRecord, what: str) -> None:
+        if rec.extra.get("origin") == "tracking":
+            raise RunConflict(f"run {rec.id} was not launched through this API (it is read from the tracking "
+                              f"store): it has no Ray job to {what}")
 
     def _refresh(self, rec: RunRecord) -> RunRecord:
         """Ask Ray (then MLflow) for the live status of an active run; persist what changed."""
@@ -187,7 +264,7 @@ class RunService:
         return rec
 
     def find_parent(self, rec: RunRecord) -> None:
-        if rec.parent_run_id:
+        if rec.parent_run_id or not rec.run_dir:
             return
         for name in STATE_FILES:
             path = Path(rec.run_dir) / rec.experiment / name
@@ -204,9 +281,8 @@ class RunService:
         self.find_parent(rec)
         if rec.parent_run_id:
             try:
-                from orchestrator import tracking
-
-                status = tracking.client(self.settings.tracking_uri).get_run(rec.parent_run_id).info.status
+                parent = results.reader(self.settings).run(rec.parent_run_id)
+                status = parent.status if parent else None
                 if status in _MLFLOW_STATUS:
                     return _MLFLOW_STATUS[status], f"Ray no longer knows job {rec.submission_id}; status from MLflow"
             except Exception:  # noqa: BLE001 - the store may be gone too: then the run is lost
@@ -215,6 +291,7 @@ class RunService:
 
     def logs(self, run_id: str, tail: int = 65536) -> str:
         rec = self.get(run_id, refresh=False)
+        self._launched_here(rec, "read logs from")
         try:
             text = self._ray(self.jobs.logs, rec.submission_id)
         except RunNotFound:
@@ -225,6 +302,7 @@ class RunService:
     def cancel(self, run_id: str) -> RunRecord:
         """Stop the Ray job; its MLflow runs still RUNNING are marked KILLED."""
         rec = self.get(run_id)
+        self._launched_here(rec, "cancel")
         if rec.terminal:
             raise RunConflict(f"run {run_id} is already {rec.status}")
         self.store.update(rec.id, cancel_requested=1)
@@ -282,9 +360,6 @@ class RunService:
             from orchestrator import tracking
 
             tracker = tracking.Tracker.attach(self.settings.tracking_uri, rec.experiment_id, rec.parent_run_id)
-            tracker.kill_dangling(reason, status=status)
-            if tracker.client.get_run(rec.parent_run_id).info.status == "RUNNING":
-                tracker.client.set_tag(rec.parent_run_id, "stopped", reason)
-                tracker.finish(rec.parent_run_id, status)
+            tracker.close(reason, status)
         except Exception:  # noqa: BLE001 - the Ray job is gone either way; MLflow is bookkeeping
             pass

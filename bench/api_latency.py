@@ -40,10 +40,9 @@ def seed_home(home: Path) -> str:
     from orchestrator.settings import Settings
 
     s = Settings(home=home)
-    c = tracking.client(s.tracking_uri)
     tracking.check_tracking_uri(s.tracking_uri)
-    exp = tracking.ensure_experiment(c, "bench", s.artifacts_root)
-    t = tracking.Tracker(c, exp)
+    t = tracking.Tracker.connect(s.tracking_uri, "bench", s.artifacts_root)
+    exp = t.experiment_id
     parent = t.open_parent("bench", "ablation", {"name": "bench"}, "name: bench\n")
     child, _ = t.child("unet", 0, "train", "train__unet__seed0")
     for epoch in range(5):

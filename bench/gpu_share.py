@@ -97,11 +97,11 @@ def measure_ray(n: int, args: dict, lead_s: float) -> tuple[float, float]:
     """(summed crops/s, latest start after t0 in s) of ``n`` Tune trials sharing one GPU."""
     from ray import tune
 
-    from orchestrator.runner import _tuner
+    from orchestrator.runner import tuner
 
     with tempfile.TemporaryDirectory() as tmp:
         space = {"i": tune.grid_search(list(range(n))), "t0": time.time() + lead_s}
-        grid = _tuner(_ray_trainable(args, str(Path(__file__).resolve().parent)), f"share-{n}", Path(tmp), space,
+        grid = tuner(_ray_trainable(args, str(Path(__file__).resolve().parent)), f"share-{n}", Path(tmp), space,
                       tune.TuneConfig(max_concurrent_trials=n), {"cpu": 1, "gpu": 1 / n}, 0, False).fit()
         if grid.errors:
             raise SystemExit(f"{n} trials: {grid.errors[0]}")

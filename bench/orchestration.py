@@ -7,7 +7,7 @@
 Prints numbers and ratios, never passes or fails. The unit of work is one Table 2 trial (one method,
 one seed; a NAS-SCAM method runs its search then its retrain) of the smoke preset on the synthetic
 data, with the RunConfig that ``orchestrator.specs.build_config`` builds for a trial. The dataset is
-prepared once, untimed (``runner._prepare_data``, as the driver does before any trial), and two direct
+prepared once, untimed (``runner.prepare_data``, as the driver does before any trial), and two direct
 runs (without, then with MLflow) warm the process up before timing. Rows per repetition, interleaved (rep 1 of every row, then rep 2,
 ...), medians reported:
 - direct: ``run_search``/``run_train`` called in this process, no tracking;
@@ -17,7 +17,7 @@ runs (without, then with MLflow) warm the process up before timing. Rows per rep
 - direct + MLflow, new process: the same in a fresh interpreter (``--child``), timed from spawn to exit,
   with the work's own time inside it: what any process isolation costs, Ray or not;
 - ray.init: ``runner.start_ray`` on a local cluster (loopback, ``--ray-cpus`` CPUs, no dashboard);
-- Tune trial (Ray up): ``runner._tuner(trials.ablation_trial, ...)`` with a one-point grid, as
+- Tune trial (Ray up): ``runner.tuner(trials.ablation_trial, ...)`` with a one-point grid, as
   ``run_ablation`` builds it. Split with Tune's own ``time_total_s`` of the trial (time inside the
   trainable up to its last report) into "outside the trainable" (Tune controller, the trial actor's
   process start and imports, teardown) and "inside the trainable" (the work, MLflow, checkpoints and
@@ -103,20 +103,20 @@ def _direct_phase(phase: str, cfg, out_dir: Path, method: str, seed: int, track,
 
 # ---------------------------------------------------------------- the Ray paths
 def tune_trial(spec, method: str, seed: int, root: Path, settings, track, log_model: bool) -> dict:
-    """One ``ablation_trial`` through ``runner._tuner`` on the running Ray: its final metrics."""
+    """One ``ablation_trial`` through ``runner.tuner`` on the running Ray: its final metrics."""
     from ray import tune
 
     from orchestrator import plan
-    from orchestrator.runner import _trial_name, _tuner
+    from orchestrator.runner import trial_name, tuner
     from orchestrator.trials import ablation_trial
 
     ctx = {**track.ctx(), "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model}
     one = spec.model_copy(update={"methods": [method], "seeds": [seed], "repeat": "full"})
     (trial,) = plan.expand(one, root, settings.data_root)
     space = {"trial": tune.grid_search([trial.name]), "ctx": ctx}
-    tc = tune.TuneConfig(trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+    tc = tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_name)
     trainable = tune.with_parameters(ablation_trial, trials={trial.name: trial.to_dict()})
-    grid = _tuner(trainable, "stage-full", root / "tune", space, tc, {"cpu": 1, "gpu": 0}, 0, False).fit()
+    grid = tuner(trainable, "stage-full", root / "tune", space, tc, {"cpu": 1, "gpu": 0}, 0, False).fit()
     res = grid[0]
     if res.error is not None:
         raise RuntimeError(f"the Tune trial failed: {res.error}")
@@ -277,7 +277,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(THREADS)
     if a.child:
         return child(json.loads(a.child))
-    from orchestrator.runner import _prepare_data
+    from orchestrator.runner import prepare_data
 
     print(header(a), flush=True)
     with tempfile.TemporaryDirectory(prefix="nas-scam-bench-orch-") as d:
@@ -289,7 +289,7 @@ def main(argv=None) -> None:
         try:
             with quiet(log):
                 t = time.perf_counter()
-                _prepare_data(spec, settings, [a.seed])
+                prepare_data(spec, settings, [a.seed])
                 direct_trial(spec, a.method, a.seed, tmp / "warmup", settings.data_root)
                 # MLflow's first use in a process (store migration, lazy imports) is not per-trial cost
                 from orchestrator import tracking

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from orchestrator import tables
+from orchestrator import results, tables
 from orchestrator.curves import retrain_did_not_learn
 from orchestrator.specs import RunId, parse_run_name
 
@@ -140,7 +140,7 @@ def rescore_ablation(run_root: str | Path, folder: str | Path, out_dir: Optional
                         "variant": run.run.variant,
                         **{c: result["global"]["dsc"][c] for c in tables.CLASSES},
                         "no_learning": retrain_did_not_learn(run.result.get("history") or [])})
-    table = tables.with_flags(tables.compare(tables.summarize(records, std)), records)
+    table = results.table2(records, std)
     title = f"Table 2 ({name or run_root.name}) on {folder.resolve()}"
     paths = tables.write_all(table, out_dir, title, std, repeat)
     text = tables.to_text(table, title, std, repeat)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
-from orchestrator import ray_env, tables, tracking
+from orchestrator import ray_env, results, tables, tracking
 from orchestrator.settings import Settings
 from orchestrator.specs import AblationSpec, HpoSpec, build_config
 
@@ -105,7 +105,7 @@ def memory_problem(memory: Mapping[str, int], nodes: list[float]) -> Optional[st
             f"train.per_class), or a node with more memory")
 
 
-def _prepare_data(spec, settings: Settings, seeds: list[int], trials=None) -> None:
+def prepare_data(spec, settings: Settings, seeds: list[int], trials=None) -> None:
     """Generate/prepare every dataset the trials read, once, in the driver: parallel trials must not race
     to create them. ``trials``: an ablation's ``plan.expand`` (every fold and axes variant has its own
     data config); without it, the spec's first method at each seed."""
@@ -131,12 +131,12 @@ def _log_plan(tracker: tracking.Tracker, spec: AblationSpec, settings: Settings,
     (plan.json, plan.md) and its repeat scope and std as tags, before any trial starts."""
     from orchestrator import plan
 
-    c, parent = tracker.client, tracker.parent_run_id
-    c.set_tag(parent, "repeat", spec.repeat)
-    c.set_tag(parent, "std", spec.std)
+    parent = tracker.parent_run_id
+    tracker.set_tag(parent, "repeat", spec.repeat)
+    tracker.set_tag(parent, "std", spec.std)
     p = plan.build_plan(spec, settings, trials=trials)
-    c.log_text(parent, json.dumps(p, indent=2), "plan.json")
-    c.log_text(parent, plan.to_markdown(p), "plan.md")
+    tracker.log_text(parent, json.dumps(p, indent=2), "plan.json")
+    tracker.log_text(parent, plan.to_markdown(p), "plan.md")
 
 
 def spec_tracker(spec, settings: Settings, resume: bool) -> tuple[tracking.Tracker, Path]:
@@ -175,7 +175,7 @@ def _begin(spec, settings: Settings, resume: bool, seeds: list[int], started: bo
     """Data, then the parent run and state file, once Ray is up: a failed start leaves nothing that
     demands --resume. The Ray we started stops if either fails."""
     try:
-        _prepare_data(spec, settings, seeds, trials)
+        prepare_data(spec, settings, seeds, trials)
         return spec_tracker(spec, settings, resume)
     except BaseException:
         if started:
@@ -185,10 +185,11 @@ def _begin(spec, settings: Settings, resume: bool, seeds: list[int], started: bo
         raise
 
 
-def _tuner(trainable, name: str, storage: Path, param_space: dict, tune_config, resources: Union[dict, Callable],
+def tuner(trainable, name: str, storage: Path, param_space: dict, tune_config, resources: Union[dict, Callable],
            max_failures: int, resume: bool, progress=None, verbose: bool = False):
-    """``resources``: a trial's request (``{"cpu", "gpu", "memory"}``) or ``trial_resources``'s function of
-    its config."""
+    """The Tune ``Tuner`` of one grid or HPO under ``storage/name`` (restored when ``resume`` finds its
+    state). ``resources``: a trial's request (``{"cpu", "gpu", "memory"}``) or ``trial_resources``'s
+    function of its config."""
     from ray import tune
 
     from orchestrator.progress import tune_callback
@@ -204,14 +205,14 @@ def _tuner(trainable, name: str, storage: Path, param_space: dict, tune_config, 
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if resume and tune.Tuner.can_restore(str(path)):
         # finished trials stay finished; errored ones get another go
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+        restored = tune.Tuner.restore(str(path), trainable, resume_errored=True)
         # the stored RunConfig holds the first session's callbacks and verbosity: use this session's
         # (Tuner.restore has no argument for them; only a local tuner keeps its RunConfig in-process)
-        local = getattr(tuner, "_local_tuner", None)
+        local = getattr(restored, "_local_tuner", None)
         if local is not None:
             local.get_run_config().callbacks = callbacks
             local.get_run_config().verbose = 2 if verbose else 0
-        return tuner
+        return restored
     run_config = tune.RunConfig(
         name=name, storage_path=str(storage),
         failure_config=tune.FailureConfig(max_failures=max_failures),
@@ -257,8 +258,9 @@ def _trial_deaths_fail_the_trial() -> None:
     RayActorManager._actor_task_failed = _actor_task_failed
 
 
-def _trial_name(trial) -> str:
-    return trial.config["trial"]  # plan.Trial.name
+def trial_name(trial) -> str:
+    """A grid trial's Tune name and folder: its ``plan.Trial`` name."""
+    return trial.config["trial"]
 
 
 def _result_trial(res, names) -> str:
@@ -303,12 +305,12 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
             # (tune.with_parameters), not through every result row as a Tune config would
             table = {t.name: t.to_dict() for t in group}
             space = {"trial": tune.grid_search(list(table)), "ctx": ctx}
-            tc = tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, trial_name_creator=_trial_name,
-                                 trial_dirname_creator=_trial_name)
+            tc = tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, trial_name_creator=trial_name,
+                                 trial_dirname_creator=trial_name)
             progress = None if verbose else Progress(len(table), spec.max_concurrent, f"{stage} trials",
                                                      names=list(table))
             trainable = tune.with_parameters(ablation_trial, trials=table)
-            grid = _tuner(trainable, f"stage-{stage}", root / "tune", space, tc, resources,
+            grid = tuner(trainable, f"stage-{stage}", root / "tune", space, tc, resources,
                           spec.max_failures, resume, progress, verbose).fit()
             # a trial that finally failed (after max_failures retries): its cause in one line; the others ran on
             failed = [(_result_trial(res, table), failure_reason(res.error)) for res in grid if res.error is not None]
@@ -319,8 +321,8 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
                 failures.append({"stage": stage, "trial": name, "method": t.get("method", "?"),
                                  "seed": t.get("seed", "?"), "error": cause})
                 failed_runs.update(r["name"] for r in t.get("runs", ()))
-            _close_failed_runs(tracker, {r["name"]: cause for name, cause in failed
-                                         for r in table.get(name, {}).get("runs", ())})
+            tracker.close_failed({r["name"]: cause for name, cause in failed
+                                  for r in table.get(name, {}).get("runs", ())})
     finally:
         tracker.kill_dangling("the trial ended without closing its run")
         if started:
@@ -334,21 +336,9 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
 
     paired = paired_summary(root, spec.methods)
     outcome.text += f"\n{paired}" if paired else ""
-    tracker.client.set_tag(parent, "failed_trials", _failed_tag(failures))
+    tracker.set_tag(parent, "failed_trials", _failed_tag(failures))
     tracker.finish(parent)
     return outcome
-
-
-def _close_failed_runs(tracker: tracking.Tracker, causes: Mapping[str, str]) -> None:
-    """The runs of trials that finally failed (run name -> cause) that are still RUNNING (the worker died
-    in the middle of a phase) end FAILED with the cause as their ``error`` tag; a resume reopens them."""
-    if not causes:
-        return
-    for run in tracker.children(status="RUNNING"):
-        cause = causes.get(run.info.run_name)
-        if cause is not None:
-            tracker.client.set_tag(run.info.run_id, "error", cause[:5000])
-            tracker.client.set_terminated(run.info.run_id, status="FAILED")
 
 
 def _replicates(trials) -> dict[tuple[str, str], int]:
@@ -383,12 +373,13 @@ def publish_table(tracker: tracking.Tracker, out_dir: Path, title: str = "Table 
     existed printed the sample std). ``expected``: (variant, method) -> the retrains the spec asked for;
     the cells without a result are marked (``tables.with_missing``)."""
     parent = tracker.parent_run_id
+    store = results.Results(tracker.tracking_uri)
     if std is None or repeat is None:
-        params = tracker.client.get_run(parent).data.params
-        std = std or params.get("std", "sample")
-        repeat = repeat or params.get("repeat")
-    records = tracker.collect_records()
-    table = tables.with_flags(tables.compare(tables.summarize(records, std)), records)
+        run = store.run(parent)
+        std = std or (run.std if run else results.LEGACY_STD)
+        repeat = repeat or (run.repeat if run else None)
+    records = results.rows(store.records(parent, tracker.experiment_id))
+    table = results.table2(records, std)
     if expected:
         table = tables.with_missing(table, expected)
     paths = tables.write_all(table, out_dir, title, std, repeat, subtitle, records) if len(table) else {}
@@ -405,16 +396,18 @@ def table_from_mlflow(experiment: str, settings: Settings, parent: Optional[str]
                       out_dir: Optional[Path] = None) -> AblationOutcome:
     """Rebuild Table 2 from MLflow alone (no run folders needed)."""
     tracking.check_tracking_uri(settings.tracking_uri)
-    c = tracking.client(settings.tracking_uri)
-    exp = c.get_experiment_by_name(experiment)
+    store = results.Results(settings.tracking_uri)
+    exp = store.experiment(experiment)
     if exp is None:
-        names = [e.name for e in c.search_experiments()]
+        names = [e.name for e in store.experiments()]
         raise RunnerError(f"no MLflow experiment {experiment!r} at {settings.tracking_uri}; "
                           f"experiments: {', '.join(names) or '(none)'}")
-    tracker = tracking.Tracker(c, exp.experiment_id)
-    tracker.parent_run_id = parent or tracker.latest_parent()
-    if tracker.parent_run_id is None:
-        raise RunnerError(f"experiment {experiment!r} holds no ablation parent run")
+    if parent is None:
+        latest = store.latest_run(exp.id, kind="ablation")
+        if latest is None:
+            raise RunnerError(f"experiment {experiment!r} holds no ablation parent run")
+        parent = latest.run_id
+    tracker = tracking.Tracker.attach(settings.tracking_uri, exp.id, parent)
     out = out_dir or settings.runs_root / experiment / "table2-rebuilt"
     return publish_table(tracker, out, title=f"Table 2 ({experiment})", log_to_parent=False)
 
@@ -500,7 +493,7 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
         trial = {"method": spec.method, "seed": spec.seed, "config": base}
         space = {"params": _space(spec), "trial": trial, "ctx": ctx}
         progress = None if verbose else Progress(spec.num_samples, spec.max_concurrent, label="HPO trials")
-        grid = _tuner(hpo_trial, "hpo", root / "tune", space, tc,
+        grid = tuner(hpo_trial, "hpo", root / "tune", space, tc,
                       {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu, "memory": memory}, 0, resume, progress,
                       verbose).fit()
         if len(grid) and grid.num_errors == len(grid):
@@ -525,7 +518,7 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
     tracker.log_params(parent, {"best": params})
     for key, value in (("best_score", str(best.metrics.get(spec.metric))), ("optuna_study", spec.name),
                        ("optuna_storage", settings.optuna_url)):
-        tracker.client.set_tag(parent, key, value)
+        tracker.set_tag(parent, key, value)
     tracker.finish(parent)
     return path, params
 

@@ -1,4 +1,5 @@
-"""MLflow: one experiment per ablation, a parent run per invocation, a child run per (method, seed, phase).
+"""The recorder: MLflow written. One experiment per ablation, a parent run per invocation, a child run per
+(method, seed, phase).
 
 ``Tracker`` owns the client, the experiment and the parent run; ``Tracker.run_phase`` runs one engine
 phase in its child run with ``PhaseRecorder``, the one MLflow callback (params, epochs, results,
@@ -6,6 +7,9 @@ figures, the model). Ablation and HPO trials, single runs and the benchmarks rec
 Everything goes through ``MlflowClient`` with explicit run ids (no fluent "active run" state), so the
 same code runs in the driver and inside Ray trials. Child runs are found again by their tags, which
 makes every call idempotent: a resumed trial continues its run instead of opening a second one.
+
+Reading what was recorded is ``orchestrator.results`` (the read model); MLflow's objects are handled in
+these two modules only (tests/test_results_model.py reads the code to keep it so).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from nas_core.engine.callbacks import Callback
-from orchestrator.tables import CLASSES
 
 # tag keys without dots: MLflow's filter syntax needs backticks around dotted keys
 T_KIND, T_ABLATION, T_METHOD, T_SEED, T_PHASE = "nas_scam_kind", "ablation", "method", "seed", "phase"
@@ -64,6 +67,13 @@ def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def init_store(uri: str, artifacts_root: Path) -> None:
+    """Create a local store (its schema migrations) and the artifacts folder once, before jobs race to do it."""
+    check_tracking_uri(uri)
+    Path(artifacts_root).mkdir(parents=True, exist_ok=True)
+    client(uri).search_experiments(max_results=1)
 
 
 def ensure_experiment(c, name: str, artifacts_root: Optional[Path]) -> str:
@@ -121,9 +131,13 @@ class Tracker:
         """The tracker of an existing parent run (in a trial, in the API)."""
         return cls(client(uri), experiment_id, parent_run_id)
 
+    @property
+    def tracking_uri(self) -> str:
+        return self.client.tracking_uri
+
     def ctx(self) -> dict[str, Any]:
         """What a trial needs to ``attach`` to this tracker (plain strings for Tune's config)."""
-        return {"tracking_uri": self.client.tracking_uri, "experiment_id": self.experiment_id,
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
                 "parent_run_id": self.parent_run_id}
 
     # ------------------------------------------------------------ the parent run
@@ -147,11 +161,6 @@ class Tracker:
         if ended:
             self.client.set_tag(run_id, "resumed_after", "; ".join(ended)[:5000])
         self.client.update_run(run_id, status="RUNNING")
-
-    def latest_parent(self, kind: str = "ablation") -> Optional[str]:
-        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.{T_KIND} = '{kind}'",
-                                       order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0].info.run_id if runs else None
 
     # ------------------------------------------------------------ child runs
     def child(self, method: str, seed: int, phase: str, run_name: str) -> tuple[str, str]:
@@ -184,20 +193,25 @@ class Tracker:
             n += 1
         return n
 
-    def collect_records(self) -> list[dict[str, Any]]:
-        """Per (method, seed): the test DSC fractions of its FINISHED train run (input of tables.summarize)."""
-        records = []
-        for run in self.children(phase="train", status="FINISHED"):
-            m = run.data.metrics
-            if all(f"test_dsc_{cls}" in m for cls in CLASSES):
-                tags = run.data.tags
-                records.append({"method": tags[T_METHOD], "seed": int(tags[T_SEED]),
-                                "draw": int(tags[T_DRAW]) if tags.get(T_DRAW) else None,
-                                "fold": int(tags[T_FOLD]) if tags.get(T_FOLD) else None,
-                                "variant": tags.get(T_VARIANT, ""),
-                                **{cls: m[f"test_dsc_{cls}"] for cls in CLASSES},
-                                "no_learning": run.data.tags.get("no_learning") == "true"})
-        return records
+    def close_failed(self, causes: Mapping[str, str]) -> None:
+        """The children still RUNNING whose run name ``causes`` names (run name -> cause: their trial finally
+        failed, its worker died in the middle of a phase) end FAILED with the cause as their ``error`` tag;
+        a resume reopens them."""
+        if not causes:
+            return
+        for run in self.children(status="RUNNING"):
+            cause = causes.get(run.info.run_name)
+            if cause is not None:
+                self.client.set_tag(run.info.run_id, "error", cause[:5000])
+                self.client.set_terminated(run.info.run_id, status="FAILED")
+
+    def close(self, reason: str, status: str = "KILLED") -> None:
+        """The parent and its children still RUNNING end with ``status`` and ``reason`` as their
+        ``stopped`` tag (a run whose driver is gone: lost or cancelled through the API)."""
+        self.kill_dangling(reason, status=status)
+        if self.client.get_run(self.parent_run_id).info.status == "RUNNING":
+            self.client.set_tag(self.parent_run_id, "stopped", reason)
+            self.finish(self.parent_run_id, status)
 
     def run_phase(self, method: str, seed: int, phase: str, cfg, out_dir: Path, callbacks: Sequence = (),
                   log_model: bool = True, label: Optional[str] = None, params: Optional[Mapping[str, Any]] = None,
@@ -378,6 +392,15 @@ class Tracker:
         for p in paths:
             self.client.log_artifact(run_id, str(p), artifact_path)
 
+    def log_artifact(self, run_id: str, path: str, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(run_id, path, artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def set_tag(self, run_id: str, key: str, value: Any) -> None:
+        self.client.set_tag(run_id, key, value)
+
     # ------------------------------------------------------------ ending a run
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -416,5 +439,5 @@ class PhaseRecorder(Callback):
             self.tracker.log_search_result(self.run_id, result)
         else:
             self.tracker.log_train_result(self.run_id, result, log_model=self.log_model)
-        curves.publish(self.tracker.client, self.run_id, phase, self.cfg, result, self.out_dir)
+        curves.publish(self.tracker, self.run_id, phase, self.cfg, result, self.out_dir)
         self.result = result

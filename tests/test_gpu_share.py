@@ -2,7 +2,7 @@
 
 The local Ray declares one GPU (Ray schedules by declared resources; none is used: the trainable only
 records when it ran and which GPU Ray handed it), and trials go through the orchestrator's own
-`_tuner`, as an ablation's do.
+`tuner`, as an ablation's do.
 """
 import time
 
@@ -29,10 +29,10 @@ def _make_record(hold_s: float):
 def _run(tmp_path, gpu: float) -> list[dict]:
     from ray import tune
 
-    from orchestrator.runner import _tuner
+    from orchestrator.runner import tuner
 
     tc = tune.TuneConfig(max_concurrent_trials=2)
-    grid = _tuner(_make_record(HOLD_S), f"share-{gpu}", tmp_path, {"i": tune.grid_search([0, 1])}, tc,
+    grid = tuner(_make_record(HOLD_S), f"share-{gpu}", tmp_path, {"i": tune.grid_search([0, 1])}, tc,
                   {"cpu": 1, "gpu": gpu}, 0, False).fit()
     assert not grid.errors, grid.errors
     return [r.metrics for r in grid]

@@ -73,7 +73,7 @@ def test_run_ablation_hands_trials_config_dicts(home, counts, monkeypatch):
         return type("T", (), {"fit": lambda self: Grid()})()
 
     monkeypatch.setattr(runner, "start_ray", lambda *a, **k: False)
-    monkeypatch.setattr(runner, "_tuner", fake_tuner)
+    monkeypatch.setattr(runner, "tuner", fake_tuner)
     monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: (fn, kw))
     runner.run_ablation(spec, settings)
     assert counts == {"spec": 0, "load_config": 0}  # the driver never parses again nor rebuilds from the spec

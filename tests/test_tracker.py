@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import tracking
+from orchestrator import results, tracking
 from orchestrator.runner import run_spec_file
 from orchestrator.settings import Settings, get_settings
 
@@ -73,7 +73,8 @@ def test_a_phase_is_recorded_once_and_a_finished_one_is_not_logged_again(tracker
     names = {a.path for a in tracker.client.list_artifacts(rid)} | {
         a.path for a in tracker.client.list_artifacts(rid, "figures")}
     assert names == {"metrics.json", "figures", "figures/learning_curve.png"}
-    assert tracker.collect_records()[0]["Average"] == 0.5
+    (record,) = results.Results(tracker.tracking_uri).records(tracker.parent_run_id, tracker.experiment_id)
+    assert record.dsc["Average"] == 0.5 and record.run_id == rid
     # again (a resumed trial): the FINISHED run is found, the engine only reads its result back
     again, _ = tracker.run_phase("unet", 0, "train", _cfg(), out, log_model=False)
     assert again == rid and engine.calls == [1, 0]
@@ -131,4 +132,4 @@ def test_a_single_pipeline_run_is_recorded_as_trials_are(home, tmp_path):
     assert json.loads(searched.read_text()) == genotype
     assert runs["train"].data.params["model.genotype"] == str(searched)
     assert 0.0 <= runs["train"].data.metrics["test_dsc_Average"] <= 1.0
-    assert t.collect_records()[0]["seed"] == 3
+    assert results.Results(t.tracking_uri).records(t.parent_run_id, t.experiment_id)[0].seed == 3

@@ -1,4 +1,5 @@
-"""GET /v1/experiments: experiments (MLflow experiment = spec name) that runs were launched into."""
+"""GET /v1/experiments: the experiments (MLflow experiment = spec name) of the API's runs and of every other
+parent run in its tracking store, per kind, with their run counts."""
 
 from __future__ import annotations
 
@@ -16,5 +17,5 @@ router = APIRouter(tags=["experiments"])
 def list_experiments(service: RunServiceDep) -> ExperimentList:
     items = [ExperimentOut(name=row["experiment"], kind=row["kind"], runs=row["runs"],
                            last_created=datetime.fromtimestamp(row["last_created"], tz=timezone.utc))
-             for row in service.store.experiments()]
+             for row in service.experiments()]
     return ExperimentList(items=items)

@@ -26,7 +26,7 @@ def healthz() -> HealthOut:
             responses={503: {"model": ReadyOut, "description": "Ray or MLflow unreachable"}})
 def readyz(settings: SettingsDep, service: RunServiceDep,
            key: Annotated[Optional[str], Security(api_key_header)] = None):
-    from orchestrator import tracking
+    from api.results import reader
 
     checks: dict[str, str] = {}
     try:
@@ -35,8 +35,7 @@ def readyz(settings: SettingsDep, service: RunServiceDep,
     except Exception as exc:  # noqa: BLE001 - the probe reports, never raises
         checks["ray"] = f"unavailable: {str(exc)[:200]}"
     try:
-        tracking.check_tracking_uri(settings.tracking_uri)
-        tracking.client(settings.tracking_uri).search_experiments(max_results=1)
+        reader(settings).ping()
         checks["mlflow"] = "ok"
     except Exception as exc:  # noqa: BLE001
         checks["mlflow"] = f"unavailable: {type(exc).__name__}"

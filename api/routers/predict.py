@@ -1,6 +1,7 @@
 """POST /v1/predict: one uploaded image through a trained model -> GeoJSON nuclei or a PNG label mask.
 
-The model is an API run id or MLflow run id (its train phase's logged checkpoint) or a checkpoint file
+The model is a run id as GET /v1/runs lists it (an API run, or a parent run found in the tracking store:
+its first finished retrain's logged checkpoint), the MLflow run id of a retrain, or a checkpoint file
 under a data root. Inference runs in the API's inference process (api.inference), one image at a time,
 bounded in bytes, pixels (read from the header before decoding), requests at once and time; training
 never runs here.
@@ -21,7 +22,7 @@ from api.deps import RunServiceDep, SettingsDep
 from api.errors import ApiError, RunNotFound
 from api.images import decode_image
 from api.inference import Inference
-from api.routers.runs import _errors
+from api.schemas import error_responses
 from api.service import RunService
 from api.validation import check_path
 from orchestrator.settings import Settings
@@ -34,49 +35,30 @@ _BODY = {"requestBody": {"required": True, "description": "the image file itself
                                      for t in ("image/png", "image/jpeg", "image/tiff", "application/octet-stream")}}}
 
 
-def _train_runs(settings: Settings, rec) -> list:
-    return [r for r in results.children(settings, rec)
-            if r.data.tags.get("phase") == "train" and r.info.status == "FINISHED"]
-
-
 def resolve_checkpoint(model: Optional[str], checkpoint: Optional[str], settings: Settings,
                        service: RunService) -> Path:
-    """The .pt file to load: a checkpoint under a data root, or the one an API/MLflow run logged."""
+    """The .pt file to load: a checkpoint under a data root, or the one a run's retrain logged."""
     if (model is None) == (checkpoint is None):
         raise ApiError(422, "validation_error", "give exactly one of model (run id) and checkpoint (path)",
                        [{"field": "model", "message": "exactly one of model, checkpoint"}])
     if checkpoint is not None:
         check_path("checkpoint", checkpoint, settings)
         return Path(checkpoint).resolve()
-    mlflow_id = model
-    if not _MLFLOW_ID.match(model):
-        try:
-            rec = service.get(model, refresh=False)
-        except RunNotFound:
-            raise ApiError(404, "model_not_found", f"model: no API run or MLflow run {model!r}") from None
+    try:
+        rec = service.get(model, refresh=False)
+    except RunNotFound:
+        rec = None
+    if rec is not None:
         service.find_parent(rec)
-        runs = _train_runs(settings, rec)
+        runs = results.trained(settings, rec)
         if not runs:
             raise ApiError(409, "not_ready", f"model: run {model} has no finished train phase")
-        mlflow_id = runs[0].info.run_id
-    cache = settings.api_home / "models" / mlflow_id
-    found = sorted(cache.rglob("*.pt")) if cache.is_dir() else []
-    if not found:
-        c = results._client(settings)
-        try:
-            c.get_run(mlflow_id)
-        except Exception:  # noqa: BLE001
-            raise ApiError(404, "model_not_found", f"model: no API run or MLflow run {model!r}") from None
-        cache.mkdir(parents=True, exist_ok=True)
-        try:
-            c.download_artifacts(mlflow_id, "checkpoint", str(cache))
-        except Exception:  # noqa: BLE001
-            raise ApiError(404, "model_not_found", f"model: MLflow run {mlflow_id} logged no checkpoint "
-                                                   f"(a train phase logs checkpoint/*.pt)") from None
-        found = sorted(cache.rglob("*.pt"))
-        if not found:
-            raise ApiError(404, "model_not_found", f"model: MLflow run {mlflow_id} logged no checkpoint")
-    return found[0]
+        run_id = runs[0].run_id
+    elif _MLFLOW_ID.match(model):
+        run_id = model  # a retrain's own run
+    else:
+        raise ApiError(404, "model_not_found", f"model: no API run or MLflow run {model!r}")
+    return results.checkpoint(settings, run_id, settings.api_home / "models" / run_id)
 
 
 def _respond(path: Path, image, labels, fmt: str):
@@ -97,10 +79,11 @@ def _respond(path: Path, image, labels, fmt: str):
              responses={200: {"description": "GeoJSON FeatureCollection (format=geojson) or PNG (format=png)",
                               "content": {"application/geo+json": {"schema": {"type": "object"}},
                                           "image/png": {"schema": {"type": "string", "format": "binary"}}}},
-                        **_errors(403, 404, 409, 413, 429, 503)})
+                        **error_responses(403, 404, 409, 413, 429, 503)})
 async def predict(request: Request, settings: SettingsDep, service: RunServiceDep,
                   model: Annotated[Optional[str], Query(max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
-                                                        description="API run id or MLflow run id")] = None,
+                                                        description="run id (as GET /v1/runs lists it) or a "
+                                                                    "retrain's MLflow run id")] = None,
                   checkpoint: Annotated[Optional[str], Query(max_length=4096,
                                                              description="a .pt file under a data root")] = None,
                   format: Literal["geojson", "png"] = "geojson"):

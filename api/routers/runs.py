@@ -3,13 +3,17 @@
 A spec is validated by api.validation (the orchestrator's pydantic models, then every trial config it
 expands into): its paths must lie under the data roots (403 otherwise) and its sizes within the server's
 bounds (422), before anything reaches Ray. A lost, failed or cancelled run can be resumed.
+
+The list and the reading routes also cover the parent runs the tracking store holds that this API did not
+launch (``origin: tracking``, the MLflow parent run id as their id; ``api.service``): they can be read,
+not followed in Ray, cancelled or resumed.
 """
 
 from __future__ import annotations
 
 import json
 from urllib.parse import urlencode
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from fastapi import APIRouter, Path as PathParam, Query, Request, Response
 from fastapi.responses import PlainTextResponse
@@ -17,23 +21,17 @@ from fastapi.responses import PlainTextResponse
 from api import results
 from api.deps import RunServiceDep, SettingsDep
 from api.errors import ApiError
-from api.schemas import (ErrorOut, GenotypeOut, LogsOut, MetricsOut, RunCreated, RunKind, RunList, RunOut,
-                         RunStatus, TableOut, links, run_out)
+from api.schemas import (GenotypeOut, LogsOut, MetricsOut, RunCreated, RunKind, RunList, RunOut, RunStatus,
+                         TableOut, error_responses, links, run_out)
 from api.validation import parse_body
 from orchestrator.progress import strip_ansi
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
-RunId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the run id POST /runs returned",
+RunId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                                 description="the run id POST /runs returned, or the MLflow parent run id GET /runs "
+                                             "lists for a run the API did not launch",
                                  examples=["3f2c9a1b7e4d5c60"])]
-
-
-def _errors(*codes: int) -> dict[int, dict[str, Any]]:
-    text = {401: "missing or invalid X-API-Key", 403: "a path outside the data roots", 404: "unknown run or nothing there",
-            409: "the run is not in a state for this", 413: "request body too large",
-            422: "invalid spec or parameter (the message names the field)", 429: "too many active runs",
-            503: "Ray or MLflow unreachable"}
-    return {c: {"model": ErrorOut, "description": text[c]} for c in (401, 422, *codes)}
 
 
 _SPEC_BODY = {"requestBody": {"required": True, "description": "a run spec (orchestrator.specs): kind "
@@ -43,7 +41,7 @@ _SPEC_BODY = {"requestBody": {"required": True, "description": "a run spec (orch
 
 
 @router.post("", status_code=202, response_model=RunCreated, summary="launch a run spec as a Ray job",
-             openapi_extra=_SPEC_BODY, responses=_errors(403, 413, 429, 503))
+             openapi_extra=_SPEC_BODY, responses=error_responses(403, 413, 429, 503))
 async def create_run(request: Request, response: Response, settings: SettingsDep, service: RunServiceDep) -> RunCreated:
     from starlette.concurrency import run_in_threadpool
 
@@ -56,7 +54,7 @@ async def create_run(request: Request, response: Response, settings: SettingsDep
 
 
 @router.get("", response_model=RunList, summary="runs, newest first (filter by kind, status, experiment)",
-            responses=_errors())
+            responses=error_responses())
 def list_runs(settings: SettingsDep, service: RunServiceDep, kind: Optional[RunKind] = None,
               status: Optional[RunStatus] = None,
               experiment: Annotated[Optional[str], Query(max_length=200)] = None,
@@ -73,15 +71,15 @@ def list_runs(settings: SettingsDep, service: RunServiceDep, kind: Optional[RunK
 
 
 @router.get("/{run_id}", response_model=RunOut, summary="status, progress, Ray job id and MLflow run ids",
-            responses=_errors(404))
+            responses=error_responses(404))
 def get_run(run_id: RunId, settings: SettingsDep, service: RunServiceDep) -> RunOut:
     rec = service.get(run_id)
     runs = results.children(settings, rec)
-    return run_out(rec, settings.tracking_uri, [r.info.run_id for r in runs], results.progress(rec, runs))
+    return run_out(rec, settings.tracking_uri, [r.run_id for r in runs], results.progress(rec, runs))
 
 
 @router.get("/{run_id}/logs", response_model=LogsOut, summary="the Ray job's driver log (tail)",
-            responses=_errors(404, 503))
+            responses=error_responses(404, 503))
 def get_logs(run_id: RunId, service: RunServiceDep,
              tail: Annotated[int, Query(ge=1, le=10 * 2**20, description="last characters")] = 65536) -> LogsOut:
     rec = service.get(run_id)
@@ -91,7 +89,7 @@ def get_logs(run_id: RunId, service: RunServiceDep,
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut, summary="stop the run's Ray job",
-             responses=_errors(404, 409, 503))
+             responses=error_responses(404, 409, 503))
 def cancel_run(run_id: RunId, settings: SettingsDep, service: RunServiceDep) -> RunOut:
     rec = service.cancel(run_id)
     return run_out(rec, settings.tracking_uri)
@@ -99,14 +97,14 @@ def cancel_run(run_id: RunId, settings: SettingsDep, service: RunServiceDep) -> 
 
 @router.post("/{run_id}/resume", status_code=202, response_model=RunOut,
              summary="submit a lost, failed or cancelled run again; finished phases are not re-run",
-             responses=_errors(404, 409, 429, 503))
+             responses=error_responses(404, 409, 429, 503))
 def resume_run(run_id: RunId, settings: SettingsDep, service: RunServiceDep) -> RunOut:
     rec = service.resume(run_id)
     return run_out(rec, settings.tracking_uri)
 
 
 @router.get("/{run_id}/metrics", response_model=MetricsOut, summary="latest metrics of the parent and each phase run",
-            responses=_errors(404, 503))
+            responses=error_responses(404, 503))
 def get_metrics(run_id: RunId, settings: SettingsDep, service: RunServiceDep) -> MetricsOut:
     rec = service.get(run_id)
     parent, runs = results.metrics(settings, rec)
@@ -114,7 +112,7 @@ def get_metrics(run_id: RunId, settings: SettingsDep, service: RunServiceDep) ->
 
 
 @router.get("/{run_id}/genotype", response_model=GenotypeOut, summary="genotypes of the finished searches",
-            responses=_errors(404, 409, 503))
+            responses=error_responses(404, 409, 503))
 def get_genotype(run_id: RunId, settings: SettingsDep, service: RunServiceDep) -> GenotypeOut:
     rec = service.get(run_id)
     items = results.genotypes(settings, rec)
@@ -128,10 +126,11 @@ def get_genotype(run_id: RunId, settings: SettingsDep, service: RunServiceDep) -
 @router.get("/{run_id}/table", summary="Table 2 of the finished train runs (json, csv or markdown)",
             responses={200: {"model": TableOut, "content": {"text/csv": {"schema": {"type": "string"}},
                                                             "text/markdown": {"schema": {"type": "string"}}}},
-                       **_errors(404, 409, 503)})
+                       **error_responses(404, 409, 503)})
 def get_table(run_id: RunId, settings: SettingsDep, service: RunServiceDep,
               format: Literal["json", "csv", "md"] = "json"):
     from orchestrator import tables
+    from orchestrator.results import std_of
 
     rec = service.get(run_id)
     df = results.table(settings, rec)
@@ -141,7 +140,7 @@ def get_table(run_id: RunId, settings: SettingsDep, service: RunServiceDep,
         raise ApiError(404, "no_table", f"run {run_id} ({rec.status}) has no finished train run")
     title = f"Table 2 ({rec.experiment}, run {rec.id})"
     # what the "+-" is: the std the spec asked for (specs from before the option printed the sample std)
-    std, repeat = rec.spec.get("std", "sample"), rec.spec.get("repeat")
+    std, repeat = std_of(rec.spec), rec.spec.get("repeat")
     if format == "csv":
         return PlainTextResponse(df.to_csv(index=False, float_format="%.4f"), media_type="text/csv")
     if format == "md":
