@@ -1,8 +1,11 @@
 """Typed, frozen run configuration: loaded from YAML, overridable with ``key=value``, saved everywhere.
 
-The tree mirrors method.md. ``PROTOCOLS`` holds the one complete table of values of each protocol
-(``paper``, default, and ``code``): every field of ``RunConfig``, nothing left to a dataclass default.
-``load_config`` starts from the table of the chosen protocol; presets, YAML files and ``--set a.b=c``
+The tree mirrors method.md. ``PROTOCOLS`` holds one record per protocol (``paper``, default, and
+``code``): every field of ``RunConfig``, nothing left to a dataclass default, its loss, zero op and
+augmentation pipeline included, each by its name in its own registry (``nas_core.losses.LOSSES``,
+``nas_core.search_space.cell.ZERO_OPS``, ``nas_core.data.augment.PIPELINES``). Adding a protocol is one
+entry there (plus its column in method.md section 5); nothing else names protocols.
+``load_config`` starts from the record of the chosen protocol; presets, YAML files and ``--set a.b=c``
 only override it. The dataclass defaults below serve direct construction (``DataConfig(...)`` in a
 test) and old saved configs that lack a newer field; they are never what a protocol means. Unknown or
 ill-typed keys are errors that name the dotted key and what was expected.
@@ -11,6 +14,7 @@ ill-typed keys are errors that name the dotted key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import types
@@ -21,7 +25,6 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
 
-Protocol = Literal["paper", "code"]
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
@@ -37,8 +40,9 @@ class ModelConfig:
     search: Literal["synchronous", "shared"] = "synchronous"
     # genotype JSON for retraining a NAS-SCAM variant (None during search)
     genotype: Optional[str] = None
-    # Zero op on sigmoid edges: None follows the protocol (paper -> 0, code -> 0.5)
-    zero_op: Optional[Literal["paper", "code"]] = None
+    # Zero op on sigmoid edges, a name in nas_core.search_space.cell.ZERO_OPS ("paper" -> 0, "code" -> 0.5);
+    # None = the protocol's (resolved by RunConfig, see PROTOCOL_NAMED)
+    zero_op: Optional[str] = None
     # supernet implementation: "reference" (one conv per op) or "stacked" (faster, same function)
     impl: Literal["stacked", "reference"] = "stacked"
 
@@ -77,14 +81,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    # paper -> rotate/flip/blur/median/elastic, code -> Gaussian blur p=0.2; None follows the protocol
-    pipeline: Optional[Literal["paper", "code", "none"]] = None
+    # a name in nas_core.data.augment.PIPELINES ("paper": rotate/flip/blur/median/elastic, "code": Gaussian
+    # blur p=0.2, "none"); None = the protocol's (resolved by RunConfig, see PROTOCOL_NAMED)
+    pipeline: Optional[str] = None
     strength: float = 1.0
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    # paper -> exp_log (Wong et al.), code -> exp_log_dice; None follows the protocol
+    # a name in nas_core.losses.LOSSES (paper: exp_log, Wong et al.; code: exp_log_dice); None = the
+    # protocol's (resolved by RunConfig, see PROTOCOL_NAMED)
     name: Optional[str] = None
 
 
@@ -117,7 +123,7 @@ class SearchConfig:
     reset_optimizer_each_epoch: bool = False
     # iterations of every search epoch (w, alpha and alternating ones); None = the release's rule:
     # ceil(n1 / 2) for w and alternating epochs, ceil(m1 / 2) for alpha epochs, n1 / m1 = class-1
-    # crops of the training / alpha-update buckets (nas_core.engine.loop.epoch_lengths)
+    # crops of the training / alpha-update buckets (nas_core.engine.batches.epoch_lengths)
     iters_per_epoch: Optional[int] = None
     # validation (method.md 5a): every `val_every` epochs, at the epoch's start (the release) or end.
     # The paper gives no schedule, so both protocols take the release's: start of every 3rd epoch
@@ -163,7 +169,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    protocol: Protocol = "paper"
+    # a key of PROTOCOLS (checked on construction, so a new table entry needs no other edit)
+    protocol: str = "paper"
     seed: int = 0
     device: str = "auto"
     deterministic: bool = False
@@ -187,18 +194,29 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    # ---- derived values (the protocol's choices where a field says None) ----
+    def __post_init__(self) -> None:
+        # None in a PROTOCOL_NAMED field (an old saved config, ``--set loss.name=null``) means the protocol
+        # record's name: filled in here, once, so every RunConfig names its loss, zero op and pipeline
+        record = protocol_record(self.protocol)
+        for dotted in PROTOCOL_NAMED:
+            section, key = dotted.split(".")
+            part = getattr(self, section)
+            if getattr(part, key) is None:
+                # frozen: set once, during construction
+                object.__setattr__(self, section, dataclasses.replace(part, **{key: record[section][key]}))
+
+    # ---- short names of the PROTOCOL_NAMED fields (never None after construction) ----
     @property
     def zero_op(self) -> str:
-        return self.model.zero_op or self.protocol
+        return self.model.zero_op
 
     @property
     def loss_name(self) -> str:
-        return self.loss.name or ("exp_log" if self.protocol == "paper" else "exp_log_dice")
+        return self.loss.name
 
     @property
     def augment_pipeline(self) -> str:
-        return self.augment.pipeline or self.protocol
+        return self.augment.pipeline
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,9 +257,11 @@ def _clear(d: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-# method.md sections 5, 5a and 6: the complete table of each protocol, one line per section. Every
-# RunConfig field appears in both (a test checks it against the dataclasses and against method.md's
-# table); a field added to a dataclass is added here, in both tables.
+# method.md sections 5, 5a and 6: the record of each protocol, one line per section. Every RunConfig
+# field appears in each (a test checks them against the dataclasses and against method.md's table); a
+# field added to a dataclass is added here, in every record. The loss, zero op and pipeline are names in
+# their registries (PROTOCOL_NAMED); ``zero_op`` and ``pipeline`` names are those of the protocol that
+# brought each in, and any protocol may name any of them.
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "paper": {
         "protocol": "paper", "seed": 0, "device": "auto", "deterministic": False,
@@ -284,11 +304,28 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 }
 
 
-def protocol_table(protocol: str) -> dict[str, Any]:
-    """A copy of the complete table of ``protocol`` (nested like ``RunConfig.to_dict()``)."""
-    if protocol not in PROTOCOLS:
+# The fields a protocol fills with a name from a registry: dotted key -> (what it names, "module:TABLE").
+# None there means "the protocol's" (RunConfig.__post_init__); ``_check_registered`` checks every name.
+PROTOCOL_NAMED: dict[str, tuple[str, str]] = {
+    "model.zero_op": ("zero op", "nas_core.search_space.cell:ZERO_OPS"),
+    "loss.name": ("loss", "nas_core.losses:LOSSES"),
+    "augment.pipeline": ("augmentation pipeline", "nas_core.data.augment:PIPELINES"),
+}
+
+# the protocols as a type, for pydantic schemas (orchestrator/specs.py): derived from the table at import
+ProtocolName = Literal[tuple(PROTOCOLS)]  # type: ignore[valid-type]
+
+
+def protocol_record(protocol: str) -> dict[str, Any]:
+    """The record of ``protocol`` itself (read it, never change it); ConfigError naming ``protocol``."""
+    if not isinstance(protocol, str) or protocol not in PROTOCOLS:
         raise ConfigError(f"protocol: {protocol!r} is not one of {', '.join(map(repr, PROTOCOLS))}")
-    return json.loads(json.dumps(PROTOCOLS[protocol]))
+    return PROTOCOLS[protocol]
+
+
+def protocol_table(protocol: str) -> dict[str, Any]:
+    """A copy of the complete record of ``protocol`` (nested like ``RunConfig.to_dict()``)."""
+    return json.loads(json.dumps(protocol_record(protocol)))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -565,18 +602,21 @@ def _validate(cfg: RunConfig) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key} {msg}" + ("" if "/" in key else f", got {_value(cfg, key)}"))
-    _check_loss(cfg)
+    _check_registered(cfg)
     _validate_folds(cfg.data)
     _check_genotype_window(cfg.search)
 
 
-def _check_loss(cfg: RunConfig) -> None:
-    # imported here: the registry pulls in torch, and reading a config must stay cheap
-    from nas_core.losses import LOSSES
-
-    if cfg.loss.name is not None and cfg.loss.name not in LOSSES:
-        raise ConfigError(f"loss.name: {cfg.loss.name!r} is not a registered loss; valid names: "
-                          f"{', '.join(sorted(LOSSES))} (or null: the protocol's)")
+def _check_registered(cfg: RunConfig) -> None:
+    """Each PROTOCOL_NAMED field names an entry of its registry (a protocol's record included)."""
+    for dotted, (what, where) in PROTOCOL_NAMED.items():
+        # imported here: the registries pull in torch and OpenCV, and reading a config must stay cheap
+        module, table = where.split(":")
+        registry = getattr(importlib.import_module(module), table)
+        name = _value(cfg, dotted)
+        if name not in registry:
+            raise ConfigError(f"{dotted}: {name!r} is not a registered {what}; valid names: "
+                              f"{', '.join(sorted(registry))} (or null: the protocol's)")
 
 
 def _last_validation(epochs: int, every: int, timing: str) -> int:

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, TypeAdapter, ValidationError,
                       field_validator, model_validator)
 
-from nas_core.config import (LIMITS, ConfigError, RunConfig, apply_overrides, config_from_dict, flatten, load_config,
-                             nest_dotted, read_yaml_mapping)
+from nas_core.config import (LIMITS, ConfigError, ProtocolName, RunConfig, apply_overrides, config_from_dict, flatten,
+                             load_config, nest_dotted, read_yaml_mapping)
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def _refuse_identity(layer: dict[str, Any]) -> None:
 class _ConfigSpec(_Spec):
     """The fields every spec kind shares: a partial RunConfig laid over the protocol table and preset."""
 
-    protocol: Literal["paper", "code"] = "paper"
+    protocol: ProtocolName = "paper"  # a key of nas_core.config.PROTOCOLS
     preset: Optional[str] = None
     data: DataSpec = DataSpec()
     epochs: EpochSpec = EpochSpec()

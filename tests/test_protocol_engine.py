@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nas_core.config import ConfigError, load_config
-from nas_core.engine import loop, run_search, run_train
+from nas_core.engine import batches as batch_streams
+from nas_core.engine import context, run_search, run_train, tail
 from nas_core.engine import search as search_mod
 from nas_core.engine import train as train_mod
 from nas_core.search_space.genotype import Genotype
@@ -39,19 +40,19 @@ def _fake_data(train_sizes, alpha_sizes, n_train=100, n_alpha=40):
 
 def test_epoch_lengths_come_from_the_class_1_buckets():
     code = load_config(overrides=["protocol=code"])
-    n = loop.epoch_lengths(code, _fake_data((10, 5, 3, 2), (7, 1, 0, 2)))
+    n = batch_streams.epoch_lengths(code, _fake_data((10, 5, 3, 2), (7, 1, 0, 2)))
     assert (n["w"], n["alpha"], n["train"]) == (5, 4, 5)
     assert n["batch"] == {"w": 4, "alpha": 3, "train": 4}  # an empty alpha bucket is skipped
     assert n["crops"] == {"train": 100, "alpha": 40} and n["bucketed"] == {"train": 20, "alpha": 10}
     # the release's MoNuSAC buckets: 2,445 / 1,017 class-1 crops
-    n = loop.epoch_lengths(code, _fake_data((2445, 1588, 401, 369), (1017, 543, 85, 92)))
+    n = batch_streams.epoch_lengths(code, _fake_data((2445, 1588, 401, 369), (1017, 543, 85, 92)))
     assert (n["w"], n["alpha"], n["train"]) == (1223, 509, 1223)
     # paper: the same composition (the paper gives none); an explicit length overrides every epoch kind
     paper = load_config(overrides=["search.iters_per_epoch=3", "train.iters_per_epoch=2"])
-    n = loop.epoch_lengths(paper, _fake_data((10, 5, 3, 2), (7, 1, 0, 2)))
+    n = batch_streams.epoch_lengths(paper, _fake_data((10, 5, 3, 2), (7, 1, 0, 2)))
     assert (n["w"], n["alpha"], n["train"]) == (3, 3, 2)
-    assert loop.search_steps("w", n) == (3, 0) and loop.search_steps("alpha", n) == (0, 3)
-    assert loop.search_steps("alternate", n) == (3, 3)  # paper: one alpha step after every w step
+    assert batch_streams.search_steps("w", n) == (3, 0) and batch_streams.search_steps("alpha", n) == (0, 3)
+    assert batch_streams.search_steps("alternate", n) == (3, 3)  # paper: one alpha step after every w step
 
 
 def test_validation_schedules_and_genotype_windows():
@@ -113,8 +114,8 @@ def test_code_search_of_70_epochs_takes_the_genotype_from_63_66_or_69(data_root,
     scores = {30: 0.9, 63: 0.5, 66: 0.7, 69: 0.6}
     rec = Recorder(lambda e: scores.get(e, 0.1))
     monkeypatch.setattr(search_mod, "optimisation_step", rec.step)
-    monkeypatch.setattr(loop, "evaluate_split", rec.evaluate)
-    _skip_last_checkpoint(monkeypatch, loop)
+    monkeypatch.setattr(tail, "evaluate_split", rec.evaluate)
+    _skip_last_checkpoint(monkeypatch, tail)
     starts = []
     real = {"w": search_mod.train_batches, "alpha": search_mod.alpha_batches}
 
@@ -151,8 +152,8 @@ def test_code_search_of_70_epochs_takes_the_genotype_from_63_66_or_69(data_root,
 def test_paper_search_alternates_per_iteration_after_the_warm_up(data_root, tmp_path, monkeypatch):
     rec = Recorder(lambda e: float(e))
     monkeypatch.setattr(search_mod, "optimisation_step", rec.step)
-    monkeypatch.setattr(loop, "evaluate_split", rec.evaluate)
-    _skip_last_checkpoint(monkeypatch, loop)
+    monkeypatch.setattr(tail, "evaluate_split", rec.evaluate)
+    _skip_last_checkpoint(monkeypatch, tail)
     cfg = load_config(overrides=[*TINY, f"data.cache_dir={data_root}", "search.epochs=7", "search.warmup_epochs=2",
                                  "search.iters_per_epoch=3"])
     res = run_search(cfg, tmp_path / "s")
@@ -166,7 +167,7 @@ def test_retrain_keeps_the_best_of_all_validations(data_root, tmp_path, monkeypa
     monkeypatch.setattr(train_mod, "optimisation_step", rec.step)
     evaluate = lambda model, data, split, **kw: (  # noqa: E731
         rec.evaluate(model, data, split) if split == "val" else {"dsc": {"Average": 0.0}})
-    monkeypatch.setattr(loop, "evaluate_split", evaluate)  # validations (the epoch tail)
+    monkeypatch.setattr(tail, "evaluate_split", evaluate)  # validations (the epoch tail)
     monkeypatch.setattr(train_mod, "evaluate_split", evaluate)  # the test split
     cfg = load_config(overrides=[*TINY, f"data.cache_dir={data_root}", "protocol=code", "model.name=unet",
                                  "train.epochs=8"])
@@ -181,7 +182,7 @@ def test_retrain_keeps_the_best_of_all_validations(data_root, tmp_path, monkeypa
 
 def test_alpha_batches_are_class_balanced_augmented_validation_crops(data_root, tmp_path):
     cfg = load_config(overrides=[*TINY, f"data.cache_dir={data_root}", "protocol=code"])
-    ctx = loop.setup_run(cfg, tmp_path / "run")
+    ctx = context.setup_run(cfg, tmp_path / "run")
     seen = []
     ds = ctx.dataset("val", augment=True)
     assert ds.transform.choices == ctx.dataset("train", augment=True).transform.choices == (("gaussian_blur", 0.2),)
@@ -192,7 +193,7 @@ def test_alpha_batches_are_class_balanced_augmented_validation_crops(data_root, 
         return orig(self, k)
     type(ds).__getitem__ = spy
     try:
-        batches = list(loop.alpha_batches(ctx, 1, 3, epoch=0, start=2))
+        batches = list(batch_streams.alpha_batches(ctx, 1, 3, epoch=0, start=2))
     finally:
         type(ds).__getitem__ = orig
     assert all(split == "val" for split, _ in seen) and len(seen) == 3 * len(batches[0]["image"])

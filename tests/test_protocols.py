@@ -1,12 +1,17 @@
-"""One source of truth per protocol: the tables in nas_core/config.py, checked against the dataclasses,
-against the resolved config of every Table 2 trial and against method.md's protocol table."""
+"""One source of truth per protocol: the records in nas_core/config.py, checked against the dataclasses,
+against the resolved config of every Table 2 trial and against method.md's protocol table; a new
+protocol is one record; old saved configs that leave the protocol's names None still load."""
 
+import copy
 import re
 from pathlib import Path
 
 import pytest
 
-from nas_core.config import PROTOCOLS, RunConfig, diff_from_protocol, flatten, load_config
+from nas_core.config import (PROTOCOL_NAMED, PROTOCOLS, ConfigError, RunConfig, config_from_dict, diff_from_protocol,
+                             flatten, load_config)
+from nas_core.data.augment import PIPELINES
+from nas_core.search_space.cell import ZERO_OPS
 from orchestrator.cli import build_parser
 from orchestrator.commands.ablate import _load
 from orchestrator.plan import IDENTITY, trial_list
@@ -52,10 +57,30 @@ ROWS = {
     'retrain ("rebuild")': lambda cell: {"train.epochs": int(_number(cell)), "train.lr": _number(cell, "lr")},
     "loss": lambda cell: {"loss.name": "exp_log" if cell.startswith("exponential logarithmic")
                           else "exp_log_dice" if cell.startswith("the Dice term only") else cell},
-    "augmentation": lambda cell: {"augment.pipeline": "paper" if "elastic" in cell
-                                  else "code" if cell.startswith("Gaussian blur only") else cell},
-    "zero op on sigmoid edges": lambda cell: {"model.zero_op": {"0": "paper", "0.5": "code"}[cell]},
+    "augmentation": lambda cell: {"augment.pipeline": _pipeline_named_by(cell)},
+    "zero op on sigmoid edges": lambda cell: {"model.zero_op": _zero_op_of_value(float(cell))},
 }
+
+
+def _pipeline_named_by(cell: str) -> str:
+    """The pipeline of PIPELINES whose methods are the ones the cell names ("Gaussian blur" is
+    gaussian_blur), each with the probability the cell gives, if it gives one."""
+    words = cell.lower().replace(" ", "_")
+    found = [name for name, choices in PIPELINES.items()
+             if choices and {m for m, _ in choices} == {m for m in _ALL_METHODS if m in words}]
+    assert len(found) == 1, f"method.md's augmentation {cell!r} is not exactly one pipeline of {list(PIPELINES)}"
+    p = re.search(r"p = ([0-9.]+)", cell)
+    assert p is None or all(q == float(p.group(1)) for _, q in PIPELINES[found[0]]), cell
+    return found[0]
+
+
+_ALL_METHODS = {m for choices in PIPELINES.values() for m, _ in choices}
+
+
+def _zero_op_of_value(value: float) -> str:
+    found = [name for name, v in ZERO_OPS.items() if v == value]
+    assert len(found) == 1, f"method.md's zero op value {value} is not exactly one of ZERO_OPS {ZERO_OPS}"
+    return found[0]
 
 
 def _method_md_expectations() -> dict[str, dict[str, object]]:
@@ -67,14 +92,16 @@ def _method_md_expectations() -> dict[str, dict[str, object]]:
     rows = [[c.replace("`", "").strip() for c in line.strip().strip("|").split("|")]
             for line in section.splitlines() if line.startswith("|")]
     header, body = rows[0], rows[2:]
-    assert [h.split()[0] if h else "" for h in header] == ["", "paper", "code"], header
-    expected: dict[str, dict[str, object]] = {"paper": {}, "code": {}}
+    # one column per protocol record: a new protocol is its record plus its column here
+    columns = [h.split()[0] for h in header[1:]]
+    assert header[0] == "" and sorted(columns) == sorted(PROTOCOLS), (header, list(PROTOCOLS))
+    expected: dict[str, dict[str, object]] = {p: {} for p in columns}
     seen = set()
-    for name, paper, code in body:
+    for name, *cells in body:
         assert name in ROWS, f"method.md section 5 has a row {name!r} that the test does not map to fields"
         seen.add(name)
-        expected["paper"].update(ROWS[name](paper))
-        expected["code"].update(ROWS[name](code))
+        for protocol, cell in zip(columns, cells, strict=True):
+            expected[protocol].update(ROWS[name](cell))
     assert seen == set(ROWS), f"rows missing from method.md: {set(ROWS) - seen}"
     # section 6 (the paper's split, random by image) and 5a (the release's hard-coded sizes)
     train, val, test = re.search(r"Split (\d+) / (\d+) / (\d+)", text).groups()
@@ -101,10 +128,10 @@ def _trial_configs(spec, tmp_path):
         yield phase, method, seed, build_config(spec, method, seed, data_root=tmp_path, genotype=genotype)
 
 
-@pytest.mark.parametrize("protocol", ["paper", "code"])
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
 def test_every_table2_trial_is_its_protocol_table_as_in_method_md(protocol, tmp_path):
     expected = _method_md_expectations()[protocol]
-    argv = ["ablate", str(TABLE2)] + (["--set", "protocol=code"] if protocol == "code" else [])
+    argv = ["ablate", str(TABLE2), "--set", f"protocol={protocol}"]
     spec = _load(build_parser().parse_args(argv), "ablation")
     assert spec.protocol == protocol and spec.repeat == "retrain" and spec.std == "population"
     n = 0
@@ -141,3 +168,86 @@ def test_protocols_train_in_float32_with_tf32_and_amp_is_opt_in():
         assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee", "ieee")
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+# ---- the names a record gives (loss, zero op, pipeline), old saved configs, a new protocol
+def _old_fallbacks(protocol: str) -> dict[str, str]:
+    """What RunConfig.zero_op / loss_name / augment_pipeline made of None before the records named them
+    (the fallbacks that repeated the table): saved configs with None must still mean this."""
+    return {"model.zero_op": protocol, "loss.name": "exp_log" if protocol == "paper" else "exp_log_dice",
+            "augment.pipeline": protocol}
+
+
+@pytest.mark.parametrize("protocol", ["paper", "code"])
+def test_an_old_saved_config_with_none_names_loads_to_the_same_values(protocol):
+    saved = load_config(overrides=[f"protocol={protocol}"]).portable_dict()
+    for dotted in PROTOCOL_NAMED:
+        section, key = dotted.split(".")
+        saved[section][key] = None
+    cfg = config_from_dict(saved)
+    named = {dotted: flatten(cfg.to_dict())[dotted] for dotted in PROTOCOL_NAMED}
+    assert named == _old_fallbacks(protocol)
+    assert (cfg.zero_op, cfg.loss_name, cfg.augment_pipeline) == tuple(_old_fallbacks(protocol).values())
+    assert config_from_dict(saved) == load_config(overrides=[f"protocol={protocol}"])
+    # older still: no loss/augment sections at all (the dataclass defaults, None) -> the record's names
+    del saved["loss"], saved["augment"]
+    assert config_from_dict(saved).loss_name == _old_fallbacks(protocol)["loss.name"]
+    # and ``--set x=null`` still means the protocol's, an explicit name still wins
+    nulls = [f"{dotted}=null" for dotted in PROTOCOL_NAMED]
+    assert load_config(overrides=[f"protocol={protocol}", *nulls]) == load_config(overrides=[f"protocol={protocol}"])
+    explicit = load_config(overrides=[f"protocol={protocol}", "model.zero_op=code", "augment.pipeline=none"])
+    assert (explicit.zero_op, explicit.augment_pipeline) == ("code", "none")
+
+
+@pytest.mark.parametrize("dotted, value", [("model.zero_op", "half"), ("augment.pipeline", "release"),
+                                           ("loss.name", "dice_typo")])
+def test_a_name_outside_its_registry_is_refused_listing_the_registry(dotted, value):
+    registry = {"model.zero_op": ZERO_OPS, "augment.pipeline": PIPELINES}.get(dotted)
+    with pytest.raises(ConfigError, match=rf"{re.escape(dotted)}: '{value}' is not a registered") as err:
+        load_config(overrides=[f"{dotted}={value}"])
+    assert registry is None or all(name in str(err.value) for name in registry)
+
+
+def test_a_protocol_is_checked_wherever_a_config_is_built():
+    with pytest.raises(ConfigError, match=r"protocol: 'release' is not one of 'paper', 'code'"):
+        RunConfig(protocol="release")
+    assert RunConfig(protocol="code").loss_name == "exp_log_dice"  # direct construction reads the record too
+
+
+TINY = ["data.synthetic_images=6", "data.synthetic_size=128", "data.crop_size=32", "data.stride=32",
+        "data.split=0.5,0.25,0.25", "search.epochs=2", "search.warmup_epochs=1", "search.iters_per_epoch=1",
+        "search.val_every=1", "search.val_timing=end", "train.epochs=1", "train.iters_per_epoch=1",
+        "train.val_every=1", "train.val_timing=end"]
+
+
+def test_a_new_protocol_is_one_record(monkeypatch, tmp_path):
+    """A protocol added as one PROTOCOLS entry and nothing else: load_config applies it, saved configs
+    round-trip, and a search and a retrain run with the loss, zero op and pipeline it names."""
+    from nas_core.engine import load_checkpoint, run_search, run_train
+    from nas_core.engine.context import setup_run
+
+    record = copy.deepcopy(PROTOCOLS["paper"])
+    record["protocol"] = "hybrid"
+    record["model"]["zero_op"], record["loss"]["name"], record["augment"]["pipeline"] = "code", "soft_dice", "code"
+    record["search"].update(alternation="epoch", lr_w=5e-4)
+    monkeypatch.setitem(PROTOCOLS, "hybrid", record)
+
+    cfg = load_config(overrides=["protocol=hybrid"])
+    assert flatten(cfg.to_dict()) == flatten(record) and diff_from_protocol(cfg) == {}
+    assert (cfg.zero_op, cfg.loss_name, cfg.augment_pipeline) == ("code", "soft_dice", "code")
+    assert config_from_dict(cfg.portable_dict()) == cfg
+    nulls = [f"{dotted}=null" for dotted in PROTOCOL_NAMED]
+    assert load_config(overrides=["protocol=hybrid", *nulls]) == cfg
+
+    run = load_config(overrides=["protocol=hybrid", *TINY, f"data.cache_dir={tmp_path / 'data'}"])
+    ctx = setup_run(run, tmp_path / "ctx")
+    assert ctx.loss_fn.__name__ == "soft_dice"
+    assert ctx.dataset("train", augment=True).transform.choices == PIPELINES["code"]
+    search = run_search(run, tmp_path / "search")
+    supernet, meta = load_checkpoint(search.checkpoint_path)
+    assert meta["config"]["protocol"] == "hybrid"
+    assert {c.zero_value for c in supernet.modules() if hasattr(c, "zero_value")} == {ZERO_OPS["code"]}
+    retrain = load_config(overrides=["protocol=hybrid", *TINY, f"data.cache_dir={tmp_path / 'data'}",
+                                     f"model.genotype={search.genotype_path}"])
+    result = run_train(retrain, tmp_path / "train")
+    assert result.best_epoch == 0 and set(result.test["dsc"]) >= {"Average"}

@@ -2,7 +2,9 @@
 
 **Exactly one method per crop**, chosen by cumulative probability from a list of (method, p): a number
 u ~ U(0, 1) picks the first method whose interval [p_1 + ... + p_(i-1), p_1 + ... + p_i] holds it; when
-u lies past the total, the crop is left unchanged (the release's ``data_aug``). Pipelines:
+u lies past the total, the crop is left unchanged (the release's ``data_aug``). Pipelines, one entry each
+in ``PIPELINES`` (each named for the protocol that brought it in; a protocol's record in
+nas_core.config.PROTOCOLS may name any of them):
 
 - ``code`` (the release's default): ``gaussian_blur`` with p = 0.2, else nothing.
 - ``paper``: the paper's five methods (rotation, flip, Gaussian blur, median blur, elastic) with equal
@@ -40,7 +42,6 @@ from typing import Callable, Optional
 
 import cv2
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
 
 # (method, probability) lists, in the order the cumulative draw walks them
 PIPELINES: dict[str, tuple[tuple[str, float], ...]] = {
@@ -82,6 +83,10 @@ def _median_blur(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Gene
 
 def _plane_weights(sigma: float) -> np.ndarray:
     """(7,) weights of the 7 noise planes in the middle plane of a 1-D Gaussian (reflect) across them."""
+    # imported here: scipy.ndimage takes about half a second to import, and every config check reads
+    # PIPELINES (nas_core.config._check_registered)
+    from scipy.ndimage import gaussian_filter1d
+
     return gaussian_filter1d(np.eye(ELASTIC_PLANES), sigma, axis=0, mode="reflect")[ELASTIC_PLANES // 2]
 
 

@@ -2,7 +2,7 @@
 
 from nas_core.engine.callbacks import Callback, CallbackList
 from nas_core.engine.checkpoint import CheckpointError, load_checkpoint
-from nas_core.engine.loop import TrainingError
+from nas_core.engine.context import TrainingError
 from nas_core.engine.search import SearchResult, run_search
 from nas_core.engine.train import TrainResult, run_train
 

@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-
 from nas_core.config import ConfigError, RunConfig
+from nas_core.engine.batches import epoch_lengths, train_batches
 from nas_core.engine.callbacks import Callback, CallbackList
 from nas_core.engine.checkpoint import load_weights, read_checkpoint
+from nas_core.engine.context import adam, prepare_model, setup_run
 from nas_core.engine.device import seed_everything
 from nas_core.engine.evaluate import evaluate_split
-from nas_core.engine.loop import (EpochTail, adam, epoch_lengths, epoch_losses, guard_out_dir, optimisation_step,
-                                  prepare_model, progress, read_result, resume_from_last, setup_run, train_batches,
-                                  write_json)
+from nas_core.engine.rundir import guard_out_dir, read_result, resume_from_last, write_json
+from nas_core.engine.steps import epoch_losses, optimisation_step, progress
+from nas_core.engine.tail import EpochTail
 
 
 @dataclass
@@ -53,7 +54,7 @@ def build_model(cfg: RunConfig):
         if not cfg.model.genotype:
             raise ConfigError(f"model.genotype must name a genotype JSON to retrain {cfg.model.name}; run a search first")
         genotype = Genotype.load(cfg.model.genotype)
-        return create_model(cfg.model.name, genotype=genotype, zero_op=cfg.zero_op, impl=cfg.model.impl)
+        return create_model(cfg.model.name, genotype=genotype, zero_op=cfg.model.zero_op, impl=cfg.model.impl)
     return create_model(cfg.model.name)
 
 

@@ -13,8 +13,10 @@ Two forms share this class:
   ``forward(x)``. Ops whose destination node cannot reach the output are not built (the output is
   identical: such a node only feeds Zero edges, which ignore their input).
 
-``zero_op``: "paper" -> Zero contributes exactly 0; "code" (the authors' release) -> Zero contributes
-sigmoid(0) = 0.5 on the edges into the output node and 0 on ReLU edges.
+``zero_op``: a name in ``ZERO_OPS``, the table of what a Zero op contributes on the edges into the output
+node (sigmoid edges; 0 on ReLU edges always): "paper" -> exactly 0; "code" (the authors' release) ->
+sigmoid(0) = 0.5. The names are those of the protocol that brought each in; a protocol's record
+(nas_core.config.PROTOCOLS) names one, and a new zero op is one entry here.
 
 This class is the reference implementation ("reference": one conv -> BN -> act per op and edge,
 stacked and weighted, ``edge_outputs``). ``StackedCell`` (nas_core/search_space/stacked.py) is a
@@ -27,7 +29,7 @@ picks one by name. The fixed form is the same either way.
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +37,8 @@ from torch import nn
 
 from nas_core.search_space.ops import HIDDEN_CHANNELS, N_NODES, OpSpec, edge_list, make_op, num_edges
 
-ZeroOp = Literal["paper", "code"]
-ZERO_OPS = ("paper", "code")
+# zero op name -> the value a Zero op contributes on a sigmoid edge (method.md sections 3 and 5)
+ZERO_OPS: dict[str, float] = {"paper": 0.0, "code": 0.5}
 
 
 class Cell(nn.Module):
@@ -50,7 +52,7 @@ class Cell(nn.Module):
         c_in: int,
         dim: int,
         genotype: Sequence[str] | None = None,
-        zero_op: ZeroOp = "paper",
+        zero_op: str = "paper",
         n_nodes: int = N_NODES,
         hidden: int = HIDDEN_CHANNELS,
     ):
@@ -61,6 +63,7 @@ class Cell(nn.Module):
             raise ValueError(f"dim must be 1 or 2, got {dim}")
         self.op_names = tuple(ops)
         self.dim, self.zero_op, self.n_nodes = dim, zero_op, n_nodes
+        self.zero_value = ZERO_OPS[zero_op]  # a Zero op's output on a sigmoid edge
         self.edges = edge_list(n_nodes)
         self.channels = [c_in] + [hidden] * (n_nodes - 1) + [1]
         self.mixed = genotype is None
@@ -96,7 +99,7 @@ class Cell(nn.Module):
         return live
 
     def _zero_value(self, dst: int) -> float:
-        return 0.5 if self.zero_op == "code" and dst == self.n_nodes else 0.0
+        return self.zero_value if dst == self.n_nodes else 0.0
 
     def _act(self, y: torch.Tensor, dst: int) -> torch.Tensor:
         return torch.sigmoid(y) if dst == self.n_nodes else F.relu(y)

@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from nas_core.search_space.cell import Cell, ZeroOp
+from nas_core.search_space.cell import Cell
 from nas_core.search_space.ops import HIDDEN_CHANNELS, N_NODES, OpSpec
 
 
@@ -53,7 +53,7 @@ class StackedCell(Cell):
         c_in: int,
         dim: int,
         genotype: Sequence[str] | None = None,
-        zero_op: ZeroOp = "paper",
+        zero_op: str = "paper",
         n_nodes: int = N_NODES,
         hidden: int = HIDDEN_CHANNELS,
     ):
@@ -111,10 +111,10 @@ class StackedCell(Cell):
             if src.node + 1 < self.out:
                 nodes.append(acc.pop(src.node + 1))  # complete: every edge into it has been added
         out = acc[self.out]
-        if self.zero_op == "code" and self.zero_ops:
-            # Zero on a sigmoid edge contributes w * sigmoid(0) = 0.5 w in the release's form
+        if self.zero_value and self.zero_ops:
+            # Zero on a sigmoid edge contributes w * zero_value (the release's form: sigmoid(0) = 0.5)
             sig_edges = [e for e, (_, d) in enumerate(self.edges) if d == self.out]
-            out = out + 0.5 * weights[sig_edges][:, list(self.zero_ops)].sum().to(out.dtype)
+            out = out + self.zero_value * weights[sig_edges][:, list(self.zero_ops)].sum().to(out.dtype)
         return out / self.in_degree
 
     def _groups(self, src: _Source, dim: int) -> list[tuple[tuple[int, ...], int, int]]:
