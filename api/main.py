@@ -21,6 +21,7 @@ from api.inference import Inference
 from api.routers import experiments, health, predict, runs
 from api.schemas import SPEC_EXAMPLES
 from api.service import RunService
+from orchestrator.cli import version as package_version
 from orchestrator.settings import Settings, get_settings
 from orchestrator.specs import AnySpec
 
@@ -68,7 +69,7 @@ def create_app(settings: Optional[Settings] = None, service: Optional[RunService
         yield
         app.state.inference.stop()
 
-    app = FastAPI(title="nas-scam API", version="1", description=DESCRIPTION, lifespan=lifespan,
+    app = FastAPI(title="nas-scam API", version=package_version(), description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None,
                   openapi_tags=[{"name": "runs", "description": "run specs as Ray jobs"},
                                 {"name": "experiments"}, {"name": "predict"}, {"name": "health"}])

@@ -4,11 +4,17 @@ identity (stage, method, seed, run names); a Ray trial calls ``config_from_dict`
 
 ``build_plan`` (``nas-scam ablate SPEC --plan``) says what an ablation will do before anything runs: it
 prepares (or opens) the dataset to count crops and iterations per epoch
-(``nas_core.engine.loop.epoch_lengths``), counts each model's FLOPs per step on the meta device and
-measures this machine's rate with a short conv benchmark, then estimates FLOPs and time per trial, and
-the memory each trial asks Ray for (``run_memory``; the runner requests it through ``trial_memory``). It
-starts no Ray and no MLflow run. ``to_text`` / ``to_markdown`` render it; the same dict goes to the
-MLflow parent run as plan.json / plan.md when the ablation really runs.
+(``nas_core.engine.loop.epoch_lengths``; from the synthetic stand-in unless ``data.source`` names real
+data, and the plan says which), counts each model's FLOPs per step on the meta device, and estimates
+FLOPs and time per trial and the memory each trial asks Ray for (``run_memory``; the runner requests it
+through ``trial_memory``). Time (``orchestrator.costs``): FLOPs / this machine's rate (``machine_rate``:
+the median of several warm conv benchmarks with the threads a trial gets, kept per machine), plus a
+trial's fixed start-up; trials run ``machine_slots`` at once (the spec's ``resources`` against this
+machine's or the cluster's CPUs, GPUs and memory), stage after stage (``makespan``). With a device
+profile (``device_profiles.yaml``: step times measured on a named device) it adds that device's
+GPU-hours (``device_hours``). It starts no Ray and no MLflow run. ``to_text`` / ``to_markdown`` render it; the
+same dict goes to the MLflow parent run as plan.json / plan.md when the ablation really runs, and its
+``stages`` feed the run's ETA (``orchestrator.progress.Eta``).
 
 Each protocol line names its source in ../shared/docs/method.md (section numbers), so a reader can
 check it against the paper and the release.
@@ -23,6 +29,8 @@ from typing import Any, Optional
 
 from nas_core.classes import NUM_CLASSES
 from nas_core.config import RunConfig, config_from_dict, diff_from_protocol
+from orchestrator.costs import (TRIAL_OVERHEAD_S, device_profile, machine_rate, machine_slots, makespan,
+                                profile_summary)
 from orchestrator.settings import Settings
 from orchestrator.specs import (METHODS, AblationSpec, HpoSpec, axis_label, parse_run_name, run_name,
                                trial_config)
@@ -296,10 +304,14 @@ def run_memory(cfg: RunConfig, phase: str, data_size: int = 0) -> int:
     return int(MEMORY_MARGIN * need)
 
 
-def trial_memory(trials: list[Trial], data_root: Optional[Path] = None) -> dict[str, int]:
-    """Trial name -> the memory it asks Ray for: the most any of its runs needs (``config_memory``)."""
+def trial_memory(trials: list[Trial], data_root: Optional[Path] = None, progress: bool = True) -> dict[str, int]:
+    """Trial name -> the memory it asks Ray for: the most any of its runs needs (``config_memory``).
+    ``progress``: a bar over the trials on a terminal (each new model is traced on the meta device)."""
+    from nas_core.data.prepare import progress_bar
+
     sizes: dict = {}
-    return {t.name: max(config_memory(r.config, r.phase, data_root, sizes) for r in t.runs) for t in trials}
+    with progress_bar(trials, desc="memory per trial", unit="trial", enabled=progress) as bar:
+        return {t.name: max(config_memory(r.config, r.phase, data_root, sizes) for r in t.runs) for t in bar}
 
 
 def config_memory(config: dict[str, Any], phase: str, data_root: Optional[Path] = None,
@@ -366,6 +378,8 @@ def _trial(cfg: RunConfig, phase: str, method: str, seed: int, lengths: dict, da
 
 def _protocol_lines(cfg: RunConfig, spec: AblationSpec) -> list[dict]:
     """The protocol's choices as resolved (after every override), each with its method.md source."""
+    from nas_core.search_space.cell import ZERO_OPS
+
     d, s, t = cfg.data, cfg.search, cfg.train
     adam = "rebuilt every epoch" if s.reset_optimizer_each_epoch else "built once"
     precision = ("bf16 autocast (opt-in, a deviation)" if cfg.amp else "float32") + \
@@ -377,7 +391,7 @@ def _protocol_lines(cfg: RunConfig, spec: AblationSpec) -> list[dict]:
         ("augmentation", f"{cfg.augment_pipeline}: {AUGMENT.get(cfg.augment_pipeline, '?')}"
          f" (strength {cfg.augment.strength:g})", "5, 5a"),
         ("loss", f"{cfg.loss_name}: {LOSS.get(cfg.loss_name, cfg.loss_name)}", "5"),
-        ("zero op", f"{cfg.zero_op} ({'0' if cfg.zero_op == 'paper' else '0.5'} on sigmoid edges)", "3, 5"),
+        ("zero op", f"{cfg.zero_op} ({ZERO_OPS[cfg.zero_op]:g} on sigmoid edges)", "3, 5"),
         ("search", f"{s.epochs} epochs, w-only warm-up {s.warmup_epochs}, alternation per {s.alternation}, "
          f"lr w {s.lr_w:g} / alpha {s.lr_alpha:g}, Adam {adam}, validation every {s.val_every}", "5, 5a"),
         ("retrain", f"{t.epochs} epochs, lr {t.lr:g}, validation every {t.val_every}, best-validation checkpoint",
@@ -391,16 +405,20 @@ def _protocol_lines(cfg: RunConfig, spec: AblationSpec) -> list[dict]:
 
 
 def build_plan(spec: AblationSpec, settings: Settings, rate: Optional[dict] = None,
-               progress: bool = True, trials: Optional[list[Trial]] = None) -> dict[str, Any]:
-    """The plan of ``spec`` as a JSON-ready dict. ``rate``: a ``measure_conv_rate`` result to reuse
-    (default: measured now, about a second); ``trials``: ``expand``'s, when the caller has them."""
+               progress: bool = True, trials: Optional[list[Trial]] = None,
+               profile: Optional[str] = None, remeasure: bool = False) -> dict[str, Any]:
+    """The plan of ``spec`` as a JSON-ready dict. ``rate``: a ``measure_conv_rate``-like result to reuse
+    (default: ``machine_rate``, cached per machine); ``trials``: ``expand``'s, when the caller has them;
+    ``profile``: a device profile's name (``device_profiles.yaml``) to add its device-hours;
+    ``remeasure``: measure this machine's rate again. ``progress``: bars on stderr (a terminal only)."""
     from nas_core.data import ensure_dataset
+    from nas_core.data.prepare import progress_bar
     from nas_core.engine.device import resolve_device, set_float32_precision
     from nas_core.engine.loop import epoch_lengths
-    from nas_core.models.perf import measure_conv_rate
 
     if spec.data.source is not None and not Path(spec.data.source).expanduser().is_dir():
         raise PlanError(f"data folder {spec.data.source} does not exist (data.source / --data)")
+    chosen = device_profile(profile) if profile else None  # a wrong name fails before any work
     if trials is None:
         trials = expand(spec, settings.runs_root / spec.name, settings.data_root)
     runs = [r for t in trials for r in t.runs]
@@ -409,9 +427,11 @@ def build_plan(spec: AblationSpec, settings: Settings, rate: Optional[dict] = No
     if rate is None:
         device = resolve_device(first.device)
         set_float32_precision(device, first.tf32)
-        rate = measure_conv_rate(device, amp=first.amp)
+        rate = machine_rate(settings, device, amp=first.amp, threads=max(1, int(spec.resources.cpu)),
+                            remeasure=remeasure)
     datasets: dict = {}
     rows = []
+    bar = progress_bar(total=len(runs), desc="plan: FLOPs and memory per run", unit="run", enabled=progress)
     for r, cfg in zip(runs, configs):
         if cfg.data not in datasets:
             data = ensure_dataset(cfg.data, settings.data_root, cfg.data.seed, progress=progress)
@@ -420,30 +440,44 @@ def build_plan(spec: AblationSpec, settings: Settings, rate: Optional[dict] = No
         row = _trial(cfg, r.phase, r.method, r.seed, epoch_lengths(cfg, data), data, rate["flops_per_s"])
         rows.append({**row, "run": r.name, "draw": r.draw, "fold": r.fold, "variant": r.variant, "data": index})
         rows[-1]["memory"] = run_memory(cfg, r.phase, data_bytes(data))
+        bar.update(1)
+    bar.close()
     data_info = []
     for dcfg, (index, data) in datasets.items():
         source = dcfg.source or f"synthetic: {dcfg.synthetic_images} images of {dcfg.synthetic_size} px"
-        data_info.append({"index": index, "source": source,
+        data_info.append({"index": index, "source": source, "synthetic": dcfg.source is None,
                           "images": {s: len(data.image_ids(s)) for s in ("train", "val", "test")},
                           "crops": {s: int(len(data.crops(s))) for s in ("train", "val", "test")},
                           "bucket_sizes": {str(c): int(len(v)) for c, v in data.buckets.items()}})
     common = _common_overrides(rows)
-    return {
+    memory = max(t["memory"] for t in rows)
+    parallel = machine_slots(spec, settings, memory)
+    time_of = {r["run"]: r["time_s"] for r in rows}
+    plan_stages = []
+    for stage, group in stages(trials):
+        costs = {t.name: TRIAL_OVERHEAD_S + sum(time_of[r.name] for r in t.runs) for t in group}
+        plan_stages.append({"stage": stage, "trials": costs,
+                            "wall_s": makespan(list(costs.values()), parallel["slots"])})
+    out = {
         "kind": "ablation", "name": spec.name, "protocol": spec.protocol, "preset": spec.preset,
         "repeat": spec.repeat, "std": spec.std, "seeds": spec.seed_list, "methods": spec.methods,
         "grid": _grid_info(spec, trials),
         "protocol_lines": _protocol_lines(first, spec),
-        "common_overrides": common, "data": data_info, "rate": rate, "trials": rows,
+        "common_overrides": common, "data": data_info, "rate": rate, "parallel": parallel,
+        "stages": plan_stages, "trial_overhead_s": TRIAL_OVERHEAD_S, "trials": rows,
         "totals": {"trials": len(rows), "flops": int(sum(t["flops"] for t in rows)),
-                   "time_s": sum(t["time_s"] for t in rows), "memory": max(t["memory"] for t in rows)},
+                   "time_s": sum(t["time_s"] for t in rows), "wall_s": sum(s["wall_s"] for s in plan_stages),
+                   "memory": memory},
         "notes": [
             "FLOPs: convolutions and matrix products per step (torch FlopCounterMode on the meta device), "
             "times the batch; element-wise work is not counted. Evaluation = validation and test windows "
             "(one window per evaluation crop) times the forward FLOPs.",
-            f"Time = FLOPs / the rate measured now on {rate['device']} ({rate['dtype']}, "
-            f"{rate['workload']}, {rate['seconds']} s): a compute-bound estimate for one trial at a time on "
-            "this machine; small-batch steps are partly launch-bound and run slower, Ray workers elsewhere "
-            "run at their own rate.",
+            f"Time = FLOPs / this machine's rate on {rate['device']} ({rate['dtype']}, {rate['workload']}, "
+            f"with the torch threads of a trial of resources cpu "
+            f"{spec.resources.cpu:g}): a compute-bound estimate; small-batch steps are partly launch-bound "
+            f"and run slower, Ray workers elsewhere run at their own rate. Wall-clock: {TRIAL_OVERHEAD_S:g} s of "
+            f"start-up per trial (BENCHMARKS.md 'A trial through Ray Tune vs called directly') and the "
+            f"trials of each stage on the slots, a stage after the one before.",
             "Crops per epoch: train = the crops in the class buckets, alpha = the validation images' crops.",
             "(max): a NAS-SCAM retrain is planned before its search, so its genotype is unknown; it is costed "
             "with the costliest op on every edge (an upper bound).",
@@ -455,6 +489,9 @@ def build_plan(spec: AblationSpec, settings: Settings, rate: Optional[dict] = No
             f"against measured peaks (orchestrator/plan.py).",
         ],
     }
+    if chosen is not None:
+        out["device_profile"] = profile_summary(chosen, rows, configs)
+    return out
 
 
 def _grid_info(spec: AblationSpec, trials: list[Trial]) -> dict[str, Any]:
@@ -475,11 +512,12 @@ def _common_overrides(trials: list[dict]) -> dict[str, list]:
     return common
 
 
-def _num(x: float) -> str:
-    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+def _si(x: float, unit: str) -> str:
+    """``8.27 PFLOP``, ``95.3 GFLOP/s``: a decimal prefix and the unit, always both."""
+    for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
-            return f"{x / scale:.3g} {unit}"
-    return f"{x:.3g} "
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
 
 
 def _duration(seconds: float) -> str:
@@ -492,17 +530,25 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
+def _hours(hours: float, unit: str = "") -> str:
+    """``64.1 GPU-hours``, ``0.031 GPU-hours``, ``<0.01 GPU-hours`` (a smoke run's seconds)."""
+    number = f"{hours:,.1f}" if hours >= 0.1 else f"{hours:.3f}" if hours >= 0.01 else "<0.01"
+    return f"{number} {unit}" if unit else number
+
+
 def _rows(plan: dict) -> list[list[str]]:
     common = plan["common_overrides"]
-    rows = [["phase", "run", "epochs", "it/epoch", "batch", "steps w/alpha", "val", "FLOPs",
-             "est. time", "memory", "other overrides"]]
+    profile = plan.get("device_profile")
+    rows = [["phase", "run", "epochs", "it/epoch", "batch", "steps w/alpha", "val", "FLOP", "est. time",
+             *([profile["unit"]] if profile else []), "memory", "other overrides"]]
     for t in plan["trials"]:
         it = "/".join(f"{k} {v}" for k, v in t["iterations_per_epoch"].items())
         extra = {k: v for k, v in t["overrides"].items() if k not in common}
+        device = [_hours(t["device_hours"]) + (" (max)" if t["flops_note"] else "")] if profile else []
         rows.append([t["phase"], t.get("run") or t["method"], str(t["epochs"]), it, str(t["batch"]),
                      f"{t['steps']['w']}/{t['steps']['alpha']}", str(t["validations"]),
-                     _num(t["flops"]) + ("(max)" if t["flops_note"] else ""), _duration(t["time_s"]),
-                     fmt_bytes(t["memory"]) if "memory" in t else "-",
+                     _si(t["flops"], "FLOP") + (" (max)" if t["flops_note"] else ""), _duration(t["time_s"]),
+                     *device, fmt_bytes(t["memory"]) if "memory" in t else "-",
                      ", ".join(f"{k}={v[1]}" for k, v in extra.items()) or "-"])
     return rows
 
@@ -537,7 +583,52 @@ def _sections(plan: dict) -> tuple[list[str], list[str], list[str], list[str]]:
                     f"{d['bucket_sizes']}")
         data.append(f"  crops per epoch: {crops}; iterations per epoch: "
                     + ", ".join(f"{k} {v}" for k, v in its.items()))
+        if d.get("synthetic"):
+            data.append("  SYNTHETIC stand-in: these crops and iterations per epoch are the generated data's, "
+                        "not a real dataset's; pass --data DIR (e.g. MoNuSAC) for the real counts")
     return head, protocol, overrides, data
+
+
+def _time_lines(plan: dict) -> tuple[list[str], list[str]]:
+    """(rate and trials-at-once lines, total and device lines) of the plan's time estimate."""
+    r, tot = plan["rate"], plan["totals"]
+    how = (f"median of {r['median_of']} warm runs, {_si(r['spread'][0], 'FLOP/s')} to "
+           f"{_si(r['spread'][1], 'FLOP/s')}; measured {r['measured_at']}" if "median_of" in r
+           else f"{r['steps']} steps in {r['seconds']} s")
+    kept = (f", kept in {r['cached']} (--remeasure measures again)" if r.get("cached") else "")
+    threads = f", {r['threads']} torch thread{'s' if r.get('threads') != 1 else ''}" if "threads" in r else ""
+    rate = [f"rate: {_si(r['flops_per_s'], 'FLOP/s')} on {r['device']} ({r['dtype']}{threads}; {r['workload']}; "
+            f"{how}{kept})"]
+    par = plan.get("parallel")
+    if par:
+        per = par["per_trial"]
+        rate.append(f"trials at once: {par['slots']} on {par['where']} ({par['nodes']} node(s): {par['cpu']:g} CPUs, "
+                    f"{par['gpu']:g} GPUs, {fmt_bytes(par['memory'])} for Ray; per trial cpu {per['cpu']:g}, "
+                    f"gpu {per['gpu']:g}, {fmt_bytes(per['memory'])}"
+                    + (f"; max_concurrent {par['max_concurrent']}" if par.get("max_concurrent") else "") + ")")
+        if par.get("note"):
+            rate.append(f"  {par['note']}")
+    total = [f"total: {tot['trials']} runs, {_si(tot['flops'], 'FLOP')}; compute about {_duration(tot['time_s'])} "
+             f"one run after another at this rate{_peak(tot)}"]
+    if "wall_s" in tot and par:
+        parts = ", then ".join(f"{s['stage']} {_duration(s['wall_s'])}" for s in plan["stages"])
+        total.append(f"wall-clock: about {_duration(tot['wall_s'])} with {par['slots']} trial(s) at once "
+                     f"({parts}; {plan['trial_overhead_s']:g} s start-up per trial included)")
+    d = plan.get("device_profile")
+    if d:
+        total.append(f"on {d['title']} (--device-profile {d['name']}): searches {_hours(d['hours']['search'], d['unit'])}, "
+                     f"retrains {_hours(d['hours']['train'], d['unit'])}, total {_hours(d['total_hours'], d['unit'])}, "
+                     f"one trial per device, {'/'.join(d['precision'])} steps")
+        total.append(f"  measured {d['measured']}; source: {d['source']}")
+        if d["scaled"]:
+            total.append(f"  the measured steps are of {d['crop_size']} px crops, batch {d['batch']}: this plan's "
+                         f"are scaled by pixels x batch (on a GPU small steps are launch-bound: a lower bound)")
+        total += [f"  {k}: {v}" for k, v in d["steps"].items()]
+        if d["upper_bound"]:
+            total.append(f"  (max) retrains: the uniform genotype's step x the profile's upper-bound factor; "
+                         f"{d['upper_bound']}")
+        total += [f"  note: {n}" for n in d["notes"]]
+    return rate, total
 
 
 def _peak(totals: dict) -> str:
@@ -549,30 +640,25 @@ def to_text(plan: dict) -> str:
     rows = _rows(plan)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    r, tot = plan["rate"], plan["totals"]
+    rate, total = _time_lines(plan)
     lines = [*head, "", "protocol as resolved (source in ../shared/docs/method.md):",
              *("  " + x for x in protocol), "", "overrides of the protocol table, every trial:",
-             *("  " + x for x in overrides), "", *data, "",
-             f"rate: {_num(r['flops_per_s'])}FLOP/s measured now on {r['device']} ({r['dtype']}; {r['workload']}; "
-             f"{r['steps']} steps in {r['seconds']} s)", "",
-             f"trials ({tot['trials']}):", *("  " + x for x in table), "",
-             f"total: {tot['trials']} trials, {_num(tot['flops'])}FLOPs, about {_duration(tot['time_s'])} "
-             f"one after the other at the measured rate{_peak(tot)}", "", *(f"note: {n}" for n in plan["notes"])]
+             *("  " + x for x in overrides), "", *data, "", *rate, "",
+             f"runs ({plan['totals']['trials']}):", *("  " + x for x in table), "",
+             *total, "", *(f"note: {n}" for n in plan["notes"])]
     return "\n".join(lines) + "\n"
 
 
 def to_markdown(plan: dict) -> str:
     head, protocol, overrides, data = _sections(plan)
     rows = _rows(plan)
-    r, tot = plan["rate"], plan["totals"]
+    rate, total = _time_lines(plan)
     lines = [f"# {head[0]}", "", "## Protocol (source in method.md)", "", *(f"- {x}" for x in protocol), "",
              "## Overrides of the protocol table (every trial)", "", *(f"- `{x}`" for x in overrides), "",
              "## Data", "", *(f"- {x.strip()}" for x in data), "",
-             f"Rate: {_num(r['flops_per_s'])}FLOP/s measured on {r['device']} ({r['dtype']}, {r['workload']}, "
-             f"{r['seconds']} s).", "", "## Trials", "",
+             "## Time", "", *(f"- {x.strip()}" for x in rate), "", "## Runs", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]),
              *("| " + " | ".join(row) + " |" for row in rows[1:]), "",
-             f"Total: {tot['trials']} trials, {_num(tot['flops'])}FLOPs, about {_duration(tot['time_s'])}"
-             f"{_peak(tot)}.", "",
+             *(f"- {x.strip()}" for x in total), "",
              *(f"- {n}" for n in plan["notes"])]
     return "\n".join(lines) + "\n"

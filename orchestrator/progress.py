@@ -4,6 +4,11 @@
 well in a terminal, a Ray job log and ``GET /v1/runs/{id}/logs``). ``tune_callback`` feeds it from Tune's
 driver-side hooks, which replace Tune's status table (``RunConfig(verbose=0)``). ``quiet_logging``
 sends Ray's and MLflow's own logging to a file under the run folder; ``--verbose`` skips all of it.
+
+The ETA: with an ``Eta`` (made once per run from the plan, ``Eta.from_plan``, and handed to each stage's
+``Progress``) it is known from the first trial on, for the stage and the whole run, from the plan's
+cost of every trial, corrected by what the finished ones took. Without one, from the mean finished
+trial of the stage.
 """
 
 from __future__ import annotations
@@ -37,8 +42,129 @@ def fmt_duration(seconds: float) -> str:
 
 
 def _group(name: str) -> str:
-    # trials of one method take alike times: "full__unet__seed1" is timed like "full__unet__seed0"
-    return re.sub(r"__seed\d+$", "", name)
+    # trials of one method take alike times: "full__unet__seed1" is timed like "full__unet__seed0", and
+    # "train__unet__seed1__fold0" like "train__unet__seed0__fold0"
+    return re.sub(r"__seed\d+", "", name)
+
+
+class Eta:
+    """Seconds left of a whole run, from the plan's cost of each trial, corrected as trials finish.
+
+    ``stages``: [(stage, {trial name: planned seconds})] in run order (``plan["stages"]``: each trial's
+    compute plus ``overhead``, the fixed start-up per trial); ``slots``: trials at once
+    (``plan["parallel"]``). A pending trial is expected to take:
+    - what the finished trials of its group took (the same method and stage, another seed); else
+    - ``a + b x planned compute``, fitted to the finished trials once their planned computes differ
+      (a busy machine stretches the fixed part and the compute alike, and the plan's compute is an
+      upper bound for a NAS-SCAM retrain: the fit learns both); else
+    - its planned seconds x measured / planned over the trials finished so far (1 before any).
+    A stage starts when the one before ends, after the gap measured between the earlier stages (Tune
+    builds the next grid), ``stage_start`` seconds before any was seen; within a stage, a trial starts
+    the measured turnaround after a slot frees (Tune starts its worker), 0 before any was seen."""
+
+    def __init__(self, stages: list[tuple[str, Mapping[str, float]]], slots: int = 1, overhead: float = 0.0,
+                 stage_start: float = 5.0):
+        self.stages = [(stage, dict(trials)) for stage, trials in stages]
+        self.planned = {name: cost for _, trials in self.stages for name, cost in trials.items()}
+        self.stage_of = {name: i for i, (_, trials) in enumerate(self.stages) for name in trials}
+        self.slots = max(1, int(slots))
+        self.overhead = overhead
+        self.took: dict[str, float] = {}  # finished trials: measured seconds
+        self.ended: set[str] = set()  # finished, failed or done in an earlier session
+        self.gaps: list[float] = []  # measured: last end of a stage -> first start of the next
+        self.turns: list[float] = []  # measured: an end -> the next start in the same stage
+        self.stage_start = stage_start
+        self._last_end: Optional[tuple[int, float]] = None  # (stage index, clock) of the latest end
+        self._started_stages: set[int] = set()
+
+    @classmethod
+    def from_plan(cls, plan: Mapping[str, Any]) -> "Eta":
+        """From ``orchestrator.plan.build_plan``'s dict (its ``stages``, ``parallel`` and start-up)."""
+        return cls([(s["stage"], s["trials"]) for s in plan["stages"]], plan.get("parallel", {}).get("slots", 1),
+                   overhead=plan.get("trial_overhead_s", 0.0))
+
+    # ------------------------------------------------------------------ events (``now``: the caller's clock)
+    def started(self, name: str, now: float) -> None:
+        index = self.stage_of.get(name)
+        if index is None:
+            return
+        if index in self._started_stages:
+            if self._last_end is not None and self._last_end[0] == index:
+                self.turns.append(max(0.0, now - self._last_end[1]))
+            return
+        self._started_stages.add(index)
+        if self._last_end is not None and self._last_end[0] < index:
+            self.gaps.append(max(0.0, now - self._last_end[1]))
+
+    def finished(self, name: str, seconds: float, now: Optional[float] = None) -> None:
+        self.took[name] = seconds
+        self._ended(name, now)
+
+    def ended_without_time(self, name: str, now: Optional[float] = None) -> None:
+        """A failed trial, or one finished in an earlier session: nothing left, and no time to learn from."""
+        self._ended(name, now)
+
+    def _ended(self, name: str, now: Optional[float]) -> None:
+        self.ended.add(name)
+        if now is not None and name in self.stage_of:
+            self._last_end = (self.stage_of[name], now)
+
+    # ------------------------------------------------------------------ estimates
+    def ratio(self) -> float:
+        """Measured / planned seconds over the finished trials the plan knows (1 before any)."""
+        known = [n for n in self.took if self.planned.get(n)]
+        planned = sum(self.planned[n] for n in known)
+        return sum(self.took[n] for n in known) / planned if planned else 1.0
+
+    def _fit(self) -> Optional[tuple[float, float]]:
+        """(a, b) of took = a + b x planned compute over the finished trials, a, b >= 0; None while their
+        planned computes are too alike (within 20% of their mean) to tell the parts apart."""
+        pts = [(max(0.0, self.planned[n] - self.overhead), t) for n, t in self.took.items() if n in self.planned]
+        xs = [x for x, _ in pts]
+        if len(pts) < 2 or max(xs) - min(xs) < 0.2 * (sum(xs) / len(xs)):
+            return None
+        mx, my = sum(xs) / len(xs), sum(y for _, y in pts) / len(pts)
+        b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x in xs)
+        if b <= 0:  # the compute does not show in the times: the fixed part is all there is
+            return my, 0.0
+        a = my - b * mx
+        if a < 0:  # no fixed part: a line through the origin
+            return 0.0, sum(x * y for x, y in pts) / sum(x * x for x in xs)
+        return a, b
+
+    def expected(self, name: str) -> float:
+        same = [t for n, t in self.took.items() if _group(n) == _group(name)]
+        if same:
+            return sum(same) / len(same)
+        if name in self.planned:
+            fit = self._fit()
+            if fit is not None:
+                return fit[0] + fit[1] * max(0.0, self.planned[name] - self.overhead)
+            return self.planned[name] * self.ratio()
+        return sum(self.took.values()) / len(self.took) if self.took else 0.0
+
+    def left(self, running: Mapping[str, float], stage_names: Optional[list[str]] = None,
+             slots: Optional[int] = None) -> tuple[float, float]:
+        """(seconds left of the current stage, of the whole run). ``running``: trial -> seconds it has run;
+        ``stage_names``: the current stage's trials (default: the first stage with a trial not ended)."""
+        from orchestrator.costs import makespan
+
+        slots = max(self.slots, slots or 0)
+        names = set(stage_names or ())
+        index = next((i for i, (_, trials) in enumerate(self.stages) if names & set(trials)), None)
+        if index is None:
+            index = next((i for i, (_, trials) in enumerate(self.stages) if set(trials) - self.ended),
+                         len(self.stages))
+        current = list(stage_names) if stage_names else (list(self.stages[index][1]) if index < len(self.stages)
+                                                         else [])
+        busy = [max(0.0, self.expected(n) - ran) for n, ran in running.items() if n not in self.ended]
+        turn = sorted(self.turns)[len(self.turns) // 2] if self.turns else 0.0
+        pending = [turn + self.expected(n) for n in current if n not in self.ended and n not in running]
+        stage_left = makespan(pending, slots, busy)
+        gap = sum(self.gaps) / len(self.gaps) if self.gaps else self.stage_start
+        later = sum(gap + makespan([self.expected(n) for n in trials if n not in self.ended], slots)
+                    for _, trials in self.stages[index + 1:] if set(trials) - self.ended)
+        return stage_left, stage_left + later
 
 
 class Progress:
@@ -50,8 +176,9 @@ class Progress:
 
     def __init__(self, total: int, concurrency: Optional[int] = None, label: str = "trials",
                  out: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic,
-                 names: Optional[list[str]] = None):
+                 names: Optional[list[str]] = None, eta: Optional[Eta] = None):
         self.total, self.label, self.clock = (len(names) if names else total), label, clock
+        self.plan_eta = eta  # the run's, shared by the Progress of every stage
         self.names = list(names or [])
         self.by_group: dict[str, list[float]] = {}
         self.concurrency = concurrency
@@ -70,8 +197,12 @@ class Progress:
     # ------------------------------------------------------------------ events
     def trial_started(self, name: str) -> str:
         self.started.setdefault(name, self.clock())
+        if self.plan_eta is not None:
+            self.plan_eta.started(name, self.started[name])
         self.peak = max(self.peak, len(self._running()))
-        return self._emit(f"started   {name}")
+        # with the plan's costs the ETA is known before any trial ends: each start says it
+        text = self._eta_text() if self.plan_eta is not None else ""
+        return self._emit(f"started   {name}" + (f" | {text}" if text else ""))
 
     def trial_result(self, name: str, result: Mapping[str, Any]) -> Optional[str]:
         """An epoch report: ``phase``, ``epoch`` (0-based), ``epochs`` and a metric; the final report prints nothing."""
@@ -88,6 +219,8 @@ class Progress:
 
     def trial_finished(self, name: str, result: Mapping[str, Any]) -> str:
         took = self.clock() - self.started.get(name, self.t0)
+        if self.plan_eta is not None:
+            self.plan_eta.finished(name, took, self.clock())
         self.durations.append(took)
         self.by_group.setdefault(_group(name), []).append(took)
         self.done.append(name)
@@ -97,6 +230,8 @@ class Progress:
 
     def trial_failed(self, name: str, reason: str, log_hint: str = "") -> str:
         self.failed.append(name)
+        if self.plan_eta is not None:
+            self.plan_eta.ended_without_time(name, self.clock())
         first = next((ln.strip() for ln in str(reason).splitlines() if ln.strip()), "unknown error")
         return self._emit(f"FAILED    {name}: {first[:400]}{log_hint} | {self.overall()}")
 
@@ -104,6 +239,8 @@ class Progress:
         """A trial that finished in an earlier session (``--resume``): counted, but not timed."""
         if name not in self.done:
             self.done.append(name)
+        if self.plan_eta is not None:
+            self.plan_eta.ended_without_time(name)
 
     def trial_retried(self, name: str, reason: str) -> str:
         """Tune restarts a failed trial from its last checkpoint (``max_failures``): not an end."""
@@ -112,7 +249,10 @@ class Progress:
 
     # ------------------------------------------------------------------ overall
     def eta(self) -> Optional[float]:
-        """Seconds left, from the mean measured trial time; None before the first trial finished."""
+        """Seconds left of this stage: from the plan's costs when an ``Eta`` was given, else from the mean
+        measured trial time (None before the first trial finished)."""
+        if self.plan_eta is not None:
+            return self._plan_left()[0]
         if not self.durations:
             return None
         mean = sum(self.durations) / len(self.durations)
@@ -131,6 +271,19 @@ class Progress:
         work += sum(max(0.0, expected(n) - (now - self.started[n])) for n in running)
         return work / max(1, self.concurrency or self.peak)
 
+    def _plan_left(self) -> tuple[float, float]:
+        now = self.clock()
+        running = {n: now - self.started[n] for n in self._running()}
+        return self.plan_eta.left(running, self.names or None, self.peak)
+
+    def _eta_text(self) -> str:
+        """``ETA 1m20s`` (this stage), ``whole run 3m05s`` while later stages remain; "" at the very end."""
+        stage, run = self._plan_left()
+        parts = [f"ETA {fmt_duration(stage)}"] if len(self.done) + len(self.failed) < self.total else []
+        if run > stage + 0.5:
+            parts.append(f"whole run {fmt_duration(run)}")
+        return ", ".join(parts)
+
     def _running(self) -> list[str]:
         ended = set(self.done) | set(self.failed)
         return [n for n in self.started if n not in ended]
@@ -142,7 +295,10 @@ class Progress:
         if self.failed:
             parts.append(f"{len(self.failed)} failed")
         parts.append(f"elapsed {fmt_duration(self.clock() - self.t0)}")
-        if n_end < self.total:
+        text = self._eta_text() if self.plan_eta is not None else None
+        if text:
+            parts.append(text)
+        elif text is None and n_end < self.total:
             parts.append(f"ETA {fmt_duration(eta)}" if eta is not None else "ETA after the first trial")
         return ", ".join(parts)
 

@@ -41,8 +41,13 @@ class AblationOutcome:
 
 
 # ---------------------------------------------------------------- checks and Ray start
-def preflight(spec, settings: Settings) -> None:
-    """Everything a user can get wrong, checked before Ray or any trial starts."""
+def preflight(spec, settings: Settings, resume: bool = True) -> None:
+    """Everything a user can get wrong, checked before Ray or any trial starts (a rerun of a name without
+    ``resume`` included: it was refused only after Ray and the data had started)."""
+    state = settings.runs_root / spec.name / STATE_FILE
+    if not resume and spec.kind in ("ablation", "hpo") and state.exists():
+        raise RunnerError(f"{spec.kind} {spec.name!r} already has runs in {state.parent}; pass --resume to continue "
+                          f"it, or give the spec another name:")
     tracking.check_tracking_uri(settings.tracking_uri)
     address = ray_env.resolve_address(settings.ray_address)
     if address:
@@ -126,7 +131,7 @@ def prepare_data(spec, settings: Settings, seeds: list[int], trials=None) -> Non
 
 
 # ---------------------------------------------------------------- ablation
-def _log_plan(tracker: tracking.Tracker, spec: AblationSpec, settings: Settings, trials) -> None:
+def _log_plan(tracker: tracking.Tracker, spec: AblationSpec, settings: Settings, trials) -> dict:
     """The ``--plan`` of this ablation (``trials``: its ``plan.expand``) as parent-run artifacts
     (plan.json, plan.md) and its repeat scope and std as tags, before any trial starts."""
     from orchestrator import plan
@@ -137,6 +142,7 @@ def _log_plan(tracker: tracking.Tracker, spec: AblationSpec, settings: Settings,
     p = plan.build_plan(spec, settings, trials=trials)
     tracker.log_text(parent, json.dumps(p, indent=2), "plan.json")
     tracker.log_text(parent, plan.to_markdown(p), "plan.md")
+    return p  # its per-trial costs make the run's ETA
 
 
 def spec_tracker(spec, settings: Settings, resume: bool) -> tuple[tracking.Tracker, Path]:
@@ -281,10 +287,10 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
     from ray import tune
 
     from orchestrator import plan
-    from orchestrator.progress import Progress, failure_reason
+    from orchestrator.progress import Eta, Progress, failure_reason
     from orchestrator.trials import ablation_trial
 
-    preflight(spec, settings)
+    preflight(spec, settings, resume)
     root = settings.runs_root / spec.name
     trials = plan.expand(spec, root, settings.data_root)
     # what each trial will ask Ray for, known before Ray starts: a trial no node holds is refused now
@@ -295,7 +301,7 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
     parent = tracker.parent_run_id
     failures: list[dict[str, Any]] = []
     try:
-        _log_plan(tracker, spec, settings, trials)
+        eta = Eta.from_plan(_log_plan(tracker, spec, settings, trials))
         ctx = {**tracker.ctx(), "runs_dir": str(root), "data_root": str(settings.data_root), "log_model": log_model,
                "verbose": verbose}
         resources = trial_resources(spec.resources.cpu, spec.resources.gpu, memory)
@@ -308,7 +314,7 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
             tc = tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, trial_name_creator=trial_name,
                                  trial_dirname_creator=trial_name)
             progress = None if verbose else Progress(len(table), spec.max_concurrent, f"{stage} trials",
-                                                     names=list(table))
+                                                     names=list(table), eta=eta)
             trainable = tune.with_parameters(ablation_trial, trials=table)
             grid = tuner(trainable, f"stage-{stage}", root / "tune", space, tc, resources,
                           spec.max_failures, resume, progress, verbose).fit()
@@ -467,7 +473,7 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
     from orchestrator.progress import Progress
     from orchestrator.trials import hpo_trial
 
-    preflight(spec, settings)
+    preflight(spec, settings, resume)
     base = plan.hpo_base(spec, settings.data_root)
     storage = optuna_storage(settings, spec.name, resume)
     # every trial asks for the memory of the base config's retrain (a sampled crop size or per_class

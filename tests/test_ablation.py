@@ -180,7 +180,7 @@ def test_grid_with_a_random_control_an_axis_and_folds_runs_end_to_end(home, tmp_
     env = {"NAS_SCAM_HOME": str(home)}
     plan = _finish(_cli("ablate", str(spec), "--plan", env=env), timeout=300)
     assert "grid: 2 methods x 1 seeds x train.lr in [0.0001, 0.001] x 2 patient folds" in plan, plan[-3000:]
-    assert "total: 8 trials" in plan
+    assert "total: 8 runs" in plan
 
     out = _finish(_cli("ablate", str(spec), env=env))
     assert "Traceback" not in out and "8/8 train trials done" in out, out[-5000:]

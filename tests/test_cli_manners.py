@@ -1,6 +1,9 @@
 """`nas-scam` behaves like the CLIs people know: --version, help on every option, examples that exist."""
 import argparse
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +67,149 @@ def test_model_info_and_ablate_share_method_names(capsys):
         assert create_model(old).model_spec["name"] == new
     assert main(["model", "info", "unet-cbam", "--size", "32", "--json"]) == 0
     assert '"name": "cbam"' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- issue 25 item 6: CLI manners, round 2
+def _example_argv(parser: argparse.ArgumentParser) -> list[list[str]]:
+    """The command lines of a parser's ``example:`` epilog, as argv lists (after ``nas-scam``)."""
+    import shlex
+
+    out = []
+    for line in (parser.epilog or "").splitlines()[1:]:
+        text = line.split("nas-scam ", 1)[1].split("#", 1)[0].rstrip().removesuffix(')"')
+        out.append(shlex.split(text))
+    return out
+
+
+@pytest.mark.parametrize("path,parser", ALL, ids=[" ".join(p) for p, _ in ALL])
+def test_every_subcommand_has_a_description_and_an_example_that_parses(path, parser):
+    assert parser.description and len(parser.description) > 20, f"{' '.join(path)}: no description"
+    assert (parser.epilog or "").startswith("example:\n  "), f"{' '.join(path)}: no example"
+    examples = _example_argv(parser)
+    assert examples and all(argv[:len(path) - 1] == list(path[1:]) for argv in examples), examples
+    # the example parses with the real parser (files it names need not exist: parsing opens none)
+    for argv in examples:
+        assert build_parser().parse_args(argv).func
+    # --help keeps the example's line breaks
+    assert "\nexample:\n  " in parser.format_help()
+
+
+def test_preset_is_a_choice_of_the_known_presets_everywhere():
+    from nas_core.config import PRESETS
+
+    seen = []
+    for path, parser in ALL:
+        for action in parser._actions:
+            if "--preset" in action.option_strings:
+                seen.append(" ".join(path[1:]))
+                assert action.choices is not None and sorted(action.choices) == sorted(PRESETS), path
+    assert {"search", "train", "ablate", "hpo"} <= set(seen)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ablate", "experiments/table2.yaml", "--preset", "smok"])
+
+
+def test_the_parser_is_built_without_torch_or_pydantic():
+    # argcomplete builds it on every TAB, --help on every call: it must stay a fraction of a second
+    code = ("import sys\nfrom nas_scam.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('torch', 'pydantic', 'ray', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_completion_script_and_tab_completion_of_commands_and_choices(capsys):
+    assert main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+    assert "complete " in script and "nas-scam" in script and "_ARGCOMPLETE" in script
+    exe = Path(sys.executable).with_name("nas-scam")
+    if not exe.exists():
+        pytest.skip("the nas-scam console script is not installed in this environment")
+
+    def tab(line: str) -> set[str]:
+        # what the script above asks the program when TAB is pressed after `line` (argcomplete's protocol)
+        env = {**os.environ, "_ARGCOMPLETE": "1", "_ARGCOMPLETE_SHELL": "bash", "COMP_LINE": line,
+               "COMP_POINT": str(len(line)), "_ARGCOMPLETE_IFS": "\n"}
+        out = subprocess.run(f"'{exe}' 8>&1 9>/dev/null 1>/dev/null 2>/dev/null", shell=True, env=env,
+                             capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
+        return {w.strip() for w in out.split("\n") if w.strip()}
+
+    assert tab("nas-scam abl") == {"ablate"}
+    assert tab("nas-scam ablate experiments/table2.yaml --preset ") == {"smoke"}
+    assert tab("nas-scam data prepare x --stain ") == {"none", "reinhard", "macenko"}
+
+
+@pytest.mark.parametrize("argv,stain", [([], "macenko"), (["--protocol", "code"], "none"),
+                                        (["--stain", "reinhard"], "reinhard")])
+def test_data_prepare_defaults_to_the_protocols_stain(monkeypatch, tmp_path, argv, stain):
+    import nas_core.data.prepare as prep
+    from nas_core.config import protocol_table
+
+    assert protocol_table("paper")["data"]["stain"] == "macenko"
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_prepare(source, out, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(prep, "prepare", fake_prepare)
+    with pytest.raises(Stop):
+        main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "c"), *argv])
+    assert seen["stain"] == stain
+
+
+def test_one_version_everywhere():
+    import tomllib
+
+    import nas_core
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    # pyproject reads its version from nas_core.__version__: one place to change it
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "nas_core.__version__"}
+    assert version() == nas_core.__version__
+
+
+def test_the_apis_docs_show_the_package_version():
+    from api.main import create_app
+    from orchestrator.settings import Settings
+
+    app = create_app(Settings(api_keys=["k"]))
+    assert app.openapi()["info"]["version"] == version()
+
+
+def test_optuna_dashboard_has_an_extra():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("optuna-dashboard") for req in extras["dashboard"])
+    assert any(req.startswith("argcomplete") for req in
+               tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+
+
+def test_no_stray_escape_code_after_the_last_line_on_a_terminal():
+    """Ray's vendored colorama (initialised when ray.init imports Ray's CLI logger) writes ESC[0m at exit
+    to a terminal stdout; a command's output must end with its own last line."""
+    import pty
+    import select
+
+    code = ("import ray.autoscaler._private.cli_logger\n"  # what ray.init imports: colorama.init + atexit
+            "import sys\nfrom nas_scam.cli import main\nsys.exit(main(['completion', 'bash']))\n")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                            cwd=ROOT)
+    os.close(slave)
+    raw = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)
+        try:
+            chunk = os.read(master, 65536) if ready else b""
+        except OSError:  # EIO: the child closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        raw += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    assert b"_ARGCOMPLETE" in raw and b"\x1b" not in raw[-50:], raw[-50:]

@@ -36,8 +36,8 @@ def test_plan_prints_trials_and_numbers_without_running(home, capsys):
     assert "stain         macenko" in text and "population std (ddof=0)" in text and "precision     float32" in text
     assert "data.split: '120,39,50' -> '0.6,0.2,0.2'" in text  # the preset's diff against the paper table
     assert "crops per epoch: train" in text and "iterations per epoch: w 4, alpha 4, train 8" in text
-    assert "FLOP/s measured now on cpu" in text
-    assert "trials (5):" in text and "search  nas-scam-p-sync  0" in text
+    assert "GFLOP/s on cpu" in text and "median of 5 warm runs" in text
+    assert "runs (5):" in text and "search  search__nas-scam-p-sync__seed0" in text
     # nothing ran: no MLflow store, no run folder
     assert not (home / "mlflow").exists() and not (home / "runs").exists()
 
@@ -78,3 +78,219 @@ def test_plan_of_the_code_protocol_shows_the_release(home, capsys):
 def test_json_needs_plan(home, capsys):
     assert main([*SMOKE[:-1], "--json"]) == 2
     assert "--json goes with --plan" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- issue 25 item 3: a cost a PI can decide on
+RATE = {"flops_per_s": 1e11, "device": "cpu", "dtype": "float32", "workload": "stub", "seconds": 0.2, "steps": 3}
+
+
+@pytest.fixture()
+def fast_plan(monkeypatch):
+    """The plan's FLOP counts and the machine's rate stubbed: the tests below check what the plan does
+    with them, in seconds."""
+    from orchestrator import plan
+
+    monkeypatch.setattr(plan, "_count", lambda cfg, phase, kind: 10 ** 9)
+    import nas_core.models.perf as perf
+    monkeypatch.setattr(perf, "measure_conv_rate", lambda *a, **k: dict(RATE))
+    return plan
+
+
+def _tiny_data(tmp_path) -> Path:
+    from nas_core.data.synthetic import write_synthetic
+
+    return write_synthetic(tmp_path / "real", n_images=4, size=96, seed=3)
+
+
+def test_si_units_are_spelled_out():
+    from orchestrator.plan import _hours, _si
+
+    assert _si(8.27e15, "FLOP") == "8.27 PFLOP" and _si(9.56e9, "FLOP/s") == "9.56 GFLOP/s"
+    assert _si(1.05e18, "FLOP") == "1.05 EFLOP" and _si(12, "FLOP") == "12 FLOP"
+    assert _hours(64.06, "GPU-hours") == "64.1 GPU-hours" and _hours(0.0021, "GPU-hours") == "<0.01 GPU-hours"
+
+
+def test_plan_says_synthetic_or_counts_the_real_data_and_spells_units(home, fast_plan, tmp_path, capsys):
+    argv = ["ablate", str(ROOT / "experiments" / "table2.yaml"), "--preset", "smoke", "--methods", "unet",
+            "--seeds", "1", "--plan"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "SYNTHETIC stand-in" in out.out and "pass --data DIR" in out.out
+    assert out.err.startswith("planning 'table2': preparing the data")  # said before the work, on stderr
+    # no bare SI prefix: every figure carries its unit
+    import re
+    assert not re.search(r"\d [kMGTPE](?:\s|$|\()", out.out), out.out
+    assert "PFLOP" in out.out or "TFLOP" in out.out or "GFLOP" in out.out
+
+    data = _tiny_data(tmp_path)
+    assert main([*argv, "--data", str(data), "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["data"][0]["synthetic"] is False and p["data"][0]["source"] == str(data)
+    assert p["trials"][0]["crops_per_epoch"]["train"] == sum(p["data"][0]["bucket_sizes"].values())
+
+
+def test_trials_at_once_follow_resources_and_the_machine(home, monkeypatch):
+    from orchestrator import costs
+    from orchestrator.settings import get_settings
+
+    GiB = 2 ** 30
+    assert costs.slots_on([{"CPU": 8, "GPU": 0, "memory": 64 * GiB}], cpu=1, gpu=0, memory=2 * GiB) == 8
+    assert costs.slots_on([{"CPU": 8, "GPU": 0, "memory": 5 * GiB}], cpu=1, gpu=0, memory=2 * GiB) == 2  # memory
+    assert costs.slots_on([{"CPU": 16, "GPU": 1, "memory": 64 * GiB}], cpu=2, gpu=0.25, memory=GiB) == 4  # GPU
+    assert costs.slots_on([{"CPU": 4, "GPU": 0, "memory": 0}] * 3, cpu=2, gpu=0, memory=GiB) == 6  # per node
+    monkeypatch.setattr(costs, "_local_node", lambda: {"CPU": 4.0, "GPU": 0.0, "memory": 64.0 * GiB})
+    spec = parse_spec({"preset": "smoke", "methods": ["unet"], "resources": {"cpu": 2}})
+    got = costs.machine_slots(spec, get_settings(), GiB)
+    assert got["slots"] == 2 and got["where"] == "this machine"
+    assert costs.machine_slots(parse_spec({"preset": "smoke", "max_concurrent": 1}), get_settings(), GiB)["slots"] == 1
+
+
+def test_trials_at_once_on_a_cluster_from_its_dashboard(home, monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from orchestrator import costs
+    from orchestrator.settings import get_settings
+
+    GiB = 2 ** 30
+    body = json.dumps({"data": {"summary": [
+        {"raylet": {"state": "ALIVE", "resourcesTotal": {"CPU": 8.0, "GPU": 1.0, "memory": 32.0 * GiB}}},
+        {"raylet": {"state": "ALIVE", "resourcesTotal": {"CPU": 8.0, "GPU": 1.0, "memory": 32.0 * GiB}}},
+        {"raylet": {"state": "DEAD", "resourcesTotal": {"CPU": 64.0, "GPU": 8.0, "memory": 512.0 * GiB}}}]}})
+
+    class Dashboard(BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path == "/nodes?view=summary"
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            self.wfile.write(body.encode() if ok else b"{}")
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Dashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("NAS_SCAM_RAY_ADDRESS", "127.0.0.1:6379")
+        monkeypatch.setenv("NAS_SCAM_RAY_DASHBOARD", f"http://127.0.0.1:{server.server_port}")
+        get_settings.cache_clear()
+        spec = parse_spec({"preset": "smoke", "resources": {"cpu": 1, "gpu": 0.5}})
+        got = costs.machine_slots(spec, get_settings(), GiB)
+        assert got["slots"] == 4 and got["nodes"] == 2 and got["where"].startswith("the cluster at http://127.0.0.1")
+    finally:
+        server.shutdown()
+    # no dashboard: this machine's slots, and the plan says why
+    monkeypatch.setenv("NAS_SCAM_RAY_DASHBOARD", "http://127.0.0.1:9")
+    get_settings.cache_clear()
+    got = costs.machine_slots(spec, get_settings(), GiB)
+    assert got["where"] == "this machine" and "did not answer" in got["note"]
+
+
+def test_makespan_fills_slots_in_order():
+    from orchestrator.costs import makespan
+
+    assert makespan([10, 10, 10, 10], 2) == 20
+    assert makespan([30, 10, 10, 10], 2) == 30
+    assert makespan([10], 2, busy=[25]) == 25 and makespan([10, 10], 1, busy=[5]) == 25
+    assert makespan([], 3) == 0
+
+
+def test_machine_rate_is_a_median_of_warm_runs_kept_per_machine(home, monkeypatch):
+    import torch
+
+    import nas_core.models.perf as perf
+    from orchestrator import costs
+    from orchestrator.settings import get_settings
+
+    rates = iter([1.0, 50e9, 10e9, 90e9, 60e9, 55e9] + [70e9] * 6)  # the first: the warm-up, ignored
+    calls = []
+
+    def fake(device, amp=False, seconds=1.0):
+        calls.append(torch.get_num_threads())
+        return {**RATE, "flops_per_s": next(rates)}
+
+    monkeypatch.setattr(perf, "measure_conv_rate", fake)
+    before = torch.get_num_threads()
+    r = costs.machine_rate(get_settings(), torch.device("cpu"), threads=1)
+    assert r["flops_per_s"] == 55e9 and r["median_of"] == 5 and r["spread"] == [10e9, 90e9]
+    assert calls == [1] * 6 and torch.get_num_threads() == before  # measured with a trial's threads
+    # kept: a second plan on this machine gives the same rate without measuring
+    assert costs.machine_rate(get_settings(), torch.device("cpu"), threads=1)["flops_per_s"] == 55e9
+    assert len(calls) == 6 and r["cached"] == str(home / "machine" / "rate.json")
+    assert costs.machine_rate(get_settings(), torch.device("cpu"), threads=1, remeasure=True)["flops_per_s"] == 70e9
+    assert costs.machine_rate(get_settings(), torch.device("cpu"), threads=1)["flops_per_s"] == 70e9
+
+
+def test_device_profiles_are_data_that_cite_benchmarks():
+    import re
+
+    from orchestrator.costs import load_device_profiles
+
+    import tomllib
+
+    from orchestrator.costs import DEVICE_PROFILES
+
+    # shipped with the package (a non-editable install, the Docker images), not only in the source tree
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert DEVICE_PROFILES.name in package_data[DEVICE_PROFILES.parent.name]
+    bench = (ROOT / "BENCHMARKS.md").read_text().replace("`", "")  # headings quote commands in backticks
+    for name, prof in load_device_profiles().items():
+        assert prof["unit"].endswith("-hours") and "BENCHMARKS.md" in prof["source"], name
+        for section in re.findall(r"section '([^']+)'", prof["source"]):
+            assert section in bench, (name, section)  # the cited section exists
+        for kind, row in prof["steps"].items():
+            assert row["how"].startswith(("measured: ", "derived: ")), (name, kind)
+            if row["how"].startswith("measured"):
+                for precision in ("float32", "tf32", "bf16"):
+                    if precision in row:  # a measured figure appears in BENCHMARKS.md as printed there
+                        assert f"{row[precision]:.3f}" in bench, (name, kind, precision, row[precision])
+
+
+def test_gpu_hours_from_the_h200_profile(home, fast_plan):
+    from orchestrator import costs
+
+    plan = fast_plan
+    prof = costs.device_profile("h200")
+    spec = parse_spec({"methods": ["unet", "nas-scam-p-sync"], "seeds": 1})
+    from nas_core.config import config_from_dict
+
+    trials = plan.expand(spec, Path("runs"))
+    search_cfg = config_from_dict(trials[0].runs[0].config)
+    assert search_cfg.data.crop_size == 256 and search_cfg.tf32 and not search_cfg.amp
+    row = {"phase": "search", "batch": 4, "steps": {"w": 1000, "alpha": 400}, "eval_windows": 0, "flops_note": ""}
+    got = costs.device_hours(prof, row, search_cfg)
+    # 1000 w steps of 0.302 s + 400 alpha steps of (0.511 - 0.302) s, TF32, at the measured 256 px batch 4
+    assert got["hours"] == pytest.approx((1000 * 0.302 + 400 * (0.511 - 0.302)) / 3600)
+    assert got["precision"] == "tf32" and not got["scaled"]
+    train_cfg = config_from_dict(trials[-1].runs[0].config)
+    row = {"phase": "train", "batch": 4, "steps": {"w": 100, "alpha": 0}, "eval_windows": 40, "flops_note": "max"}
+    # the NAS-SCAM retrain before its search: the uniform genotype's 0.066 s x the upper bound 2
+    assert costs.device_hours(prof, row, train_cfg)["hours"] == pytest.approx(
+        (100 * 0.132 + 40 * 0.132 * 0.33 / 4) / 3600)
+    with pytest.raises(costs.ProfileError, match="known: h200"):
+        costs.device_profile("tpu")
+
+
+def test_plan_with_a_device_profile_prints_gpu_hours_and_its_source(home, fast_plan, capsys):
+    argv = ["ablate", str(ROOT / "experiments" / "table2.yaml"), "--preset", "smoke", "--methods", "unet",
+            "--seeds", "2", "--plan", "--device-profile", "h200"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "on one NVIDIA H200 GPU (--device-profile h200): searches" in text and "GPU-hours" in text
+    assert "BENCHMARKS.md, section 'GPU suite: bench/gpu_suite.sh'" in text
+    assert "trials at once: " in text and "wall-clock: about" in text
+    assert main([*argv[:-2], "--json", "--device-profile", "h200"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["device_profile"]["total_hours"] == pytest.approx(sum(t["device_hours"] for t in p["trials"]))
+    assert [s["stage"] for s in p["stages"]] == ["train"] and len(p["stages"][0]["trials"]) == 2
+    assert all(c > p["trial_overhead_s"] for c in p["stages"][0]["trials"].values())
+    assert main(argv[:-3] + ["--device-profile", "h200"]) == 2  # goes with --plan
+    assert "--device-profile goes with --plan" in capsys.readouterr().err
+
+
+def test_readme_shows_a_plan_excerpt_with_gpu_hours():
+    readme = (ROOT / "README.md").read_text()
+    excerpt = readme[readme.index("### Reading the plan"):]
+    excerpt = excerpt[:excerpt.index("\n## ")]
+    assert "--plan --device-profile h200" in excerpt and "GPU-hours" in excerpt and "PFLOP" in excerpt
+    assert "trials at once:" in excerpt and "BENCHMARKS.md, section 'GPU suite" in excerpt

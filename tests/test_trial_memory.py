@@ -80,7 +80,7 @@ def test_the_plan_shows_what_each_trial_asks_for(home, tmp_path, capsys):
     assert any(n.startswith("Memory: what each trial asks Ray for") for n in p["notes"])
     assert main(["ablate", str(spec), "--plan"]) == 0
     text = capsys.readouterr().out
-    assert "memory" in text.split("trials (2):")[1].splitlines()[1]  # a column of the trials table
+    assert "memory" in text.split("runs (2):")[1].splitlines()[1]  # a column of the runs table
     assert plan.fmt_bytes(by_run["train__unet__seed0"]) in text
     assert f"the largest trial asks Ray for {plan.fmt_bytes(p['totals']['memory'])} of memory" in text
     # what the runner asks for is the same figure, the trial's largest run

@@ -27,6 +27,7 @@ import os
 import shutil
 import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +40,16 @@ from .tiling import GRIDS, pad_window, tile_positions
 CACHE_VERSION = 2  # 2: crop grid option (release grid default), alpha-update buckets
 SYNTHETIC_VERSION = 1
 SPLITS = ("train", "val", "test")
+
+
+def progress_bar(iterable=None, *, total: Optional[int] = None, desc: str, unit: str = "it", enabled: bool = True):
+    """A tqdm bar on stderr, shown only on a terminal (tqdm's ``disable=None``), never when ``enabled`` is
+    False or ``NAS_SCAM_PROGRESS=0`` (trials, tests); a disabled bar still counts and closes quietly."""
+    from tqdm.auto import tqdm
+
+    off = not enabled or os.environ.get("NAS_SCAM_PROGRESS") == "0"
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+                disable=True if off else None)
 
 
 def source_fingerprint(source: Path) -> str:
@@ -184,8 +195,6 @@ def prepare(source: str | Path, cache_root: str | Path, *, layout: str = "auto",
     ``skip_bad``: files that fail to load are reported in manifest["skipped"] instead of aborting.
     Images smaller than a crop are kept: their one crop is zero-padded and the padding is ignored.
     """
-    from tqdm.auto import tqdm
-
     source, cache_root = Path(source), Path(cache_root)
     layout, refs = list_samples(source, layout=layout, channel_order=channel_order)
     if crop_size < 16 or not 0 < stride <= crop_size:
@@ -204,7 +213,7 @@ def prepare(source: str | Path, cache_root: str | Path, *, layout: str = "auto",
         normalizer.fit(read_image_file(Path(stain_target)))
     final = cache_root / f"{layout}-{cache_key(source, options)}"
     return publish_atomically(final, "manifest.json",
-                              lambda tmp: _build(tmp, source, refs, options, normalizer, tqdm, progress,
+                              lambda tmp: _build(tmp, source, refs, options, normalizer, progress,
                                                  cache_root / "stain-normalised"))
 
 
@@ -264,14 +273,15 @@ def _normalised(s, normalizer, stain_cache: Optional[Path], options: dict) -> np
     return image
 
 
-def _build(tmp: Path, source: Path, refs, options: dict, normalizer, tqdm, progress: bool,
+def _build(tmp: Path, source: Path, refs, options: dict, normalizer, progress: bool,
            stain_cache: Optional[Path] = None) -> None:
     for sub in ("images", "labels", "ignore", "instances"):
         (tmp / sub).mkdir(parents=True)
     images, skipped, notes = [], [], []
     pix = []  # per kept image: pixels per class (ignore excluded)
     nuc = []
-    for ref in tqdm(refs, desc=f"prepare {source.name}", disable=None if progress else True, unit="img"):
+    stain = "" if options["stain"] == "none" else f", {options['stain']} stain normalisation"
+    for ref in progress_bar(refs, desc=f"prepare {source.name} (read{stain})", unit="image", enabled=progress):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the notes are collected into the manifest instead
@@ -328,7 +338,7 @@ def _build(tmp: Path, source: Path, refs, options: dict, normalizer, tqdm, progr
             continue
         # training buckets feed the w batches, validation buckets the alpha batches; both use the
         # training set's rarity order
-        buckets, empty = _bucket_crops(tmp, crops, tile, rarity, options["min_pixels"])
+        buckets, empty = _bucket_crops(tmp, crops, tile, rarity, options["min_pixels"], progress, name)
         stats[name]["bucket_sizes"] = {str(c): len(v) for c, v in buckets.items()}
         stats[name]["empty_crops"] = empty
         prefix = "bucket" if name == "train" else "bucket_val"
@@ -345,12 +355,13 @@ def _build(tmp: Path, source: Path, refs, options: dict, normalizer, tqdm, progr
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def _bucket_crops(tmp: Path, crops: np.ndarray, tile: int, rarity: list[int],
-                  min_pixels: int) -> tuple[dict[int, list[int]], int]:
+def _bucket_crops(tmp: Path, crops: np.ndarray, tile: int, rarity: list[int], min_pixels: int,
+                  progress: bool = False, split: str = "train") -> tuple[dict[int, list[int]], int]:
     """Crop indices per class bucket (stored in crop order) and the number of crops with no nucleus."""
     buckets: dict[int, list[int]] = {c: [] for c in range(1, NUM_CLASSES + 1)}
     empty = 0
-    for k, (i, y, x) in enumerate(crops):
+    for k, (i, y, x) in enumerate(progress_bar(crops, desc=f"prepare: class buckets of the {split} crops",
+                                               unit="crop", enabled=progress)):
         lab = pad_window(np.load(tmp / "labels" / f"{i:04d}.npy", mmap_mode="r"), y, x, tile)
         ign = pad_window(np.load(tmp / "ignore" / f"{i:04d}.npy", mmap_mode="r"), y, x, tile, fill=True)
         counts = np.bincount(np.asarray(lab)[~np.asarray(ign)], minlength=NUM_CLASSES + 1)
@@ -363,18 +374,47 @@ def _bucket_crops(tmp: Path, crops: np.ndarray, tile: int, rarity: list[int],
 
 
 # ---------------------------------------------------------------- default dataset for the engine
-def ensure_synthetic(root: str | Path, n_images: int, size: int, seed: int) -> Path:
-    """Generate (once) the synthetic dataset under ``root/synthetic/<key>``; atomic like prepare."""
+def ensure_synthetic(root: str | Path, n_images: int, size: int, seed: int, progress: bool = True) -> Path:
+    """Generate (once) the synthetic dataset under ``root/synthetic/<key>``; atomic like prepare.
+    ``progress``: a bar counting the images written (a terminal only)."""
     from .synthetic import write_synthetic
 
     key = hashlib.sha256(json.dumps([SYNTHETIC_VERSION, n_images, size, seed]).encode()).hexdigest()[:12]
     final = Path(root) / "synthetic" / f"n{n_images}-s{size}-seed{seed}-{key}"
 
     def build(tmp: Path) -> None:
-        write_synthetic(tmp, n_images, size, seed)
+        with _counting_files(tmp, "*/*.xml", progress_bar(total=n_images, unit="image", enabled=progress,
+                                                          desc=f"generate {n_images} synthetic images of {size} px")):
+            write_synthetic(tmp, n_images, size, seed)
         (tmp / ".complete").write_text("ok\n")
 
     return publish_atomically(final, ".complete", build)
+
+
+@contextmanager
+def _counting_files(folder: Path, pattern: str, bar, every: float = 0.5):
+    """Advance ``bar`` to the number of files matching ``pattern`` under ``folder`` every ``every`` s while
+    the body runs (write_synthetic writes one annotation file per image, last), and close it after."""
+    import threading
+
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(every):
+            done = sum(1 for _ in folder.glob(pattern))
+            if done > bar.n:
+                bar.update(done - bar.n)
+
+    thread = threading.Thread(target=tick, daemon=True) if not bar.disable else None
+    if thread is not None:
+        thread.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join()
+        bar.close()
 
 
 def ensure_dataset(data_cfg, root: Path, seed: int, progress: bool = True):
@@ -386,7 +426,8 @@ def ensure_dataset(data_cfg, root: Path, seed: int, progress: bool = True):
 
     root = Path(root)
     if data_cfg.source is None:
-        source, layout = ensure_synthetic(root, data_cfg.synthetic_images, data_cfg.synthetic_size, seed), "monusac"
+        source = ensure_synthetic(root, data_cfg.synthetic_images, data_cfg.synthetic_size, seed, progress)
+        layout = "monusac"
     else:
         source, layout = Path(data_cfg.source).expanduser(), data_cfg.layout
     cache = prepare(source, root / "cache", layout=layout, stain=data_cfg.stain, split=data_cfg.split,

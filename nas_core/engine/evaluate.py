@@ -6,6 +6,9 @@ thresholded at 0.5, and the windows stitched keeping each tile's centre (border 
 edge), cropped to the image: predictions on the padding never reach a metric. Windows that own no
 image pixel are not run (their output would be cropped away). Only one batch of tiles and the
 (4, H, W) boolean output are in memory at a time, so large images and SVS regions fit.
+
+A progress bar (``bar``: a tqdm bar whose total the caller sets, ``window_count``) advances per batch
+of windows; the commands show it on a terminal, the training loop's validations pass none.
 """
 
 from __future__ import annotations
@@ -21,11 +24,18 @@ from nas_core.engine.device import autocast
 THRESHOLD = 0.5
 
 
+def window_count(h: int, w: int, *, tile: int, stride: int, grid: str = "release") -> int:
+    """How many windows ``predict_probs`` runs on an (h, w) image: those that own an image pixel."""
+    from nas_core.data.tiling import Stitcher
+
+    return len(Stitcher(h, w, tile=tile, stride=stride, grid=grid).positions())
+
+
 @torch.no_grad()
 def predict_probs(model: nn.Module, image: np.ndarray, *, tile: int = 256, stride: int = 128,
                   device: torch.device | str = "cpu", amp: bool = False, batch: int = 8,
-                  binary: bool = True, grid: str = "release") -> np.ndarray:
-    """Tiled prediction of one RGB image.
+                  binary: bool = True, grid: str = "release", bar=None) -> np.ndarray:
+    """Tiled prediction of one RGB image; ``bar`` (tqdm-like) advances by the windows of each batch.
 
     image: uint8 (H, W, 3). Returns (4, H, W): bool masks (``binary``) or float32 probabilities.
     """
@@ -50,19 +60,23 @@ def predict_probs(model: nn.Module, image: np.ndarray, *, tile: int = 256, strid
         out = out.cpu().numpy()
         for (y, x), t in zip(chunk, out):
             stitcher.add(y, x, t)
+        if bar is not None:
+            bar.update(len(chunk))
     return stitcher.result()
 
 
 def evaluate_images(model: nn.Module, items: Iterable[tuple], *, tile: int, stride: int,
                     device: torch.device | str = "cpu", amp: bool = False, grid: str = "release",
-                    ids: Optional[Sequence[str]] = None, patients: Optional[Sequence[Optional[str]]] = None) -> dict:
+                    ids: Optional[Sequence[str]] = None, patients: Optional[Sequence[Optional[str]]] = None,
+                    bar=None) -> dict:
     """items: (image uint8 (H,W,3), label uint8 (H,W), ignore bool (H,W) or None, instances or None).
-    With ``ids`` (one per item; ``patients`` likewise, optional) the result has per-image ``"images"`` rows."""
+    With ``ids`` (one per item; ``patients`` likewise, optional) the result has per-image ``"images"`` rows.
+    ``bar``: advanced per batch of windows (``predict_probs``)."""
     from nas_core.metrics import SegmentationMetrics
 
     acc = SegmentationMetrics()
     for image, label, ignore, instances in items:
-        pred = predict_probs(model, image, tile=tile, stride=stride, device=device, amp=amp, grid=grid)
+        pred = predict_probs(model, image, tile=tile, stride=stride, device=device, amp=amp, grid=grid, bar=bar)
         acc.update(pred, label, ignore=ignore, instances=instances)
     out = acc.compute()
     if ids is not None:
@@ -72,10 +86,13 @@ def evaluate_images(model: nn.Module, items: Iterable[tuple], *, tile: int, stri
 
 def evaluate_split(model: nn.Module, data, split: str, *, tile: int, stride: int,
                    device: torch.device | str = "cpu", amp: bool = False, grid: str | None = None,
-                   images: bool = False) -> dict:
+                   images: bool = False, progress: bool = False) -> dict:
     """Global per-class DSC (the paper's number), per-image DSC, PQ and pixel accuracy on one split.
     ``grid`` None = the grid the data was prepared with; ``images``: add the per-image rows (the
-    manifest's patient of each), off for validations, whose results are flattened into scalars."""
+    manifest's patient of each), off for validations, whose results are flattened into scalars;
+    ``progress``: a bar over the split's windows on a terminal (the ``evaluate`` command)."""
+    from nas_core.data.prepare import progress_bar
+
     ids = data.image_ids(split)
     if not ids:
         raise ValueError(f"the {split!r} split holds no images")
@@ -84,10 +101,17 @@ def evaluate_split(model: nn.Module, data, split: str, *, tile: int, stride: int
     if images:
         patient_of = {m["id"]: m.get("patient") for m in getattr(data, "manifest", {}).get("images", [])}
         patients = [patient_of.get(i) for i in ids]
+    grid = grid or getattr(data, "grid", "release")
+    total = None
+    if progress:
+        shapes = {m["id"]: (m["height"], m["width"]) for m in getattr(data, "manifest", {}).get("images", [])}
+        if all(i in shapes for i in ids):
+            total = sum(window_count(*shapes[i], tile=tile, stride=stride, grid=grid) for i in ids)
+    bar = progress_bar(total=total, desc=f"evaluate {split} ({len(ids)} images)", unit="window", enabled=progress)
     was_training = model.training
     try:
-        return evaluate_images(model, items, tile=tile, stride=stride, device=device, amp=amp,
-                               grid=grid or getattr(data, "grid", "release"), ids=ids if images else None,
-                               patients=patients)
+        return evaluate_images(model, items, tile=tile, stride=stride, device=device, amp=amp, grid=grid,
+                               ids=ids if images else None, patients=patients, bar=bar)
     finally:
+        bar.close()
         model.train(was_training)

@@ -71,17 +71,19 @@ def to_geojson(labels: np.ndarray, min_area: int = 4) -> dict:
 
 
 def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
-                  device: str = "auto", stride: int | None = None, bgr: bool = False) -> list[dict]:
+                  device: str = "auto", stride: int | None = None, bgr: bool = False,
+                  progress: bool = False) -> list[dict]:
     """Predict every input image with a checkpoint; write NAME_labels.png, NAME_overlay.png, NAME.geojson.
 
     The model sees what it was trained on: the checkpoint's stain normalisation is applied first (the
     overlay is drawn on the image as given). ``bgr``: the files store R and B swapped (the MoNuSAC test-mask
-    images)."""
+    images). ``progress``: a bar per image over its windows, on a terminal (the ``predict`` command)."""
+    from nas_core.data.prepare import progress_bar
     from nas_core.data.readers import read_image_file
     from nas_core.data.stain import StainNormalizer
     from nas_core.engine.checkpoint import load_checkpoint
     from nas_core.engine.device import resolve_device
-    from nas_core.engine.evaluate import predict_probs
+    from nas_core.engine.evaluate import predict_probs, window_count
 
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, map_location=dev)
@@ -93,15 +95,23 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     normalizer = StainNormalizer(data_cfg.get("stain", "none"))
-    for path in inputs:
+    grid = data_cfg.get("grid", "release")
+    for k, path in enumerate(inputs, start=1):
         path = Path(path)
         image = read_image_file(path, bgr=bgr)  # uint8 (H, W, 3) RGB; errors name the file
-        model_input, note = normalizer.apply_or_keep(image, path.name)
-        if note:
-            warnings.warn(note, stacklevel=2)
-        probs = predict_probs(model, model_input, tile=tile, stride=stride, device=dev,
-                              amp=meta["config"].get("amp", True) and dev.type == "cuda", binary=False,
-                              grid=data_cfg.get("grid", "release"))
+        h, w = image.shape[:2]
+        windows = window_count(h, w, tile=tile, stride=stride, grid=grid)
+        with progress_bar(total=windows, unit="window", enabled=progress,
+                          desc=f"predict {path.name} ({k}/{len(inputs)}, {w}x{h} px)") as bar:
+            if normalizer.method != "none":
+                bar.set_postfix_str(f"{normalizer.method} stain normalisation")
+            model_input, note = normalizer.apply_or_keep(image, path.name)
+            if note:
+                warnings.warn(note, stacklevel=2)
+            bar.set_postfix_str("")
+            probs = predict_probs(model, model_input, tile=tile, stride=stride, device=dev,
+                                  amp=meta["config"].get("amp", True) and dev.type == "cuda", binary=False,
+                                  grid=grid, bar=bar)
         labels = label_map(probs)
         stem = out_dir / path.stem
         cv2.imwrite(f"{stem}_labels.png", labels)

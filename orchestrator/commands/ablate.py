@@ -10,11 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+from orchestrator.cli import example, preset_choices
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("ablate", help="run the Table 2 ablation (methods x seeds) as Ray Tune trials",
                        description="Run methods x seeds as Ray Tune trials (NAS-SCAM: search then retrain; "
-                                   "baselines: retrain), track everything in MLflow, print Table 2 beside the paper.")
+                                   "baselines: retrain), track everything in MLflow, print Table 2 beside the paper. "
+                                   "--plan first: what will run, for how long, on how many trials at once, and the "
+                                   "GPU-hours on a measured device (--device-profile).",
+                       epilog=example("nas-scam ablate experiments/table2.yaml --plan --device-profile h200",
+                                      "nas-scam ablate experiments/table2.yaml --preset smoke --methods unet,nas-scam-p-sync "
+                                      "--seeds 2"))
     p.add_argument("spec", help="ablation spec YAML, e.g. experiments/table2.yaml")
     _common(p)
     p.add_argument("--seeds", type=int, help="number of seeds (overrides the spec's seeds:)")
@@ -26,9 +33,18 @@ def add_parser(sub) -> None:
                    help="print what the command would do (trials, config diffs against the protocol, crops and "
                         "iterations per epoch, FLOPs and time estimates) and exit: no Ray, no MLflow run")
     p.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON object")
+    profiles = _device_profiles()
+    p.add_argument("--device-profile", choices=profiles, metavar="NAME",
+                   help=f"with --plan: add the hours on a device whose step times were measured ({', '.join(profiles)}; "
+                        f"orchestrator/device_profiles.yaml says where)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="with --plan: measure this machine's rate again instead of reusing the one kept for it")
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("table", help="rebuild Table 2 from the MLflow store alone")
+    p = sub.add_parser("table", help="rebuild Table 2 from the MLflow store alone",
+                       description="Rebuild Table 2 (Markdown, CSV, LaTeX, PNG) from the MLflow store alone, or "
+                                   "re-score the kept checkpoints on another folder (--eval-data).",
+                       epilog=example("nas-scam table table2"))
     p.add_argument("experiment", help="MLflow experiment name (the ablation's name:, e.g. table2)")
     p.add_argument("--parent", help="parent run id (default: the latest ablation run of the experiment)")
     p.add_argument("--out", type=Path, help="folder for table2.md/.csv/.tex/.png (default under runs)")
@@ -37,7 +53,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("report", help="one Markdown page of an ablation from its run folder: DSC and PQ "
-                                      "tables, validation curves, genotypes, overlays")
+                                      "tables, validation curves, genotypes, overlays",
+                       description="Write report.md of an ablation from its run folder: DSC and PQ tables over "
+                                   "seeds, validation curves, genotypes and overlays of the best method.",
+                       epilog=example("nas-scam report table2 --overlay ../shared/data/he_samples/histo.jpg"))
     p.add_argument("experiment", help="the ablation's name (its run folder under the runs root)")
     p.add_argument("--out", type=Path, help="output folder (default: <run folder>/report)")
     p.add_argument("--overlay", action="append", default=[], metavar="IMAGE",
@@ -51,7 +70,8 @@ def add_parser(sub) -> None:
                                        "mean per-image DSC difference with a bootstrap 95%% interval",
                        description="A minus B in per-image DSC (DSC points), paired by test image (fold, image id), "
                                    "each method's runs (seeds, draws) of one variant pooled per image; a percentile "
-                                   "bootstrap 95%% interval over images. Global DSC (Table 2) is a different number.")
+                                   "bootstrap 95%% interval over images. Global DSC (Table 2) is a different number.",
+                       epilog=example("nas-scam compare table2 nas-scam-p-sync unet"))
     p.add_argument("experiment", help="the ablation's name (its run folder under the runs root)")
     p.add_argument("a", help="method id A, e.g. nas-scam-p-sync")
     p.add_argument("b", help="method id B, e.g. random-p-sync")
@@ -66,19 +86,26 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)")
+    p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)",
+                       description="Start the MLflow UI (mlflow server, one worker) on the project's tracking "
+                                   "store, on loopback; Ctrl-C stops it.",
+                       epilog=example("nas-scam ui --port 5000"))
     p.add_argument("--port", type=int, default=5000, help="port of the UI (default 5000)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("hpo", help="Optuna + ASHA search over retraining hyperparameters; exports the best config")
+    p = sub.add_parser("hpo", help="Optuna + ASHA search over retraining hyperparameters; exports the best config",
+                       description="Search retraining hyperparameters with Optuna and ASHA as Ray Tune trials; "
+                                   "writes the best config, which train and ablate accept.",
+                       epilog=example("nas-scam hpo experiments/hpo.yaml --preset smoke"))
     p.add_argument("spec", help="HPO spec YAML, e.g. experiments/hpo.yaml")
     _common(p)
     p.set_defaults(func=cmd_hpo)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="shrink the protocol, e.g. smoke (CPU minutes)")
+    p.add_argument("--preset", choices=preset_choices(),
+                   help="shrink the protocol: smoke = tiny crops and epochs on synthetic data, CPU minutes")
     p.add_argument("--data", help="dataset folder (MoNuSAC or image/mask); default: generated synthetic data")
     p.add_argument("--name", help="experiment/run-folder name (overrides the spec's name:)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -90,6 +117,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true",
                    help="show Tune's status table, worker output and Ray/MLflow logging instead of one line "
                         "per trial event (quiet mode writes them to <run folder>/logs/)")
+
+
+def _device_profiles() -> list[str]:
+    """The names of the measured device profiles (orchestrator.costs imports no pydantic or torch: the
+    parser is built for every --help and every TAB)."""
+    from orchestrator.costs import load_device_profiles
+
+    return sorted(load_device_profiles())
+
+
+def _announce(spec, settings) -> None:
+    """The ablation's first line, before the slow start (data, Ray, MLflow): what runs and what comes first."""
+    from orchestrator import plan
+
+    grids = plan.stages(plan.expand(spec, settings.runs_root / spec.name, settings.data_root))
+    ray = (f"attaching to the Ray cluster at {settings.ray_address}" if settings.ray_address else
+           f"starting a local Ray ({settings.ray_num_cpus or os.cpu_count() or 1} CPUs)")
+    print(f"ablation {spec.name!r}: {sum(len(g) for _, g in grids)} trials ("
+          + ", then ".join(f"{stage} {len(g)}" for stage, g in grids)
+          + f"); preparing the data, {ray}, opening the MLflow parent run in {settings.tracking_uri} ...",
+          flush=True)
 
 
 def _load(args, kind: str):
@@ -183,24 +231,37 @@ def _tail(args) -> list[str]:
 
 
 def cmd_ablate(args) -> int:
-    from orchestrator.progress import quiet_logging
-    from orchestrator.runner import failure_report, run_ablation
     from orchestrator.settings import get_settings
 
+    if not (args.plan or args.submit or args.json):
+        # at once: checking the spec can take seconds (its registries import torch)
+        print(f"ablation {args.spec}: checking the spec ...", flush=True)
     spec = _load(args, "ablation")  # validated here too: a bad spec never reaches the cluster
     if args.json and not args.plan:
         raise ValueError("--json goes with --plan (the ablation itself prints Table 2)")
+    for flag, given in (("--device-profile", args.device_profile), ("--remeasure", args.remeasure)):
+        if given and not args.plan:
+            raise ValueError(f"{flag} goes with --plan")
     if args.plan:
         import json
 
         from orchestrator import plan
 
-        # the data may be prepared now (crops are counted from it); its progress goes to stderr
-        p = plan.build_plan(spec, get_settings(), progress=not args.json)
+        # the data may be prepared now (crops are counted from it); that and the rest of the work show
+        # their progress on stderr, so that --json's stdout stays one JSON object
+        print(f"planning {spec.name!r}: preparing the data, counting FLOPs and memory per run, timing this "
+              f"machine ...", file=sys.stderr, flush=True)
+        p = plan.build_plan(spec, get_settings(), progress=not args.json, profile=args.device_profile,
+                            remeasure=args.remeasure)
         print(json.dumps(p, indent=2) if args.json else plan.to_text(p), end="\n" if args.json else "")
         return 0
     if args.submit:
         return _submit(args, _tail(args))
+    _announce(spec, get_settings())
+    # imported after the first line: the runner brings Ray, Tune and MLflow (seconds)
+    from orchestrator.progress import quiet_logging
+    from orchestrator.runner import failure_report, run_ablation
+
     with quiet_logging(get_settings().runs_root / spec.name / "logs" / "driver.log", args.verbose):
         outcome = run_ablation(spec, get_settings(), resume=args.resume, log_model=not args.no_model,
                                verbose=args.verbose)

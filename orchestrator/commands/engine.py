@@ -7,6 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from orchestrator.cli import example, preset_choices
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?",
@@ -14,7 +16,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                         "experiments/code.yaml (the authors' release); the paper's defaults otherwise")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set search.lr_w=1e-3 (repeatable)")
-    p.add_argument("--preset", choices=["smoke"], help="smoke: tiny crops/epochs on synthetic data for a CPU")
+    p.add_argument("--preset", choices=preset_choices(),
+                   help="shrink the protocol: smoke = tiny crops and epochs on synthetic data, CPU minutes")
     p.add_argument("--data", help="dataset folder (MoNuSAC layout, MoNuSeg or images/+masks/); synthetic if omitted")
     p.add_argument("--out", required=True, help="output folder for checkpoints, genotype and metrics")
     p.add_argument("--resume", action="store_true", help="continue the run already in --out")
@@ -79,7 +82,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = ensure_dataset(data_cfg, Path(data_cfg.cache_dir), data_cfg.seed)
     device = resolve_device(args.device)
     metrics = evaluate_split(model.to(device), data, args.split, tile=data_cfg.crop_size,
-                             stride=data_cfg.stride, device=device, grid=data_cfg.grid)
+                             stride=data_cfg.stride, device=device, grid=data_cfg.grid, progress=True)
     text = json.dumps(metrics, indent=2, default=str)
     if target is not None:
         target.write_text(text)
@@ -104,21 +107,32 @@ def _predict(args: argparse.Namespace) -> int:
                          f"{f' and {len(existing) - 1} more' if len(existing) > 1 else ''}); "
                          f"pass --overwrite to replace them or choose another --out")
     ensure_writable_dir(out)
-    written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device, bgr=args.bgr)
+    written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device, bgr=args.bgr, progress=True)
     print(json.dumps(written, indent=2))
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("search", help="DARTS search of a NAS-SCAM genotype")
+    p = sub.add_parser("search", help="DARTS search of a NAS-SCAM genotype",
+                       description="Search a NAS-SCAM genotype with DARTS (alternating weight and alpha steps) on "
+                                   "one machine, without Ray or MLflow; writes genotype.json, checkpoints and "
+                                   "metrics to --out.",
+                       epilog=example("nas-scam search --preset smoke --set model.name=nas-scam-p --out /tmp/search"))
     _config_args(p)
     p.set_defaults(func=_search)
 
-    p = sub.add_parser("train", help="retrain a model from scratch (NAS-SCAM from --set model.genotype=FILE)")
+    p = sub.add_parser("train", help="retrain a model from scratch (NAS-SCAM from --set model.genotype=FILE)",
+                       description="Retrain a registry model from scratch on one machine (NAS-SCAM nets from a "
+                                   "searched genotype), keep the best-validation checkpoint and score the test split.",
+                       epilog=example("nas-scam train --preset smoke --set model.name=unet --out /tmp/unet"))
     _config_args(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="tiled evaluation of a checkpoint on a split (global DSC, PQ)")
+    p = sub.add_parser("evaluate", help="tiled evaluation of a checkpoint on a split (global DSC, PQ)",
+                       description="Score a checkpoint on whole images of a split, tiled on the crop grid it was "
+                                   "trained with: global DSC per class (the paper's number), PQ, pixel accuracy. "
+                                   "A progress bar counts the windows on a terminal.",
+                       epilog=example("nas-scam evaluate --checkpoint /tmp/unet/best.pt --split test"))
     p.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train or search")
     p.add_argument("--data", help="evaluate on another dataset folder instead of the checkpoint's")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
@@ -129,7 +143,11 @@ def add_parser(sub) -> None:
     p.add_argument("--all", action="store_true", help="score every image of --data (no split, no cache)")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("predict", help="label masks, overlays and GeoJSON nuclei for images or SVS regions")
+    p = sub.add_parser("predict", help="label masks, overlays and GeoJSON nuclei for images or SVS regions",
+                       description="Predict nuclei classes on images with a checkpoint (its stain normalisation "
+                                   "first), tiled; writes NAME_labels.png, NAME_overlay.png and NAME.geojson "
+                                   "(QuPath) per input. A progress bar counts the windows on a terminal.",
+                       epilog=example("nas-scam predict --checkpoint /tmp/unet/best.pt slide_region.png --out /tmp/pred"))
     p.add_argument("--checkpoint", required=True, help="a best.pt written by train (any registry model)")
     p.add_argument("inputs", nargs="+", help="image files (png, jpg, tif, svs)")
     p.add_argument("--out", required=True,

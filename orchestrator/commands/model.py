@@ -6,16 +6,25 @@ import argparse
 import json
 from typing import Any
 
+from orchestrator.cli import example
+
 # Kept in sync with nas_core.models.registry.BUILDERS by tests/test_model_cli.py; listed here so that
 # `--help` needs no torch import.
 MODEL_NAMES = ["unet", "deeplabv3plus", "cbam", "scse", "nas-scam-s", "nas-scam-p"]
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("model", help="inspect the registry models")
+    parser = subparsers.add_parser("model", help="inspect the registry models",
+                                   description="Inspect the registry's models: parameter counts (attention and "
+                                               "architecture parameters apart), alpha shapes, FLOPs and output shape.",
+                                   epilog=example("nas-scam model info nas-scam-p --supernet synchronous"))
     sub = parser.add_subparsers(dest="model_command", metavar="ACTION")
     sub.required = True
-    info = sub.add_parser("info", help="parameters, attention parameters, alpha shapes, FLOPs, output shape")
+    info = sub.add_parser("info", help="parameters, attention parameters, alpha shapes, FLOPs, output shape",
+                          description="Build one registry model (a NAS-SCAM supernet with --supernet, a fixed net "
+                                      "with --genotype) and measure it on one input of --size pixels.",
+                          epilog=example("nas-scam model info unet --size 128 --json",
+                                         "nas-scam model info nas-scam-p --genotype genotype.json"))
     info.add_argument("name", help=f"registry name: {', '.join(MODEL_NAMES)} (the ablation's method ids; "
                                    f"nas-scam-s/-p take --supernet or --genotype)")
     form = info.add_mutually_exclusive_group()

@@ -12,7 +12,12 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("run-spec", help="run a spec JSON/YAML of any kind here (the entrypoint of API jobs)")
+    from orchestrator.cli import example
+
+    p = sub.add_parser("run-spec", help="run a spec JSON/YAML of any kind here (the entrypoint of API jobs)",
+                       description="Run one spec of any kind (search, train, pipeline, ablation, hpo) in this "
+                                   "process with MLflow tracking: what a Ray job that the API submits runs.",
+                       epilog=example("nas-scam run-spec experiments/table2.yaml"))
     p.add_argument("spec", help="spec file (JSON or YAML): kind search|train|pipeline|ablation|hpo")
     p.add_argument("--no-model", action="store_true", help="skip mlflow.pytorch.log_model (checkpoints are still logged)")
     p.set_defaults(func=cmd_run_spec)
