@@ -78,7 +78,8 @@ def curves_markdown(runs: Sequence[dict[str, Any]]) -> str:
         val = {h["epoch"]: h["val_dsc"] for h in r["history"] if "val_dsc" in h}
         cells = [f"{100 * val[e]:.1f}" if e in val else "-" for e in epochs]
         best = "-" if r["best_epoch"] is None else str(int(r["best_epoch"]) + 1)
-        lines.append("| " + " | ".join([f"{r['method']} seed {r['seed']}", *cells, best,
+        # the run folder's name: method and seed, and in a grid its draw, fold and variant
+        lines.append("| " + " | ".join([Path(r["folder"]).name.removeprefix("train__"), *cells, best,
                                         f"{100 * r['dsc']['Average']:.1f}"]) + " |")
     return "\n".join(lines) + "\n"
 

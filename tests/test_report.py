@@ -60,7 +60,7 @@ def test_report_tables_curves_genotypes_and_overlays(tmp_path):
     assert "| scSE | 2 | 22.50 ± 2.50 | 42.50 ± 2.50 | 22.50 ± 2.50 | 25.00 ± 5.00 | 0.00 ± 0.00 |" in md
     # the curve: validations at epochs 2 and 4 (1-based), best epoch 4, test Average
     assert "| ep 2 | ep 4 | best epoch | test Average |" in md
-    assert "| unet seed 1 | 15.0 | 30.0 | 4 | 30.0 |" in md
+    assert "| unet__seed1 | 15.0 | 30.0 | 4 | 30.0 |" in md
     for key in ("table", "curves", "genotype:nas-scam-p-sync", "md"):
         assert report.paths[key].is_file() and report.paths[key].stat().st_size > 0, key
     assert report.paths["table"].suffix == ".svg"
