@@ -305,6 +305,7 @@ class RunSpec(_ConfigSpec):
 MAX_SEEDS = 1000
 # the other grid dimensions: random draws per seed, axes, values per axis, variants in all
 MAX_DRAWS, MAX_AXES, MAX_AXIS_VALUES, MAX_VARIANTS = 100, 4, 16, 64
+MAX_RUN_NAME = 200  # bytes: a folder and an MLflow run name
 # keys an axis may not vary: the trial's identity (methods and seeds are the grid's own), the fold
 # (data.folds makes folds), machine paths
 AXIS_FORBIDDEN = (*IDENTITY_KEYS, "data.fold", "data.folds", "data.cache_dir", "out_dir")
@@ -406,6 +407,15 @@ class AblationSpec(_ConfigSpec):
     @model_validator(mode="after")
     def _check(self) -> "AblationSpec":
         _check_configs(self)
+        # a run name is a folder name (255 bytes on most filesystems) and an MLflow run name (250 characters
+        # in SQL stores): the grid's longest must fit, checked now rather than inside a trial
+        longest = max((run_name("train", m, max(self.seed_list),
+                                draw=self.random_draws - 1 if self.random_draws > 1 else None,
+                                fold=self.folds - 1 if self.folds > 1 else None, variant=v)
+                       for m in self.methods for v, _ in self.variants), key=lambda n: len(n.encode()))
+        if len(longest.encode()) > MAX_RUN_NAME:
+            raise ValueError(f"axes: run names up to {len(longest.encode())} bytes (e.g. {longest[:80]}...), more "
+                             f"than {MAX_RUN_NAME}: shorten the axis values")
         return self
 
     @property

@@ -75,14 +75,15 @@ def summarize(records: Iterable[Mapping], std: str = "population") -> pd.DataFra
     ddof = DDOF[std]
     df = _long(records)
     if df.empty:
-        return pd.DataFrame(columns=["method", "class", "mean", "std", "n", "folds", "variant"])
+        return pd.DataFrame(columns=["method", "class", "mean", "std", "n", "folds", "folds_max", "variant"])
     reps = df.groupby(["variant", "method", "seed", "draw", "class"], sort=False).agg(
         dsc=("dsc", "mean"), folds=("fold", "nunique")).reset_index()
     out = reps.groupby(["variant", "method", "class"], sort=False).agg(
         mean=("dsc", "mean"), std=("dsc", lambda s: s.std(ddof=ddof) if len(s) > 1 else float("nan")),
-        n=("dsc", "count"), folds=("folds", "max")).reset_index()
-    # the columns of old tables first (method, class, ...): readers of table2.csv keep their columns
-    return _ordered(out)[["method", "class", "mean", "std", "n", "folds", "variant"]]
+        n=("dsc", "count"), folds=("folds", "min"), folds_max=("folds", "max")).reset_index()
+    # the columns of old tables first (method, class, ...): readers of table2.csv keep their columns;
+    # folds < folds_max: some replicate lacks a fold the others have (its mean is over other test images)
+    return _ordered(out)[["method", "class", "mean", "std", "n", "folds", "folds_max", "variant"]]
 
 
 def per_fold(records: Iterable[Mapping]) -> pd.DataFrame:
@@ -170,7 +171,9 @@ def _grid(table: pd.DataFrame) -> list[list[str]]:
         label, n = g["label"].iloc[0], int(g["n"].iloc[0])
         if variant:
             label = f"[{variant}] {label}"
-        if "folds" in g and g["folds"].iloc[0] > 1:
+        if "folds_max" in g and g["folds_max"].iloc[0] > g["folds"].iloc[0]:
+            label = f"{label} ({int(g['folds'].iloc[0])}-{int(g['folds_max'].iloc[0])} folds: incomplete)"
+        elif "folds" in g and g["folds"].iloc[0] > 1:
             label = f"{label} ({int(g['folds'].iloc[0])} folds)"
         if "flag" in g and g["flag"].iloc[0]:  # a method that did not learn says so beside its name
             label = f"{label} [{g['flag'].iloc[0]}]"

@@ -157,13 +157,21 @@ def identity_tags(run: dict[str, Any]) -> dict[str, str]:
 
 def draw_genotype(method: str, seed: int, path: Path) -> Path:
     """A random control's genotype (``Genotype.random`` of the method's combination and search mode,
-    drawn with ``seed``) saved at ``path``, once: a retried trial keeps the genotype it trained."""
-    from nas_core.search_space.genotype import Genotype
+    drawn with ``seed``) at ``path``, written atomically; a retried trial finds the same draw there (a
+    torn or different file is replaced by the deterministic draw)."""
+    from nas_core.search_space.genotype import Genotype, GenotypeError
     from orchestrator.specs import METHODS
 
-    if not path.is_file():
-        m = METHODS[method]
-        Genotype.random(m.combine, m.search, seed).save(path)
+    m = METHODS[method]
+    drawn = Genotype.random(m.combine, m.search, seed)
+    try:
+        if Genotype.load(path) == drawn:
+            return path
+    except (FileNotFoundError, GenotypeError, OSError, ValueError):
+        pass  # absent, or torn by a worker killed mid-write: the draw is deterministic, write it again
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    drawn.save(tmp)
+    os.replace(tmp, path)
     return path
 
 

@@ -63,8 +63,10 @@ def test_random_control_trials_draw_per_seed_and_draw(tmp_path):
     assert all(p == tmp_path / r.name / "genotype.json" for p, r in zip(paths, runs))
     g = Genotype.load(draw_genotype("random-p-sync", runs[1].genotype_draw, paths[1]))
     assert (g.combine, g.search) == ("parallel", "synchronous")
-    # a retried trial keeps the genotype it drew
-    assert Genotype.load(draw_genotype("random-p-sync", 999, paths[1])) == g
+    # a retried trial finds the same draw; a file torn by a worker killed mid-write is written again
+    assert Genotype.load(draw_genotype("random-p-sync", runs[1].genotype_draw, paths[1])) == g
+    paths[1].write_text('{"format": 1, "comb')
+    assert Genotype.load(draw_genotype("random-p-sync", runs[1].genotype_draw, paths[1])) == g
     assert identity_tags(runs[1].__dict__)["draw"] == "1"
 
 
@@ -193,3 +195,17 @@ def test_axis_flag_and_folds_by_override_reach_the_grid(tmp_path):
                        "overrides": {"data.folds": 2, "data.split_by": "patient"}})
     assert spec.folds == 2
     assert [t.fold for t in plan.expand(spec, tmp_path)] == [0, 1]
+
+
+def test_a_replicate_missing_a_fold_is_marked_incomplete():
+    recs = [_rec("unet", 0, v, fold=f) for f, v in ((0, 0.9), (1, 0.5), (2, 0.4))] + [_rec("unet", 1, 0.9, fold=0)]
+    t = tables.summarize(recs)
+    row = t[t["class"] == "Average"].iloc[0]
+    assert (row["folds"], row["folds_max"]) == (1, 3)
+    assert "U-Net (1-3 folds: incomplete)" in tables.to_text(tables.compare(t))
+
+
+def test_a_grid_whose_run_names_would_not_fit_a_folder_is_refused():
+    long = ["x" * 190 + "1,0,0", "y" * 190 + "1,0,0"]
+    with pytest.raises(SpecError, match="run names up to .* bytes"):
+        parse_spec({"preset": "smoke", "methods": ["unet"], "axes": {"data.split": long, "train.lr": [1e-3, 1e-4]}})

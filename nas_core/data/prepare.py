@@ -256,18 +256,19 @@ def _normalised(s, normalizer, stain_cache: Optional[Path], options: dict) -> np
     seconds per image."""
     if stain_cache is None or normalizer.method == "none":
         return normalizer(s.image)
+    pixels = np.ascontiguousarray(s.image)
     h = hashlib.sha256(json.dumps([CACHE_VERSION, options["stain"], options["stain_target"],
-                                   options["channel_order"]]).encode())
-    h.update(np.ascontiguousarray(s.image).tobytes())
+                                   options["channel_order"], list(pixels.shape), str(pixels.dtype)]).encode())
+    h.update(pixels.tobytes())
     path = stain_cache / f"{h.hexdigest()[:24]}.npy"
     if path.is_file():
         try:
             return np.load(path)
-        except (OSError, ValueError):
-            pass  # a torn file: compute it again
+        except (OSError, ValueError, EOFError):  # a torn or empty file: compute it again
+            path.unlink(missing_ok=True)
     image = normalizer(s.image)
     stain_cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp.npy")
     np.save(tmp, image)
     os.replace(tmp, path)
     return image
