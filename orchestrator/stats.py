@@ -408,12 +408,16 @@ def paired_summary(run_root: str | Path, methods: Iterable[str], resamples: int 
     except RescoreError as exc:
         return f"paired comparisons: none ({exc})"
     variants = sorted({r.run.variant for r in found})
+    # every result.json read once for all pairs and variants (compare_runs would read them per pair)
+    frame, missing = image_frame(found)
     lines = [f"Paired comparisons (per-image DSC, Average, A - B in points, {int(LEVEL * 100)}% bootstrap "
              f"interval over test images; `nas-scam compare {Path(run_root).name} A B` for every class):"]
+    if missing:
+        lines.append(f"  left out (no per-image test rows): {', '.join(missing)}")
     for a, b in pairs:
         for v in variants:
             try:
-                c = compare_runs(run_root, a, b, variant=v, resamples=resamples)
+                c = compare(frame, a, b, variant=v, resamples=resamples)
             except StatsError as exc:
                 lines.append(f"  {a} - {b}{f' [{v}]' if v else ''}: not compared ({str(exc)[:200]})")
                 continue
