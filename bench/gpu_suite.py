@@ -63,7 +63,7 @@ def plan(a, cuda: bool) -> list[dict]:
     step += ["--no-flops"]  # FLOPs do not depend on the device (bench/step.py on a CPU counts them); on the
     # GPU the eager FlopCounterMode probes of ~700 small convs took longer than the timed steps
     all_kinds = None
-    small = ["release-style fixed", "unet"]  # dry-run: train rows only (the search rows: tests/test_bench_step.py)
+    small = ["release-style fixed", "unet"]  # dry-run: train rows only (the search rows: tests/bench/test_step.py)
     engine = ["unet", "nas-scam-p fixed", "supernet stacked"]
     parts = []
 

@@ -3,7 +3,7 @@
 ``python -m orchestrator.cli`` runs them (the entrypoint of Ray jobs); the console command
 ``nas-scam`` (nas_scam/cli.py) is this parser plus the API's ``serve``. Each command module exposes
 ``add_parser(subparsers)`` and sets ``func`` on its parser; every (sub)command has a description and
-one example (``example``), which tests/test_cli_manners.py parses. Heavy imports (torch, ray, mlflow)
+one example (``example``), which tests/orchestrator/test_cli.py parses. Heavy imports (torch, ray, mlflow)
 happen inside the command functions so ``nas-scam --help`` and tab completion stay fast.
 
 Tab completion: argcomplete answers when the shell asks (``_ARGCOMPLETE`` set); ``nas-scam completion

@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,11 @@ def home(tmp_path, monkeypatch) -> Path:
     get_settings.cache_clear()
     yield tmp_path / "home"
     get_settings.cache_clear()
+
+
+@pytest.fixture()
+def ray_tmp():
+    """A short temp folder for a Ray (AF_UNIX socket paths are limited to ~107 bytes), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="nsh-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestrator.cli import example
 
-# Kept in sync with nas_core.models.registry.BUILDERS by tests/test_model_cli.py; listed here so that
+# Kept in sync with nas_core.models.registry.BUILDERS by tests/orchestrator/test_model_cli.py; listed here so that
 # `--help` needs no torch import.
 MODEL_NAMES = ["unet", "deeplabv3plus", "cbam", "scse", "nas-scam-s", "nas-scam-p"]
 
