@@ -81,7 +81,8 @@ def genotypes(settings: Settings, rec: RunRecord) -> list[GenotypeItem]:
     if not rec.parent_run_id or not rec.experiment_id:
         return []
     found = ask(reader(settings).genotypes, rec.parent_run_id, rec.experiment_id)
-    return [GenotypeItem(method=g.method, seed=g.seed, run_id=g.run_id, genotype=g.genotype) for g in found]
+    return [GenotypeItem(method=g.method, seed=g.seed, run_id=g.run_id, genotype=g.genotype, fold=g.fold,
+                         variant=g.variant) for g in found]
 
 
 def table(settings: Settings, rec: RunRecord):

@@ -149,6 +149,8 @@ class GenotypeItem(_Out):
     seed: int
     run_id: str
     genotype: dict[str, Any]
+    fold: Optional[int] = Field(None, description="the patient fold the search ran on (a grid with data.folds)")
+    variant: str = Field("", description="the axes variant label (a grid with axes), empty without axes")
 
 
 class GenotypeOut(_Out):

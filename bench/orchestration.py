@@ -11,7 +11,7 @@ prepared once, untimed (``runner.prepare_data``, as the driver does before any t
 runs (without, then with MLflow) warm the process up before timing. Rows per repetition, interleaved (rep 1 of every row, then rep 2,
 ...), medians reported:
 - direct: ``run_search``/``run_train`` called in this process, no tracking;
-- direct + MLflow: the same, plus the trial's MLflow logging through ``tracking.Tracker.run_phase`` (child
+- direct + MLflow: the same, plus the trial's MLflow logging through ``phases.run_phase`` (child
   run, params, per-epoch metrics, results, learning curve, the model unless --no-model), as a trial
   records it, but no Ray;
 - direct + MLflow, new process: the same in a fresh interpreter (``--child``), timed from spawn to exit,
@@ -94,11 +94,12 @@ def direct_trial(spec, method: str, seed: int, root: Path, data_root: Path, trac
 
 def _direct_phase(phase: str, cfg, out_dir: Path, method: str, seed: int, track, log_model: bool):
     from nas_core.engine import run_search, run_train
+    from orchestrator.phases import run_phase
 
     if track is None:
         return (run_search if phase == "search" else run_train)(cfg, out_dir, resume=True)
     # a trial's phase without Ray: the same recorder, no Tune report or checkpoint
-    return track.run_phase(method, seed, phase, cfg, out_dir, log_model=log_model)[1]
+    return run_phase(track, method, seed, phase, cfg, out_dir, log_model=log_model)[1]
 
 
 # ---------------------------------------------------------------- the Ray paths

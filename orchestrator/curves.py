@@ -46,11 +46,37 @@ def retrain_did_not_learn(history: Sequence[Mapping[str, Any]]) -> bool:
     return no_learning(history, train_warmup(len(history)))
 
 
+def run_title(phase: str, out_dir: Path, cfg=None) -> str:
+    """A curve's title, who the run is: ``retrain: nas-scam-p-sync, seed 1 (draw 1, fold 2)``, read
+    from the run folder's name (``specs.run_name``). A folder named otherwise (an HPO trial's
+    ``train__METHOD__TRIALID``, a single run's own folder) gives its method where it names one, else the
+    config's model, and the config's seed."""
+    from orchestrator.specs import parse_run_name
+
+    label = "search" if phase == "search" else "retrain"
+    name = Path(out_dir).name
+    run = parse_run_name(name)
+    if run is not None:
+        extra = [f"{k} {v}" for k, v in (("draw", run.draw), ("fold", run.fold)) if v is not None]
+        extra += [run.variant] if run.variant else []
+        return f"{label}: {run.method}, seed {run.seed}" + (f" ({', '.join(extra)})" if extra else "")
+    parts = name.split("__")
+    method = parts[1] if len(parts) > 1 and parts[0] in ("search", "train") else getattr(
+        getattr(cfg, "model", None), "name", name)
+    seed = getattr(cfg, "seed", None)
+    return f"{label}: {method}" + (f", seed {seed}" if seed is not None else "")
+
+
 def curve_figure(history: Sequence[Mapping[str, Any]], path: Path, title: str = "", warmup: int = 0,
-                 flagged: bool = False) -> Path:
-    """Train loss (and alpha loss in a search) and validation DSC (%) against epoch; warm-up shaded."""
+                 flagged: bool = False, judged_from: int | None = None) -> Path:
+    """Train loss (and alpha loss in a search) and validation DSC (%) against epoch (1-based integer
+    ticks); ``warmup`` epochs shaded (a search's weights-only phase; a retrain has none: pass 0). The
+    legend sits outside the axes, right of them, where it covers no line. ``flagged`` adds "no learning"
+    to the title, judged from epoch ``judged_from`` + 1 (default: after the warm-up)."""
+    from orchestrator.figures import epoch_ticks
+
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    fig, ax = plt.subplots(figsize=(8.0, 4.5), layout="constrained")  # 16:9
     for key, style in (("train_loss", "-"), ("alpha_loss", "--")):
         pts = [(h["epoch"] + 1, h[key]) for h in history if key in h]
         if pts:
@@ -65,24 +91,29 @@ def curve_figure(history: Sequence[Mapping[str, Any]], path: Path, title: str = 
     ax2.set_ylim(0, 100)
     if warmup:
         ax.axvspan(0.5, warmup + 0.5, color="0.9", zorder=0, label="warm-up")
+    epoch_ticks(ax, max([int(h["epoch"]) + 1 for h in history] or [1]))
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="upper right")
-    ax.set_title((title + (": NO LEARNING (val DSC 0 after warm-up)" if flagged else "")).strip(": "), fontsize=9)
-    return save_figure(fig, path)
+    if lines[0] or lines2[0]:
+        fig.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="outside right upper", frameon=False)
+    if flagged:
+        note = f"NO LEARNING (val DSC 0 from epoch {(warmup if judged_from is None else judged_from) + 1})"
+        title = f"{title}: {note}" if title else note
+    ax.set_title(title, fontsize=11)
+    return save_figure(fig, path, layout=False)
 
 
-def publish(c, run_id: str, phase: str, cfg, result, out_dir: Path) -> bool:
-    """After a phase: the curve into ``out_dir`` and the run's artifacts (figures/), the flag as a run
-    tag and a warning line in the trial's log. Returns the flag."""
+def learning_curve(phase: str, cfg, result, out_dir: Path) -> tuple[Path, bool]:
+    """After a phase: its curve written into ``out_dir`` (``FIGURE``) and whether it did not learn, with a
+    warning line in the trial's log when it did not: (path, flag). The recorder logs both (the figure
+    under figures/, the flag as the run's ``no_learning`` tag)."""
     history = list(getattr(result, "history", None) or [])
     warmup = warmup_epochs(phase, cfg)
     flagged = no_learning(history, warmup)
-    path = curve_figure(history, Path(out_dir) / FIGURE, Path(out_dir).name, warmup, flagged)
-    c.log_artifact(run_id, str(path), "figures")
+    # only a search has a warm-up to shade; a retrain's unjudged first epochs are no phase of its own
+    path = curve_figure(history, Path(out_dir) / FIGURE, run_title(phase, out_dir, cfg),
+                        warmup if phase == "search" else 0, flagged, judged_from=warmup)
     if flagged:
-        c.set_tag(run_id, TAG, "true")
         log.warning("%s: validation DSC stayed 0 after warm-up (epochs >= %d): no learning; see %s",
                     Path(out_dir).name, warmup + 1, path)
-    return flagged
-
+    return path, flagged

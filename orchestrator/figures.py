@@ -1,19 +1,36 @@
-"""Figures logged with the runs: each slot's searched cell, the final alpha, their evolution during search.
+"""Figures of a search: each slot's searched cell, the final alpha, their evolution during search.
 
-Both read the engine's files (genotype JSON, alpha_history.npz) and write PNGs with matplotlib's Agg
+They read the engine's files (genotype JSON, alpha_history.npz) and write PNGs with matplotlib's Agg
 backend; edge and op orders come from ``nas_core.search_space.ops``, nothing is typed in here.
+
+The alpha figures are slides: 16:9 (16 x 9 in, 1920 x 1080 px), no text under 12 pt, at most
+``MAX_PANELS`` panels. ``search_figures`` writes all of them into a run folder's ``figures/``:
+
+    alpha_summary            one panel per module kind: the strongest op of every (slot, edge)
+    alpha_final_KINDS_SLOTS  softmax(alpha) per edge and op, one panel per (kind, slot)
+    alpha_evolution_...      the ops' weights over search epochs, one panel per (kind, slot)
+
+where KINDS is ``sam``, ``cam`` or both (``sam-cam``) and SLOTS the first and last slot of the figure
+(``down1-down4``) or ``all`` for a shared search's single alpha set.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from nas_core.search_space.ops import N_NODES, OP_TABLES, edge_list
 
 SLOT_NAMES = ("down1", "down2", "down3", "down4", "up1", "up2", "up3", "up4")
+SLIDE_SIZE = (16.0, 9.0)  # inches: 16:9, so a slide shows the figure whole
+SLIDE_DPI = 120           # 1920 x 1080 px
+MAX_PANELS = 4            # past four panels a slide's labels drop under what a room can read
+# every text size of a slide figure; the smallest is 12 pt at 16 in wide
+SLIDE_FONTS = {"font.size": 14, "axes.titlesize": 16, "axes.labelsize": 14, "xtick.labelsize": 13,
+               "ytick.labelsize": 13, "legend.fontsize": 13, "legend.title_fontsize": 14, "figure.titlesize": 17}
+CELL_FONT = 12            # the numbers and names printed inside heatmap cells
 
 
 def save_figure(fig, path: Path, dpi: int = 110, layout: bool = True) -> Path:
@@ -115,14 +132,15 @@ def genotype_figure(genotype: Mapping[str, Any], path: Path) -> Path:
 
 
 def _alphas(npz_path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(epochs, {kind: (E, slots, edges, ops)}): a shared search's single alpha set counts as one slot."""
-    data = np.load(npz_path)
-    out = {}
-    for kind in OP_TABLES:
-        if kind in data.files:
-            arr = data[kind]
-            out[kind] = arr[:, None] if arr.ndim == 3 else arr
-    return data["epochs"], out
+    """(epochs (E,) 0-based, {kind: (E, slots, edges, ops)}): a shared search's single alpha set counts
+    as one slot."""
+    with np.load(npz_path) as data:
+        out = {kind: data[kind][:, None] if data[kind].ndim == 3 else data[kind]
+               for kind in OP_TABLES if kind in data.files}
+        if not out or "epochs" not in data.files:
+            raise ValueError(f"{npz_path}: expected 'epochs' and one of {', '.join(OP_TABLES)} "
+                             f"(the search's alpha_history.npz), found {', '.join(data.files) or 'nothing'}")
+        return data["epochs"], out
 
 
 def alpha_slots(npz_path: Path) -> int:
@@ -131,85 +149,217 @@ def alpha_slots(npz_path: Path) -> int:
     return max(a.shape[1] for a in arrays.values())
 
 
-def alpha_heatmap(npz_path: Path, path: Path) -> Path:
-    """The final softmaxed alpha, one heatmap per (kind, slot): edges down, ops across, values printed.
+# ------------------------------------------------------------------ slide figures of alpha
+Panel = tuple[str, int]  # (module kind, slot)
 
-    Slots run four to a row (encoder row, then decoder row) for each kind; each kind has its own
-    colour scale from its smallest to its largest weight, so small preferences stay visible.
-    """
+
+def epoch_ticks(ax, last: int, max_ticks: int = 10) -> None:
+    """1-based integer epoch ticks on ``ax``'s x axis, 1 to ``last``: every epoch while they fit in
+    ``max_ticks``, else 1 and the multiples of a round step (no half epochs, no epoch 0)."""
+    last = max(1, int(last))
+    step = next((s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500) if last / s <= max_ticks),
+                -(-last // max_ticks))
+    ax.set_xticks([1] + [t for t in range(step, last + 1, step) if t > 1])
+    ax.set_xlim(0.5, last + 0.5)
+    ax.minorticks_off()
+
+
+def _slide(n_panels: int):
+    """(figure, axes list) of a 16:9 figure with ``n_panels`` <= MAX_PANELS: side by side up to two,
+    then two rows of two."""
+    plt = pyplot()
+    if not 1 <= n_panels <= MAX_PANELS:
+        raise ValueError(f"a slide figure holds 1 to {MAX_PANELS} panels, not {n_panels}")
+    rows, cols = (1, n_panels) if n_panels <= 2 else (2, 2)
+    fig, axes = plt.subplots(rows, cols, figsize=SLIDE_SIZE, squeeze=False, layout="constrained")
+    axes = [ax for row in axes for ax in row]
+    for ax in axes[n_panels:]:
+        ax.remove()
+    return fig, axes[:n_panels]
+
+
+def _panel_title(kind: str, slot: int, n_slots: int) -> str:
+    return f"{kind.upper()} {_slot_name(slot) if n_slots > 1 else 'all slots (shared search)'}"
+
+
+def _panel_groups(arrays: Mapping[str, np.ndarray]) -> list[list[Panel]]:
+    """The (kind, slot) panels in figures of at most MAX_PANELS: each kind's slots in runs of four
+    (encoder, decoder); runs shorter than that share a figure with the next kind's (a shared search:
+    SAM and CAM side by side)."""
+    groups: list[list[Panel]] = []
+    for kind, arr in arrays.items():
+        slots = range(arr.shape[1])
+        for i in range(0, len(slots), MAX_PANELS):
+            run = [(kind, s) for s in slots[i:i + MAX_PANELS]]
+            if groups and groups[-1][-1][0] != kind and len(groups[-1]) + len(run) <= MAX_PANELS:
+                groups[-1] += run
+            else:
+                groups.append(run)
+    return groups
+
+
+def _group_name(prefix: str, group: Sequence[Panel], n_slots: int) -> str:
+    kinds = "-".join(dict.fromkeys(k for k, _ in group))
+    slots = "all" if n_slots == 1 else f"{_slot_name(group[0][1])}-{_slot_name(group[-1][1])}"
+    return f"{prefix}_{kinds}_{slots}"
+
+
+def _save_slide(fig, path: Path) -> Path:
+    return save_figure(fig, path, dpi=SLIDE_DPI, layout=False)
+
+
+def alpha_summary_figure(epochs: np.ndarray, arrays: Mapping[str, np.ndarray], path: Path) -> Path:
+    """One panel per module kind: slots down, edges across; each cell names the edge's strongest op at
+    the last epoch, prints its weight and takes the op's colour (the genotype figure's colours)."""
+    plt = pyplot()
+    colours = _op_colours()
+    edges = [f"{a}->{b}" for a, b in edge_list()]
+    with plt.rc_context(SLIDE_FONTS):
+        fig, axes = _slide(len(arrays))
+        for ax, (kind, arr) in zip(axes, arrays.items()):
+            names = list(OP_TABLES[kind])
+            final = arr[-1]  # (slots, edges, ops)
+            best = final.argmax(-1)  # (slots, edges)
+            # the op's colour washed towards white, so black text stays readable on every op
+            rgb = np.array([[0.45 * np.asarray(_rgb(colours[names[o]])) + 0.55 for o in row] for row in best])
+            ax.imshow(rgb, aspect="auto")
+            for (s, e), o in np.ndenumerate(best):
+                ax.text(e, s, f"{names[o]}\n{final[s, e, o]:.3f}", ha="center", va="center", fontsize=CELL_FONT)
+            ax.set_xticks(range(len(edges)), edges)
+            ax.set_yticks(range(final.shape[0]), [_slot_name(s) if final.shape[0] > 1 else "all (shared)"
+                                                  for s in range(final.shape[0])])
+            ax.set_xlabel("edge (from node -> to node)")
+            ax.set_title(f"{kind.upper()}: strongest op per edge")
+            ax.tick_params(length=0)
+        fig.suptitle(f"Final softmax(alpha), search epoch {int(epochs[-1]) + 1}: each edge's strongest op "
+                     f"and its weight")
+        return _save_slide(fig, path)
+
+
+def _rgb(colour) -> tuple[float, float, float]:
+    import matplotlib.colors
+
+    return matplotlib.colors.to_rgb(colour)
+
+
+def alpha_final_figure(epochs: np.ndarray, arrays: Mapping[str, np.ndarray], group: Sequence[Panel],
+                       path: Path) -> Path:
+    """The last epoch's softmax(alpha) of each (kind, slot) in ``group``: edges down, ops across, values
+    printed, a red box on each edge's strongest op. Each kind has one colour scale, from its smallest to
+    its largest final weight, so small preferences stay visible."""
     plt = pyplot()
     from matplotlib.patches import Rectangle
 
-    epochs, arrays = _alphas(npz_path)
-    kinds = list(arrays)
-    n_slots = max(a.shape[1] for a in arrays.values())
-    cols = min(4, n_slots)
-    per_kind = -(-n_slots // cols)
     edges = [f"{a}->{b}" for a, b in edge_list()]
-    width = 0.5 * max(len(OP_TABLES[k]) for k in kinds)
-    fig, axes = plt.subplots(len(kinds) * per_kind, cols, squeeze=False, layout="constrained",
-                             figsize=(width * cols + 1.6, 2.5 * len(kinds) * per_kind + 0.6))
-    for k, kind in enumerate(kinds):
-        names = list(OP_TABLES[kind])
-        final_all = arrays[kind][-1]  # (slots, edges, ops)
-        lo, hi = float(final_all.min()), float(final_all.max())
-        hi = hi if hi > lo else lo + 1e-6
-        row_axes = []
-        for s in range(per_kind * cols):
-            ax = axes[k * per_kind + s // cols][s % cols]
-            row_axes.append(ax)
-            if s >= n_slots:
-                ax.axis("off")
-                continue
-            final = final_all[min(s, final_all.shape[0] - 1)]  # (edges, ops)
+    n_slots = max(a.shape[1] for a in arrays.values())
+    with plt.rc_context(SLIDE_FONTS):
+        fig, axes = _slide(len(group))
+        by_kind: dict[str, list] = {}
+        for ax, (kind, slot) in zip(axes, group):
+            names = list(OP_TABLES[kind])
+            lo, hi = float(arrays[kind][-1].min()), float(arrays[kind][-1].max())
+            hi = hi if hi > lo else lo + 1e-6
+            final = arrays[kind][-1, slot]  # (edges, ops)
             image = ax.imshow(final, vmin=lo, vmax=hi, cmap="viridis", aspect="auto")
             for (e, o), v in np.ndenumerate(final):
-                ax.text(o, e, f"{v:.3f}".lstrip("0") if v < 1 else "1", ha="center", va="center", fontsize=5.5,
-                        color="black" if (v - lo) / (hi - lo) > 0.6 else "white")
+                ax.text(o, e, f"{v:.3f}".lstrip("0") if v < 1 else "1", ha="center", va="center",
+                        fontsize=CELL_FONT, color="black" if (v - lo) / (hi - lo) > 0.6 else "white")
             for e, o in enumerate(final.argmax(1)):
-                ax.add_patch(Rectangle((o - 0.5, e - 0.5), 1, 1, fill=False, ec="red", lw=1.3))
-            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6.5)
-            ax.set_yticks(range(len(edges)), edges if s % cols == 0 else [""] * len(edges), fontsize=6.5)
-            ax.set_title(f"{kind.upper()} {_slot_name(s) if n_slots > 1 else 'all slots (shared search)'}",
-                         fontsize=8)
-        fig.colorbar(image, ax=row_axes, fraction=0.03, pad=0.01, label=f"{kind.upper()} softmax(alpha)")
-    fig.suptitle(f"Final softmax(alpha) after search epoch {int(epochs[-1]) + 1}; red box: the strongest op "
-                 f"of each edge", fontsize=9)
-    return save_figure(fig, path, dpi=130, layout=False)
+                ax.add_patch(Rectangle((o - 0.5, e - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
+            ax.set_xticks(range(len(names)), names, rotation=30 if len(group) > 2 else 0)
+            ax.set_yticks(range(len(edges)), edges)
+            ax.set_title(_panel_title(kind, slot, n_slots))
+            ax.tick_params(length=0)
+            by_kind.setdefault(kind, [[], image])[0].append(ax)
+        for kind, (kind_axes, image) in by_kind.items():
+            fig.colorbar(image, ax=kind_axes, shrink=0.9, label=f"{kind.upper()} softmax(alpha)")
+        fig.suptitle(f"Final softmax(alpha), search epoch {int(epochs[-1]) + 1} (edges down, ops across; "
+                     f"red box: each edge's strongest op)")
+        return _save_slide(fig, path)
+
+
+def alpha_evolution_figure(epochs: np.ndarray, arrays: Mapping[str, np.ndarray], group: Sequence[Panel],
+                           path: Path) -> Path:
+    """softmax(alpha) over search epochs, one panel per (kind, slot) in ``group``: a line per op, its
+    weight averaged over the cell's edges (each edge's own final weights are the final figure's).
+
+    Each panel's y axis is scaled to its data, and a dotted line marks the uniform start, so short
+    searches whose weights move by 1e-3 still show which op is rising. One legend, outside the panels."""
+    plt = pyplot()
+    colours = _op_colours()
+    n_slots = max(a.shape[1] for a in arrays.values())
+    x = np.asarray(epochs) + 1  # the engine counts from 0; the figure from 1, as the logs do
+    marker = "o" if len(x) <= 12 else None
+    with plt.rc_context(SLIDE_FONTS):
+        fig, axes = _slide(len(group))
+        handles: dict[str, Any] = {}
+        for i, (ax, (kind, slot)) in enumerate(zip(axes, group)):
+            mean = arrays[kind][:, slot].mean(axis=1)  # (E, ops)
+            for o, op in enumerate(OP_TABLES[kind]):
+                (line,) = ax.plot(x, mean[:, o], lw=2.2, color=colours[op], marker=marker, ms=5,
+                                  linestyle="--" if op == "zero" else "-")
+                handles.setdefault(op, line)
+            ax.axhline(1 / len(OP_TABLES[kind]), color="0.6", lw=1.2, linestyle=":")
+            ax.set_title(_panel_title(kind, slot, n_slots))
+            epoch_ticks(ax, int(x[-1]))
+            ax.grid(color="0.92", lw=0.8)
+            if len(group) <= 2 or i >= len(group) - 2:
+                ax.set_xlabel("search epoch")
+            if i % (2 if len(group) > 2 else len(group)) == 0:
+                ax.set_ylabel("softmax(alpha), edge mean")
+        fig.legend(list(handles.values()), list(handles), title="op", loc="outside right upper", frameon=False)
+        fig.suptitle("softmax(alpha) during the search, mean over each cell's "
+                     f"{len(edge_list())} edges (dotted: uniform start)")
+        return _save_slide(fig, path)
+
+
+def search_figures(npz_path: Path, out_dir: Path, fmt: str = "png") -> list[Path]:
+    """Every slide figure of a search's alpha history (alpha_history.npz) into ``out_dir`` (a run
+    folder's ``figures/``): the summary, the final weights and the evolution (names in the module
+    docstring). Returns the paths in reading order: summary, then final and evolution by kind and slot."""
+    epochs, arrays = _alphas(Path(npz_path))
+    n_slots = max(a.shape[1] for a in arrays.values())
+    out_dir = Path(out_dir)
+    paths = [alpha_summary_figure(epochs, arrays, out_dir / f"alpha_summary.{fmt}")]
+    groups = _panel_groups(arrays)
+    paths += [alpha_final_figure(epochs, arrays, g, out_dir / f"{_group_name('alpha_final', g, n_slots)}.{fmt}")
+              for g in groups]
+    paths += [alpha_evolution_figure(epochs, arrays, g,
+                                     out_dir / f"{_group_name('alpha_evolution', g, n_slots)}.{fmt}")
+              for g in groups]
+    return paths
+
+
+_ORDER = ("alpha_summary", "alpha_final", "alpha_evolution")
+
+
+def _reading_order(path: Path) -> tuple:
+    """search_figures' order for files found in a folder: summary, final, evolution; by kind, then slot."""
+    stem = Path(path).stem
+    prefix = next((i for i, p in enumerate(_ORDER) if stem == p or stem.startswith(p + "_")), len(_ORDER))
+    rest = stem.removeprefix(_ORDER[prefix]).strip("_").split("_") if prefix < len(_ORDER) else []
+    kinds = list(OP_TABLES)
+    kind = min((kinds.index(k) for k in (rest[0].split("-") if rest else []) if k in kinds), default=-1)
+    first = rest[1].split("-")[0] if len(rest) > 1 else ""
+    return prefix, kind, SLOT_NAMES.index(first) if first in SLOT_NAMES else -1, Path(path).name
+
+
+def search_figures_in(folder: Path) -> list[Path]:
+    """The alpha slide figures (PNG or SVG) a search left in ``folder``, in ``search_figures``' order."""
+    found = [p for ext in ("png", "svg") for p in Path(folder).glob(f"alpha_*.{ext}")]
+    return sorted(found, key=_reading_order)
+
+
+# ------------------------------------------------------------------ the MLflow run's figures
+def alpha_heatmap(npz_path: Path, path: Path) -> Path:
+    """The final alpha of every slot on one slide: ``alpha_summary_figure``."""
+    epochs, arrays = _alphas(Path(npz_path))
+    return alpha_summary_figure(epochs, arrays, path)
 
 
 def alpha_figure(npz_path: Path, path: Path, slot: int = 0) -> Path:
-    """Softmaxed alpha of one slot over search epochs: rows = module kind, columns = edges, a line per op.
-
-    The y axis of each kind is scaled to its data (a dotted line marks the uniform start), so early or
-    short searches whose weights move by 1e-3 still show which op is rising."""
-    plt = pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    epochs, arrays = _alphas(npz_path)
-    kinds = list(arrays)
-    edges = edge_list()
-    colours = _op_colours()
-    fig, axes = plt.subplots(len(kinds), len(edges), figsize=(2.2 * len(edges) + 1.2, 2.0 * len(kinds) + 0.5),
-                             squeeze=False, sharex=True, sharey="row")
-    for r, kind in enumerate(kinds):
-        arr = arrays[kind][:, min(slot, arrays[kind].shape[1] - 1)]  # (E, edges, ops)
-        for e, (src, dst) in enumerate(edges):
-            ax = axes[r][e]
-            for o, op in enumerate(OP_TABLES[kind]):
-                ax.plot(epochs + 1, arr[:, e, o], lw=1.4, color=colours[op], label=op,
-                        linestyle="--" if op == "zero" else "-")
-            # the uniform weight alpha starts from: what "no preference" looks like
-            ax.axhline(1 / len(OP_TABLES[kind]), color="0.75", lw=0.8, linestyle=":")
-            ax.set_title(f"{kind.upper()} edge {src}->{dst}", fontsize=7)
-            ax.tick_params(labelsize=6)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes[r][0].set_ylabel("softmax(alpha)", fontsize=7)
-        axes[r][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), title=kind.upper(),
-                           title_fontsize=6)
-    for ax in axes[-1]:
-        ax.set_xlabel("search epoch", fontsize=7)
-    shared = max(a.shape[1] for a in arrays.values()) == 1
-    fig.suptitle(f"alpha during the search, {'all slots (shared search)' if shared else f'slot {slot}: {_slot_name(slot)}'}",
-                 fontsize=9)
-    return save_figure(fig, path, dpi=110)
+    """softmax(alpha) of one slot over search epochs, a panel per module kind (``alpha_evolution_figure``);
+    a shared search has one slot, whatever ``slot`` says."""
+    epochs, arrays = _alphas(Path(npz_path))
+    group = [(kind, min(slot, arr.shape[1] - 1)) for kind, arr in arrays.items()]
+    return alpha_evolution_figure(epochs, arrays, group, path)

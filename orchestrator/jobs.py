@@ -60,6 +60,12 @@ def job_env(stores: Optional[Settings] = None, runs_dir: Optional[Path] = None) 
     if runs_dir is not None:
         env["NAS_SCAM_RUNS_DIR"] = str(runs_dir)
     env.setdefault("RAY_AUTH_MODE", "disabled")
+    if "NAS_SCAM_GIT_COMMIT" not in env:  # the upload carries no .git: the job's MLflow runs name the commit
+        from orchestrator.tracking import git_commit
+
+        commit, _ = git_commit()
+        if commit:
+            env["NAS_SCAM_GIT_COMMIT"] = commit
     return env
 
 

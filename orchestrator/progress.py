@@ -214,7 +214,7 @@ class Progress:
         for key, label, scale in (("val_dsc", "val DSC", 100.0), ("train_loss", "loss", 1.0)):
             v = result.get(key)
             if isinstance(v, (int, float)):
-                parts.append(f"{label} {v * scale:.2f}" if scale != 1 else f"{label} {v:.4f}")
+                parts.append(f"{label} {v * scale:.2f}%" if scale != 1 else f"{label} {v:.4f}")
         return self._emit(f"  {name}: " + ", ".join(parts))
 
     def trial_finished(self, name: str, result: Mapping[str, Any]) -> str:

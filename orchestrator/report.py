@@ -2,13 +2,14 @@
 
 What a reader needs to judge a Table 2: the test DSC per class beside the paper's, the test PQ per
 class, both as mean and spread over seeds; each retrain's validation curve (what more epochs would
-buy); each searched genotype; every NAS variant against its random control and against U-Net, paired
-by test image (``orchestrator.stats``: mean difference in per-image DSC with a bootstrap interval, a
-different number from Table 2's global DSC); the global DSC by fold, patient and organ where the runs
-carry them; and, with ``--overlay IMAGE``, the best method's prediction on chosen images. Like
-``table --eval-data`` it reads the folder the runner writes (``train__METHOD__seedN.../`` with
-``result.json`` and ``best.pt``, ``search__METHOD__seedN/genotype.json``, ``ablation.json``): no MLflow
-or Ray is needed, so a copied run folder reports as well as the original.
+buy); each searched genotype and its alpha (the search's slide figures); every NAS variant against its
+random control and against U-Net, paired by test image (``orchestrator.stats``: mean difference in
+per-image DSC with a bootstrap interval, a different number from Table 2's global DSC); the global DSC
+by fold, patient and organ where the runs carry them; and, with ``--overlay IMAGE``, the best method's
+prediction on chosen images. Like ``table --eval-data`` it reads the folder the runner writes
+(``train__METHOD__seedN.../`` with ``result.json`` and ``best.pt``, ``search__METHOD__seedN/`` with
+``genotype.json``, ``alpha_history.npz`` and ``figures/``, ``ablation.json``): no MLflow or Ray is
+needed, so a copied run folder reports as well as the original.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def pq_markdown(summary, std: str) -> str:
 
 
 def curves_markdown(runs: Sequence[dict[str, Any]]) -> str:
-    """Validation Average DSC (%) at every validated epoch, one row per retrain."""
+    """Validation Average DSC (%, 2 decimals) at every validated epoch (1-based), one row per retrain."""
     epochs = sorted({h["epoch"] for r in runs for h in r["history"] if "val_dsc" in h})
     if not epochs:
         return "No retrain validated during training.\n"
@@ -76,20 +77,20 @@ def curves_markdown(runs: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         val = {h["epoch"]: h["val_dsc"] for h in r["history"] if "val_dsc" in h}
-        cells = [f"{100 * val[e]:.1f}" if e in val else "-" for e in epochs]
+        cells = [f"{100 * val[e]:.2f}" if e in val else "-" for e in epochs]
         best = "-" if r["best_epoch"] is None else str(int(r["best_epoch"]) + 1)
         # the run folder's name: method and seed, and in a grid its draw, fold and variant
         lines.append("| " + " | ".join([Path(r["folder"]).name.removeprefix("train__"), *cells, best,
-                                        f"{100 * r['dsc']['Average']:.1f}"]) + " |")
+                                        f"{100 * r['dsc']['Average']:.2f}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def curves_figure(runs: Sequence[dict[str, Any]], path: Path) -> Path:
     """Validation Average DSC per epoch of every retrain: one colour per method, one line style per seed."""
-    from orchestrator.figures import pyplot, save_figure
+    from orchestrator.figures import epoch_ticks, pyplot, save_figure
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(8.0, 4.5), layout="constrained")  # 16:9
     methods = list(dict.fromkeys(r["method"] for r in runs))
     cmap = plt.get_cmap("tab10")
     styles = ["-", "--", ":", "-."]
@@ -99,11 +100,46 @@ def curves_figure(runs: Sequence[dict[str, Any]], path: Path) -> Path:
             x, y = zip(*pts)
             ax.plot(x, y, styles[r["seed"] % len(styles)], marker="o", ms=3,
                     color=cmap(methods.index(r["method"]) % 10), label=f"{r['method']} s{r['seed']}")
+    epoch_ticks(ax, max([int(h["epoch"]) + 1 for r in runs for h in r["history"]] or [1]))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation Average DSC (%)")
     ax.grid(color="0.9", lw=0.6)
-    ax.legend(fontsize=7, ncol=2, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return save_figure(fig, path)
+    if ax.get_legend_handles_labels()[0]:
+        fig.legend(fontsize=8, ncol=2 if len(runs) > 12 else 1, frameon=False, loc="outside right upper")
+    return save_figure(fig, path, layout=False)
+
+
+def alpha_section(run_root: Path, out_dir: Path, paths: dict[str, Path], fmt: str) -> list[str]:
+    """Markdown lines: each search's alpha slide figures (``figures.search_figures``), copied from its run
+    folder's ``figures/`` where the search wrote them, else drawn from its alpha_history.npz, into
+    ``out_dir/alphas/SEARCH/`` (listed in ``paths`` as ``alphas:SEARCH:FILE``)."""
+    import shutil
+
+    from orchestrator.figures import search_figures, search_figures_in
+
+    folders = sorted(p for p in run_root.glob("search__*") if p.is_dir())
+    if not folders:
+        return []
+    md = ["## Architecture weights (alpha) of the searches", "",
+          "Per search: each edge's strongest op at the last epoch, the final weights of every op, and the "
+          "weights during the search (slides, 16:9).", ""]
+    for folder in folders:
+        target = out_dir / "alphas" / folder.name
+        found = search_figures_in(folder / "figures")
+        npz = folder / "alpha_history.npz"
+        if found:
+            target.mkdir(parents=True, exist_ok=True)
+            figs = [Path(shutil.copy2(f, target / f.name)) for f in found]
+        elif npz.is_file():
+            figs = search_figures(npz, target, fmt=fmt)
+        else:
+            md += [f"- {folder.name}: no alpha figures (no `figures/alpha_*` and no `alpha_history.npz`)", ""]
+            continue
+        md += [f"### {folder.name}", ""]
+        for f in figs:
+            paths[f"alphas:{folder.name}:{f.name}"] = f
+            md += [f"![{f.stem}](alphas/{folder.name}/{f.name})", ""]
+    return md
 
 
 def paired_section(found: Sequence[Retrain], out_dir: Path, paths: dict[str, Path]) -> list[str]:
@@ -195,10 +231,11 @@ def write_report(run_root: str | Path, out_dir: str | Path, overlays: Sequence[s
         md += ["## Searched genotypes", ""]
         for method, g in genotypes:
             md += [f"- {method}: `{g}`", "", f"![{method}]({paths[f'genotype:{method}'].name})", ""]
+    md += alpha_section(run_root, out_dir, paths, fmt)
     md += paired_section(found, out_dir, paths)
     if predicted:
         md += [f"## Predictions of the best method ({best_method}, seed {best_run['seed']}, test Average DSC "
-               f"{100 * best_run['dsc']['Average']:.1f}%)", ""]
+               f"{100 * best_run['dsc']['Average']:.2f}%)", ""]
         for p in predicted:
             counts = ", ".join(f"{k} {v}" for k, v in p["nuclei"].items())
             md += [f"- `{Path(p['input']).name}`: predicted nuclei {counts}; overlay `overlays/{Path(p['overlay']).name}`"]

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from orchestrator import results, tables
 from orchestrator.curves import retrain_did_not_learn
 from orchestrator.specs import RunId, parse_run_name
+from orchestrator.units import percent_tree
 
 
 class RescoreError(ValueError):
@@ -157,8 +158,9 @@ def cmd_evaluate_all(args) -> int:
     result, paths = evaluate_all(args.checkpoint, args.data, args.out, device=args.device,
                                  overwrite=getattr(args, "overwrite", False))
     g = result["global"]
-    print(json.dumps({"folder": result["folder"], "n_images": result["n_images"], "dsc": g["dsc"], "pq": g["pq"],
-                      "dsc_per_image": g["dsc_per_image"]}, indent=2, default=str))
+    print(json.dumps(percent_tree({"folder": result["folder"], "n_images": result["n_images"], "dsc": g["dsc"],
+                                   "pq": g["pq"], "dsc_per_image": g["dsc_per_image"],
+                                   "units": "DSC and PQ in % (the files keep fractions)"}), indent=2, default=str))
     print(f"written: {paths['json']}, {paths['csv']}")
     return 0
 

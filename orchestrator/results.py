@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
-from orchestrator import tables, tracking
+from orchestrator import tables, tracking, units
 
 # the spread of a parent logged before the ``std`` field existed: it printed the sample std
 LEGACY_STD = "sample"
@@ -123,10 +123,14 @@ class Record:
 
 @dataclass(frozen=True)
 class Genotype:
+    """A finished search's genotype; ``fold``/``variant``: its place in a grid (None/"" where it has none)."""
+
     method: str
     seed: int
     run_id: str
     genotype: dict[str, Any]
+    fold: Optional[int] = None
+    variant: str = ""
 
 
 # ---------------------------------------------------------------- Table 2
@@ -178,14 +182,17 @@ def expected_phases(spec: Mapping[str, Any]) -> int:
 
 # ---------------------------------------------------------------- the reader
 def _run(run, experiment: str = "") -> Run:
-    """MLflow's Run -> ours."""
+    """MLflow's Run -> ours, its metrics in the surfaces' units (DSC/PQ in %, 1-based ``best_epoch``): a
+    child run recorded before ``dsc_unit = percent`` held fractions and a 0-based best epoch."""
     info, data = run.info, run.data
+    metrics = {k: float(v) for k, v in data.metrics.items()}
+    if data.tags.get(tracking.T_KIND) == "trial" and data.tags.get(tracking.T_UNIT) != tracking.UNIT:
+        metrics = {k: v + 1 if k == "best_epoch" and v >= 0 else units.shown(k, v) for k, v in metrics.items()}
     return Run(run_id=info.run_id, experiment_id=info.experiment_id, name=info.run_name or "", status=info.status,
                experiment=experiment,
                start_time=info.start_time / 1000 if info.start_time else None,
                end_time=info.end_time / 1000 if info.end_time else None,
-               tags=dict(data.tags), params=dict(data.params),
-               metrics={k: float(v) for k, v in data.metrics.items()})
+               tags=dict(data.tags), params=dict(data.params), metrics=metrics)
 
 
 def _missing(exc: Exception) -> bool:
@@ -224,13 +231,22 @@ class Results:
             raise StoreUnavailable(f"MLflow store unavailable: {what} failed: {str(exc)[:300]}") from None
 
     def _search(self, experiment_ids: list[str], flt: str = "", order_by: Optional[list[str]] = None,
-                max_results: int = 5000, names: Optional[Mapping[str, str]] = None) -> list[Run]:
-        """Runs of the experiments ``experiment_ids`` (``names``: id -> name, to fill ``Run.experiment``)."""
+                max_results: Optional[int] = None, names: Optional[Mapping[str, str]] = None) -> list[Run]:
+        """Runs of the experiments ``experiment_ids`` (``names``: id -> name, to fill ``Run.experiment``), page
+        after page (``tracking.SEARCH_PAGE`` a call): all of them, or the first ``max_results``."""
         c = self._mlflow()
         if c is None or not experiment_ids:
             return []
-        found = self._call("search_runs", c.search_runs, experiment_ids, filter_string=flt,
-                           order_by=order_by, max_results=max_results)
+        found, token = [], None
+        while max_results is None or len(found) < max_results:
+            page_size = tracking.SEARCH_PAGE
+            want = page_size if max_results is None else min(page_size, max_results - len(found))
+            page = self._call("search_runs", c.search_runs, experiment_ids, filter_string=flt,
+                              order_by=order_by, max_results=want, page_token=token)
+            found.extend(page)
+            token = getattr(page, "token", None)
+            if not token or not len(page):
+                break
         return [_run(r, (names or {}).get(r.info.experiment_id, "")) for r in found]
 
     def ping(self) -> None:
@@ -315,7 +331,7 @@ class Results:
             if not all(f"test_dsc_{cls}" in m for cls in tables.CLASSES):
                 continue
             out.append(Record(method=tags[tracking.T_METHOD], seed=int(tags[tracking.T_SEED]),
-                              dsc={cls: m[f"test_dsc_{cls}"] for cls in tables.CLASSES},
+                              dsc={cls: m[f"test_dsc_{cls}"] / 100.0 for cls in tables.CLASSES},  # % -> fraction
                               draw=int(tags[tracking.T_DRAW]) if tags.get(tracking.T_DRAW) else None,
                               fold=int(tags[tracking.T_FOLD]) if tags.get(tracking.T_FOLD) else None,
                               variant=tags.get(tracking.T_VARIANT, ""),
@@ -329,8 +345,10 @@ class Results:
             text = self._text(run.run_id, "genotype.json") or run.params.get("genotype")
             if not text:
                 continue
+            fold = run.tags.get(tracking.T_FOLD)
             items.append(Genotype(method=run.method or "?", seed=run.seed or 0, run_id=run.run_id,
-                                  genotype=json.loads(text)))
+                                  genotype=json.loads(text), fold=int(fold) if fold else None,
+                                  variant=run.tags.get(tracking.T_VARIANT, "")))
         return items
 
     def model_run(self, run_id: str) -> Optional[Run]:

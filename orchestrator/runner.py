@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
-from orchestrator import ray_env, results, tables, tracking
+from orchestrator import ray_env, results, tables, tracking, units
 from orchestrator.settings import Settings
 from orchestrator.specs import AblationSpec, HpoSpec, build_config
 
@@ -244,24 +244,46 @@ def _trial_deaths_fail_the_trial() -> None:
 
     Ray Tune 2.60 handles a trial task's actor errors and task errors; any other Ray error ends the
     whole ``fit()`` ("RuntimeError: Caught unexpected exception: 1 worker(s) were killed due to the node
-    running low on memory") and every running trial with it. Ray's memory monitor killing a trial's
-    worker mid-task raises such an error (OutOfMemoryError), as can a crashed worker or a lost node:
-    each means the trial's actor is gone, so it is handed on as the actor's error, with Ray's message,
-    and Tune retries the trial (``max_failures``) or reports it failed. Patched once per process."""
-    from ray.air.execution._internal.actor_manager import RayActorManager
-    from ray.exceptions import RayActorError, RayError, RayTaskError
+    running low on memory") and every running trial with it. The errors that mean the trial's worker is
+    gone (``WORKER_GONE``: killed for memory, crashed, its raylet or node died) are handed on as the
+    actor's error, with Ray's message, and Tune retries the trial (``max_failures``) or reports it failed;
+    every other error still ends the run as Ray meant it to. Patched once per process, and only where
+    Ray's private method still has the signature this was written against (else a warning, unpatched)."""
+    import inspect
+    import warnings
 
-    original = RayActorManager._actor_task_failed
+    import ray.exceptions as rex
+    from ray.air.execution._internal.actor_manager import RayActorManager
+    from ray.exceptions import RayActorError
+
+    original = getattr(RayActorManager, "_actor_task_failed", None)
     if getattr(original, "trial_deaths_fail_the_trial", False):
         return
+    if original is None or list(inspect.signature(original).parameters) != ["self", "tracked_actor_task",
+                                                                              "exception"]:
+        warnings.warn("Ray's RayActorManager._actor_task_failed changed: a trial killed for memory may end the "
+                      "whole ablation (orchestrator.runner._trial_deaths_fail_the_trial needs updating)",
+                      RuntimeWarning, stacklevel=2)
+        return
+    gone = tuple(getattr(rex, name) for name in WORKER_GONE if hasattr(rex, name))
 
     def _actor_task_failed(self, tracked_actor_task, exception):
-        if isinstance(exception, RayError) and not isinstance(exception, (RayActorError, RayTaskError)):
+        if isinstance(exception, gone) and not isinstance(exception, RayActorError):
             exception = RayActorError(error_msg=f"{type(exception).__name__}: {exception}")
         return original(self, tracked_actor_task=tracked_actor_task, exception=exception)
 
     _actor_task_failed.trial_deaths_fail_the_trial = True
     RayActorManager._actor_task_failed = _actor_task_failed
+
+
+# Ray's errors that mean a trial's worker process is gone (ray.exceptions names; absent ones are skipped)
+WORKER_GONE = ("OutOfMemoryError", "WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError")
+
+
+def unfinished_runs(root: Path, runs) -> list[str]:
+    """The names of a failed trial's runs that did not finish: a search + retrain trial whose retrain
+    failed keeps its finished search (result.json is the engine's last write of a run)."""
+    return [r["name"] for r in runs if not (Path(root) / r["name"] / "result.json").exists()]
 
 
 def trial_name(trial) -> str:
@@ -326,7 +348,7 @@ def run_ablation(spec: AblationSpec, settings: Settings, resume: bool = False, l
                     cause = f"its search {t['carry']} failed; then {cause}"
                 failures.append({"stage": stage, "trial": name, "method": t.get("method", "?"),
                                  "seed": t.get("seed", "?"), "error": cause})
-                failed_runs.update(r["name"] for r in t.get("runs", ()))
+                failed_runs.update(unfinished_runs(root, t.get("runs", ())))
             tracker.close_failed({r["name"]: cause for name, cause in failed
                                   for r in table.get(name, {}).get("runs", ())})
     finally:
@@ -384,7 +406,8 @@ def publish_table(tracker: tracking.Tracker, out_dir: Path, title: str = "Table 
         run = store.run(parent)
         std = std or (run.std if run else results.LEGACY_STD)
         repeat = repeat or (run.repeat if run else None)
-    records = results.rows(store.records(parent, tracker.experiment_id))
+    found = store.records(parent, tracker.experiment_id)
+    records = results.rows(found)
     table = results.table2(records, std)
     if expected:
         table = tables.with_missing(table, expected)
@@ -392,6 +415,11 @@ def publish_table(tracker: tracking.Tracker, out_dir: Path, title: str = "Table 
     if paths and log_to_parent:
         tracker.log_files(parent, paths.values(), "table2")
         tracker.log_table_metrics(parent, table)
+        # the registry's alias best-<ablation> on each method's best retrain (by test Average DSC)
+        parent_run = store.run(parent)
+        ablation = (parent_run.tags.get(tracking.T_ABLATION) if parent_run else None) or title
+        tracker.set_best_aliases(ablation, [{"method": r.method, "Average": r.dsc.get("Average"),
+                                             "run_id": r.run_id} for r in found])
     text = (tables.to_text(table, title, std, repeat) if len(table)
             else f"{title}: no finished train runs under parent {parent}")
     return AblationOutcome(parent_run_id=parent, experiment_id=tracker.experiment_id, table=table, paths=paths,
@@ -522,7 +550,9 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tracker.log_files(parent, [path])
     tracker.log_params(parent, {"best": params})
-    for key, value in (("best_score", str(best.metrics.get(spec.metric))), ("optuna_study", spec.name),
+    score = best.metrics.get(spec.metric)
+    score = units.shown(spec.metric, score) if isinstance(score, (int, float)) else score  # DSC in %
+    for key, value in (("best_score", str(score)), ("optuna_study", spec.name),
                        ("optuna_storage", settings.optuna_url)):
         tracker.set_tag(parent, key, value)
     tracker.finish(parent)
@@ -532,9 +562,10 @@ def run_hpo(spec: HpoSpec, settings: Settings, resume: bool = False,
 # ---------------------------------------------------------------- single runs and spec files
 def run_single(spec, settings: Settings, log_model: bool = True) -> dict[str, Any]:
     """A search, train or pipeline RunSpec in this process, no Ray: a new MLflow parent and one child run
-    per phase, each recorded as an ablation trial's phase is (``Tracker.run_phase``)."""
+    per phase, each recorded as an ablation trial's phase is (``phases.run_phase``)."""
     import torch
 
+    from orchestrator.phases import run_phase
     from orchestrator.specs import run_name
 
     torch.set_num_threads(max(1, int(spec.resources.cpu)))  # the CPUs Ray reserved for this job's driver
@@ -549,7 +580,7 @@ def run_single(spec, settings: Settings, log_model: bool = True) -> dict[str, An
             out_dir = root / run_name(phase, spec.method, spec.seed)
             cfg = build_config(spec, spec.method, spec.seed, data_root=settings.data_root,
                                genotype=genotype if phase == "train" else None)
-            rid, result = tracker.run_phase(spec.method, spec.seed, phase, cfg, out_dir, log_model=log_model)
+            rid, result = run_phase(tracker, spec.method, spec.seed, phase, cfg, out_dir, log_model=log_model)
             if phase == "search":
                 genotype = Path(result.genotype_path)
             out["phases"][phase] = {"run_id": rid, "out_dir": str(out_dir)}

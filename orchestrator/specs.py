@@ -351,8 +351,10 @@ class AblationSpec(_ConfigSpec):
             if not 1 <= len(values) <= MAX_AXIS_VALUES:
                 raise ValueError(f"axes.{key}: needs 1 to {MAX_AXIS_VALUES} values, got {len(values)}")
             labels = [axis_label(key, x) for x in values]
-            if len(set(labels)) != len(labels):
-                raise ValueError(f"axes.{key}: values must be distinct, got {values}")
+            # distinct in any letter case: variant labels name run folders, one on a case-insensitive disk
+            if len({lab.casefold() for lab in labels}) != len(labels):
+                raise ValueError(f"axes.{key}: values must be distinct (ignoring letter case: they name run "
+                                 f"folders), got {values}")
         n = 1
         for values in v.values():
             n *= len(values)

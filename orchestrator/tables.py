@@ -235,19 +235,24 @@ def describe(spec) -> str:
 
 def bar_chart(table: pd.DataFrame, path: Path, title: str = "Table 2", std: str = "population",
               repeat: Optional[str] = None, subtitle: str = "") -> Path:
-    """One panel per class, a row per method (the paper's names): ours and the paper's mean DSC.
+    """The methods side by side per class, slide-ready (16:9, 13.3 x 7.5 in, text >= 11 pt): one group of
+    bars per class (Average first), one bar per (variant,) method in the paper's order, the paper's mean
+    as a black tick on each bar.
 
-    Error bars are one std either side (the kind ``std`` names, stated in the title), drawn whole: a bar
-    whose std reaches below 0 is shown so, not clipped (the axis extends past 0). A method with a single
-    seed has no error bar.
+    Error bars are one std either side (the kind ``std`` names, on the y label), drawn whole: a bar whose
+    std reaches below 0 is shown so, not clipped (the axis extends past 0). A method with a single seed
+    has no error bar; a random-architecture control is hatched. Title: ``title``, then ``subtitle`` (data,
+    protocol, seeds, repeat) or, without one, what the numbers are.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    # one bar row per (variant, method); a random control's bars are hatched apart from the searched ones
+    # one bar per (variant, method) row; a random control's bars are hatched apart from the searched ones
     variants = table["variant"] if "variant" in table else pd.Series([""] * len(table), index=table.index)
     table = table.assign(row=[f"{v} | {m}" if v else m for v, m in zip(variants, table["method"])])
     rows = list(dict.fromkeys(table["row"]))
@@ -259,39 +264,41 @@ def bar_chart(table: pd.DataFrame, path: Path, title: str = "Table 2", std: str 
         text = METHODS[m].label if m in METHODS else m
         return f"{v}: {text} (n={int(n[r])})" if v else f"{text} (n={int(n[r])})"
 
-    labels = [label(r) for r in rows]
     control = [bool(METHODS[first.at[r, "method"]].control_of) if first.at[r, "method"] in METHODS else False
                for r in rows]
-    lows = [table["mean"] - table["std"].fillna(0), table["paper_mean"] - table["paper_std"].fillna(0)]
-    highs = [table["mean"] + table["std"].fillna(0), table["paper_mean"] + table["paper_std"].fillna(0)]
-    lo = min(0.0, float(np.nanmin(pd.concat(lows)))) - 2
-    hi = max(100.0, float(np.nanmax(pd.concat(highs)))) + 2
-    fig, axes = plt.subplots(1, len(CLASSES), sharey=True, layout="constrained",
-                             figsize=(2.6 * len(CLASSES) + 2.2, 0.55 * len(rows) + 1.6))
-    y = np.arange(len(rows))
-    for ax, cls in zip(axes, CLASSES):
-        g = table[table["class"] == cls].set_index("row").reindex(rows)
-        bars = ax.barh(y - 0.2, g["mean"], 0.4, xerr=g["std"], color="tab:blue",
-                       label=f"ours (mean ± {std} std over seeds)", error_kw=dict(capsize=2, lw=0.9))
-        for bar, is_control in zip(bars, control):
-            if is_control:  # random-architecture controls: hatched, lighter
-                bar.set(hatch="///", facecolor="lightsteelblue", edgecolor="tab:blue")
-        ax.barh(y + 0.2, g["paper_mean"], 0.4, xerr=g["paper_std"], color="tab:orange", alpha=0.65,
-                label="paper (mean ± std, 3 runs)", error_kw=dict(capsize=2, lw=0.9))
-        ax.axvline(0, color="0.3", lw=0.8)
-        ax.set_title(cls, fontsize=9)
-        ax.set_xlim(lo, hi)
-        ax.set_xlabel("DSC (%)", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(axis="x", color="0.9", lw=0.6)
-        ax.set_axisbelow(True)
-    axes[0].set_yticks(y, labels, fontsize=8)
-    axes[0].invert_yaxis()  # the paper's row order, top to bottom
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
-    lines = [title, subtitle] if subtitle else [title]
-    fig.suptitle("\n".join(lines + [note(std, repeat)]), fontsize=9)
-    return save_figure(fig, path, dpi=130, layout=False)
+    lo = min(0.0, float(np.nanmin(table["mean"] - table["std"].fillna(0)))) - 2
+    hi = float(np.nanmax(pd.concat([table["mean"] + table["std"].fillna(0), table["paper_mean"]]))) + 5
+    fig, ax = plt.subplots(figsize=(13.33, 7.5), layout="constrained")
+    colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10")
+    width = 0.84 / len(rows)
+    x = np.arange(len(CLASSES))
+    for i, r in enumerate(rows):
+        g = table[table["row"] == r].set_index("class").reindex(CLASSES)
+        pos = x - 0.42 + width * (i + 0.5)
+        colour = colours(i % colours.N)
+        bars = ax.bar(pos, g["mean"], width * 0.92, yerr=g["std"], color=colour, edgecolor=colour,
+                      error_kw=dict(capsize=3, lw=1.1, ecolor="0.25"))
+        if control[i]:
+            for bar in bars:
+                bar.set(hatch="///", facecolor="white")
+        ax.hlines(g["paper_mean"], pos - width * 0.46, pos + width * 0.46, color="black", lw=2.4)
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.set_xticks(x, CLASSES, fontsize=14)
+    ax.set_ylim(lo, hi)
+    ax.set_ylabel(f"test DSC (%), mean ± {std} std over seeds", fontsize=13)
+    ax.tick_params(axis="y", labelsize=12)
+    ax.grid(axis="y", color="0.9", lw=0.6)
+    ax.set_axisbelow(True)
+    handles = [Patch(facecolor="white" if c else colours(i % colours.N), edgecolor=colours(i % colours.N),
+                     hatch="///" if c else None, label=label(r)) for i, (r, c) in enumerate(zip(rows, control))]
+    handles.append(Line2D([], [], linestyle="none", marker="_", markersize=16, mew=2.4, color="black",
+                          label="paper (mean, 3 runs)"))
+    fig.legend(handles=handles, loc="outside right upper", fontsize=11 if len(rows) <= 12 else 9, frameon=False)
+    # over the axes (the legend holds the right margin), the second line wrapped to the axes' width
+    import textwrap
+
+    ax.set_title("\n".join([title, *textwrap.wrap(subtitle or note(std, repeat), 95)]), fontsize=13)
+    return save_figure(fig, path, dpi=144, layout=False)
 
 
 def write_all(table: pd.DataFrame, out_dir: Path, title: str = "Table 2", std: str = "population",

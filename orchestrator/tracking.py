@@ -1,29 +1,36 @@
 """The recorder: MLflow written. One experiment per ablation, a parent run per invocation, a child run per
 (method, seed, phase).
 
-``Tracker`` owns the client, the experiment and the parent run; ``Tracker.run_phase`` runs one engine
-phase in its child run with ``PhaseRecorder``, the one MLflow callback (params, epochs, results,
-figures, the model). Ablation and HPO trials, single runs and the benchmarks record phases through it.
-Everything goes through ``MlflowClient`` with explicit run ids (no fluent "active run" state), so the
-same code runs in the driver and inside Ray trials. Child runs are found again by their tags, which
-makes every call idempotent: a resumed trial continues its run instead of opening a second one.
+``Tracker`` owns the client, the experiment and the parent run; ``PhaseRecorder`` is the one MLflow
+callback of an engine phase (params, epochs, results, the model, and the figures it is handed); it only
+records: which engine runs, and whether, is ``orchestrator.phases.run_phase``. Everything goes through
+``MlflowClient`` with explicit run ids (no fluent "active run" state, except around MLflow's
+``log_model``), so the same code runs in the driver and inside Ray trials. Child runs are found again by
+their tags, which makes every call idempotent: a resumed trial continues its run instead of opening a
+second one.
 
 Reading what was recorded is ``orchestrator.results`` (the read model); MLflow's objects are handled in
-these two modules only (tests/test_results_model.py reads the code to keep it so).
+these two modules only (tests/orchestrator/test_results.py reads the code to keep it so).
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
+import os
+import re
+import subprocess
+import sys
 import time
 import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from nas_core.engine.callbacks import Callback
+from orchestrator.units import epoch1 as _epoch1
+from orchestrator.units import shown
 
 # tag keys without dots: MLflow's filter syntax needs backticks around dotted keys
 T_KIND, T_ABLATION, T_METHOD, T_SEED, T_PHASE = "nas_scam_kind", "ablation", "method", "seed", "phase"
@@ -36,6 +43,54 @@ T_DRAW, T_FOLD, T_VARIANT, T_AXIS = "draw", "fold", "variant", "axis."
 # MLflow 3's UI opens an experiment in the view this tag names; untagged ones open in the GenAI (traces)
 # view. "custom_model_development" is the model-training view: the runs table and charts.
 T_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# DSC, PQ (and its SQ, RQ parts) and pixel accuracy are fractions in the engine's files (result.json,
+# metrics.json, Tune's reports) and % with 2 decimals on every surface: MLflow metrics and registry tags
+# (runs tagged ``dsc_unit = percent``; older runs hold fractions, the read model converts), console,
+# tables, report. Epochs are 1-based on every surface (MLflow steps, best_epoch).
+T_UNIT, UNIT = "dsc_unit", "percent"
+# runs per MLflow search call, page after page (a server answers at most 50,000; 1,000 keeps answers small)
+SEARCH_PAGE = 1000
+# where a run came from (MLflow's own source tags, shown on the run page and on the logged model)
+T_SOURCE_NAME, T_SOURCE_TYPE, T_GIT_COMMIT = "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit"
+T_VERSION, T_GIT_DIRTY = "nas_scam.version", "nas_scam.git_dirty"
+SOURCE_TAGS = (T_SOURCE_NAME, T_SOURCE_TYPE, T_GIT_COMMIT, T_VERSION, T_GIT_DIRTY)
+# seconds between two samples of MLflow's system metrics (CPU, memory, disk, network, GPU) of a phase
+SYSTEM_METRICS_INTERVAL = 10.0
+
+
+def git_commit(root: Optional[Path] = None) -> tuple[Optional[str], Optional[bool]]:
+    """(commit, dirty) of the checkout the code runs from; ``NAS_SCAM_GIT_COMMIT`` where it is not one (a
+    ``ray job submit`` upload carries no .git); (None, None) when neither tells."""
+    root = Path(root or Path(__file__).resolve().parents[1])
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return commit, bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    env = os.environ.get("NAS_SCAM_GIT_COMMIT", "")
+    return (env, None) if re.fullmatch(r"[0-9a-f]{7,40}", env) else (None, None)
+
+
+def source_tags(entry: Optional[str] = None) -> dict[str, str]:
+    """MLflow's source tags of a run started by this process: the command (``nas-scam ablate``; the API's
+    own name for its runs), the package version, the git commit and whether the checkout had changes."""
+    from orchestrator.cli import version
+
+    if entry is None:
+        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+        sub = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        entry = f"nas-scam {sub}".strip() if prog in ("nas-scam", "cli.py", "__main__.py") else prog
+    tags = {T_SOURCE_NAME: entry, T_SOURCE_TYPE: "PROJECT", T_VERSION: version()}
+    commit, dirty = git_commit()
+    if commit:
+        tags[T_GIT_COMMIT] = commit
+    if dirty is not None:
+        tags[T_GIT_DIRTY] = str(dirty).lower()
+    return tags
 
 
 class TrackingError(ValueError):
@@ -144,7 +199,7 @@ class Tracker:
     def open_parent(self, run_name: str, kind: str, params: Mapping[str, Any], spec_yaml: str) -> str:
         """A new parent run tagged with ``kind``: the spec as params and as spec.yaml. Becomes this tracker's."""
         run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={T_KIND: kind, T_ABLATION: run_name})
+                                     tags={T_KIND: kind, T_ABLATION: run_name, T_UNIT: UNIT, **source_tags()})
         self.parent_run_id = run.info.run_id
         self.log_params(self.parent_run_id, params)
         self.client.log_text(self.parent_run_id, spec_yaml, "spec.yaml")
@@ -172,8 +227,17 @@ class Tracker:
         if runs:
             return runs[0].info.run_id, runs[0].info.status
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
-            T_PARENT: self.parent_run_id, T_METHOD: method, T_SEED: str(seed), T_PHASE: phase, T_KIND: "trial"})
+            T_PARENT: self.parent_run_id, T_METHOD: method, T_SEED: str(seed), T_PHASE: phase, T_KIND: "trial",
+            T_UNIT: UNIT, **self.source()})
         return run.info.run_id, run.info.status
+
+    def source(self) -> dict[str, str]:
+        """The parent's source tags (command, version, git commit): a trial's worker process is Ray's
+        ``default_worker.py`` and may run where the checkout is not; the driver's tags say what ran."""
+        if getattr(self, "_source", None) is None:
+            tags = self.client.get_run(self.parent_run_id).data.tags if self.parent_run_id else {}
+            self._source = {k: tags[k] for k in SOURCE_TAGS if k in tags} or source_tags()
+        return dict(self._source)
 
     def children(self, phase: Optional[str] = None, status: Optional[str] = None) -> list:
         flt = f"tags.`{T_PARENT}` = '{self.parent_run_id}'"
@@ -181,7 +245,14 @@ class Tracker:
             flt += f" and tags.{T_PHASE} = '{phase}'"
         if status:
             flt += f" and attributes.status = '{status}'"
-        return self.client.search_runs([self.experiment_id], filter_string=flt, max_results=5000)
+        found, token = [], None
+        while True:  # page after page: a grid may hold more children than one search call answers
+            page = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=SEARCH_PAGE,
+                                           page_token=token)
+            found.extend(page)
+            token = page.token
+            if not token or not len(page):
+                return found
 
     def kill_dangling(self, reason: str, status: str = "KILLED") -> int:
         """Child runs still RUNNING after the Tuner returned (e.g. stopped by ASHA) -> KILLED (or ``status``)
@@ -213,41 +284,32 @@ class Tracker:
             self.client.set_tag(self.parent_run_id, "stopped", reason)
             self.finish(self.parent_run_id, status)
 
-    def run_phase(self, method: str, seed: int, phase: str, cfg, out_dir: Path, callbacks: Sequence = (),
-                  log_model: bool = True, label: Optional[str] = None, params: Optional[Mapping[str, Any]] = None,
-                  tags: Optional[Mapping[str, str]] = None) -> tuple[str, Any]:
-        """Run one engine phase (``search`` or ``train``) inside its child run, recorded by ``PhaseRecorder``:
-        (the child's run id, the engine's result).
-
-        ``label``: the child run's phase tag when it is not the engine phase (an HPO trial's
-        ``hpo-<trial id>``); ``params``/``tags``: recorded before the engine starts; ``callbacks``: more
-        of the engine's callbacks, called after the recorder (Tune's report). A FINISHED run was
-        recorded completely before: the engine only reads its stored result back. A crash marks the
-        run FAILED and re-raises (a Tune stop by ASHA is no crash: the driver closes those runs).
-        """
-        from nas_core.engine import run_search, run_train
-
-        out_dir = Path(out_dir)
-        rid, status = self.child(method, seed, label or phase, out_dir.name)
-        engine = run_search if phase == "search" else run_train
-        if status == "FINISHED":
-            return rid, engine(cfg, out_dir, resume=True)
-        if status != "RUNNING":
-            self.reopen(rid)
-        if params:
-            self.log_params(rid, params)
-        for key, value in (tags or {}).items():
-            self.client.set_tag(rid, key, value)
-        recorder = PhaseRecorder(self, rid, cfg, out_dir, log_model)
+    def system_metrics(self, run_id: str):
+        """MLflow's system metrics (``system/cpu_utilization_percentage``, memory, disk, network, GPU where
+        there is one) of a phase, sampled every ``SYSTEM_METRICS_INTERVAL`` s in a thread; None where MLflow
+        cannot start it (its failure must not fail the phase)."""
         try:
-            result = engine(cfg, out_dir, callbacks=[recorder, *callbacks], resume=True)
-            if recorder.result is None:  # a stored result.json: the engine returned without running
-                recorder.on_run_end(phase, result)
-        except Exception as exc:
-            self.fail(rid, exc)
-            raise
-        self.finish(rid)
-        return rid, result
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL, resume_logging=True,
+                                           tracking_uri=self.tracking_uri)
+            monitor.start()
+            return monitor
+        except Exception:  # noqa: BLE001 - a missing psutil or a store error: the phase runs unmonitored
+            return None
+
+    @staticmethod
+    def stop_system_metrics(monitor) -> None:
+        """Stop the sampling thread and log a last sample, so a phase shorter than one interval has one."""
+        if monitor is None:
+            return
+        try:
+            monitor.finish()
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception:  # noqa: BLE001 - system metrics are a courtesy, never the phase's failure
+            pass
 
     # ------------------------------------------------------------ logging into a run
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -264,37 +326,30 @@ class Tracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, epoch) for k, v in metrics.items()
+        # step = the 1-based epoch the console and the report name; DSC/PQ in % (``shown``)
+        items = [Metric(k, shown(k, v), ts, int(epoch) + 1) for k, v in metrics.items()
                  if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)]
         if items:
             self.client.log_batch(run_id, metrics=items)
 
     def log_search_result(self, run_id: str, result: Any) -> None:
-        """Genotype JSON, its cell figure, the alpha-evolution figure and the best validation metrics."""
-        from orchestrator.figures import SLOT_NAMES, alpha_figure, alpha_heatmap, alpha_slots, genotype_figure
-
+        """Genotype JSON (and as a param), alpha's history and the best validation metrics."""
         c = self.client
         geno = result.genotype.to_dict()
         c.log_dict(run_id, geno, "genotype.json")
         self.log_params(run_id, {"genotype": json.dumps(geno)})
-        with tempfile.TemporaryDirectory() as tmp:
-            c.log_artifact(run_id, str(genotype_figure(geno, Path(tmp) / "genotype_cells.png")), "figures")
-            if result.alpha_history_path and Path(result.alpha_history_path).exists():
-                c.log_artifact(run_id, str(result.alpha_history_path))
-                npz = Path(result.alpha_history_path)
-                c.log_artifact(run_id, str(alpha_heatmap(npz, Path(tmp) / "alpha_final.png")), "figures")
-                # the evolution one slot at a time (8 slots' lines in one plot hide each other)
-                n = alpha_slots(npz)
-                for slot in range(n):
-                    name = "alpha_evolution.png" if n == 1 else f"alpha_evolution_{slot}_{SLOT_NAMES[slot]}.png"
-                    c.log_artifact(run_id, str(alpha_figure(npz, Path(tmp) / name, slot)), "figures")
-        self._log_flat(run_id, {"best_epoch": result.best_epoch,
-                                **{f"best_{k}": v for k, v in flatten_dotted(result.best_val).items()}})
+        if result.alpha_history_path and Path(result.alpha_history_path).exists():
+            c.log_artifact(run_id, str(result.alpha_history_path))
+        # the best validation's DSC per class, its PQ and pixel accuracy; not PQ's parts per class (SQ and
+        # RQ per class read 0 on every search this budget runs: a metric that never moves tells nothing)
+        best = {k: v for k, v in flatten_dotted(result.best_val).items()
+                if k.startswith(("dsc/", "dsc_per_image/")) or k in ("pq/Average", "pixel_accuracy")}
+        self._log_flat(run_id, {"best_epoch": _epoch1(result.best_epoch), **{f"best_{k}": v for k, v in best.items()}})
 
     def log_train_result(self, run_id: str, result: Any, log_model: bool = True) -> None:
         """Test DSC per class (as test_dsc_<class>), PQ, per-image DSC, metrics.json, genotype figure, the model."""
         test = result.test
-        flat = {"best_epoch": result.best_epoch, "test_pixel_accuracy": test.get("pixel_accuracy"),
+        flat = {"best_epoch": _epoch1(result.best_epoch), "test_pixel_accuracy": test.get("pixel_accuracy"),
                 "test_n_images": test.get("n_images")}
         for key in ("dsc", "dsc_per_image", "pq"):
             for cls, v in (test.get(key) or {}).items():
@@ -309,7 +364,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k.replace("/", "_"), float(v), ts, 0) for k, v in values.items()
+        items = [Metric(k.replace("/", "_"), shown(k, v), ts, 0) for k, v in values.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i:i + 500])
@@ -332,7 +387,7 @@ class Tracker:
         from nas_core.engine.checkpoint import load_checkpoint
 
         c = self.client
-        model, meta = load_checkpoint(checkpoint)
+        model, _ = load_checkpoint(checkpoint)
         example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
@@ -340,12 +395,6 @@ class Tracker:
         tags = c.get_run(run_id).data.tags
         method, seed = tags.get(T_METHOD), tags.get(T_SEED)
         c.log_artifact(run_id, str(checkpoint), "checkpoint")
-        if meta.get("genotype"):
-            from orchestrator.figures import genotype_figure
-
-            geno = json.loads(meta["genotype"]) if isinstance(meta["genotype"], str) else meta["genotype"]
-            with tempfile.TemporaryDirectory() as tmp:
-                c.log_artifact(run_id, str(genotype_figure(geno, Path(tmp) / "genotype_cells.png")), "figures")
         mlflow.set_tracking_uri(c.tracking_uri)
         registered = registered_name(method) if register and method else None
         # the fluent API needs an active run. Leaving it with end_run(RUNNING), not FINISHED: the caller's
@@ -354,7 +403,8 @@ class Tracker:
         mlflow.start_run(run_id=run_id)
         try:
             info = mlflow.pytorch.log_model(
-                model, name=f"model-{method}-seed{seed}" if method else "model", serialization_format="pickle",
+                model, name=f"{registered_name(method)}-seed{seed}" if method else "nas-scam-model",
+                serialization_format="pickle", tags=self.source(),
                 signature=signature, input_example=example, registered_model_name=registered,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "nas-scam"],
                 code_paths=[str(Path(__import__("nas_core").__file__).parent)])
@@ -362,7 +412,7 @@ class Tracker:
                 version = str(info.registered_model_version)
                 score = c.get_run(run_id).data.metrics.get("test_dsc_Average")
                 for key, value in ((T_METHOD, method), (T_SEED, seed), ("run_id", run_id),
-                                   ("test_dsc_Average", score)):
+                                   ("test_dsc_Average", score), (T_UNIT, UNIT)):
                     if value is not None:
                         c.set_model_version_tag(registered, version, key, str(value))
                 c.update_registered_model(registered, description=f"NAS-SCAM project: best checkpoint (highest "
@@ -384,9 +434,33 @@ class Tracker:
             key = f"avg_dsc/{method}" if cls == "Average" else f"dsc/{cls}/{method}"
             for prefix, value in (("", row["mean"]), ("std_", row["std"])):
                 if value is not None and value == value:  # NaN std (a single seed) is not logged
-                    items.append(Metric(prefix + key, float(value), ts, 0))
+                    items.append(Metric(prefix + key, round(float(value), 2), ts, 0))
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i:i + 500])
+        # the whole table as an MLflow table artifact (the run page's Artifacts tab shows it as a grid)
+        cols = [c for c in ("variant", "method", "class", "mean", "std", "n", "folds", "folds_max", "paper_mean",
+                            "paper_std", "diff") if c in table.columns]
+        self.client.log_table(run_id, data=table[cols].round(2), artifact_file="table2/table2_table.json")
+
+    def set_best_aliases(self, ablation: str, records: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+        """Per method, the registered model version of its retrain with the highest test Average DSC in this
+        ablation gets the alias ``best-<ablation>``: {method: version}. Methods whose model was not
+        registered (``--no-model``) are left out."""
+        best: dict[str, tuple[float, str]] = {}
+        for r in records:
+            score, rid = r.get("Average"), r.get("run_id")
+            if rid and score is not None and score == score and score > best.get(r["method"], (-1.0, ""))[0]:
+                best[r["method"]] = (float(score), rid)
+        alias = "best-" + re.sub(r"[^A-Za-z0-9_-]", "-", ablation)[:200]
+        out = {}
+        for method, (_, rid) in sorted(best.items()):
+            name = registered_name(method)
+            versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{rid}'")
+            if versions:
+                version = str(max(int(v.version) for v in versions))
+                self.client.set_registered_model_alias(name, alias, version)
+                out[method] = version
+        return out
 
     def log_files(self, run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:
         for p in paths:
@@ -413,17 +487,28 @@ class Tracker:
         self.client.set_terminated(run_id, status="FAILED")
 
 
-class PhaseRecorder(Callback):
-    """The one MLflow callback: one engine phase into its child run.
+@dataclass
+class PhaseFigures:
+    """What a finished phase hands the recorder to log: figure files (under the run's ``figures/``) and
+    tags (the learning curve's ``no_learning``). Made by ``phases.phase_figures``: the recorder draws nothing."""
 
-    Run start: the RunConfig as params. Each epoch: its metrics (step = epoch). Run end: the result (a
-    search's genotype, figures and best validation metrics; a retrain's test metrics, metrics.json and
-    the model unless ``log_model`` is off) and the learning curve with its "no learning" flag
-    (``curves.publish``).
+    paths: list[Path] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class PhaseRecorder(Callback):
+    """The one MLflow callback: one engine phase into its child run; it only records.
+
+    Run start: the RunConfig as params. Each epoch: its metrics (step = the 1-based epoch, DSC in %).
+    Run end: the result (a search's genotype, alpha history and best validation metrics; a retrain's
+    test metrics, metrics.json and the model unless ``log_model`` is off), then what ``figures(phase,
+    cfg, result, out_dir)`` hands in (``PhaseFigures``: files and tags).
     """
 
-    def __init__(self, tracker: Tracker, run_id: str, cfg, out_dir: Path, log_model: bool = True):
+    def __init__(self, tracker: Tracker, run_id: str, cfg, out_dir: Path, log_model: bool = True,
+                 figures: Optional[Callable[..., PhaseFigures]] = None):
         self.tracker, self.run_id, self.cfg, self.out_dir, self.log_model = tracker, run_id, cfg, out_dir, log_model
+        self.figures = figures
         self.result = None
 
     def on_run_start(self, phase, cfg, out_dir):
@@ -433,11 +518,13 @@ class PhaseRecorder(Callback):
         self.tracker.log_epoch(self.run_id, epoch, metrics)
 
     def on_run_end(self, phase, result):
-        from orchestrator import curves
-
         if phase == "search":
             self.tracker.log_search_result(self.run_id, result)
         else:
             self.tracker.log_train_result(self.run_id, result, log_model=self.log_model)
-        curves.publish(self.tracker, self.run_id, phase, self.cfg, result, self.out_dir)
+        if self.figures is not None:
+            made = self.figures(phase, self.cfg, result, self.out_dir)
+            self.tracker.log_files(self.run_id, made.paths, "figures")
+            for key, value in made.tags.items():
+                self.tracker.set_tag(self.run_id, key, value)
         self.result = result

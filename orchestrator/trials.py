@@ -24,6 +24,7 @@ from ray import tune
 from nas_core.config import apply_overrides, config_from_dict
 from nas_core.engine import Callback
 from orchestrator import tracking
+from orchestrator.phases import run_phase
 
 # files a finished search needs downstream; small, so they ride along in every later checkpoint
 _SEARCH_FILES = ("result.json", "genotype.json", "alpha_history.npz")
@@ -105,10 +106,10 @@ def _unpack(root: Path) -> None:
 
 def _phase(tracker: tracking.Tracker, method: str, seed: int, phase: str, cfg, out_dir: Path, carry=(),
            tags=None, **kw):
-    """One engine phase in its MLflow child run (``Tracker.run_phase``), reported to Tune every epoch:
+    """One engine phase in its MLflow child run (``phases.run_phase``), reported to Tune every epoch:
     the engine's result. The child run is tagged with the Ray node that ran it (a retried trial may move)."""
     tags = {"ray_node_id": ray.get_runtime_context().get_node_id(), **(tags or {})}
-    _, result = tracker.run_phase(method, seed, phase, cfg, out_dir, callbacks=[TuneReport(out_dir, carry)],
+    _, result = run_phase(tracker, method, seed, phase, cfg, out_dir, callbacks=[TuneReport(out_dir, carry)],
                                   tags=tags, **kw)
     return result
 

@@ -28,8 +28,11 @@ def label_map(pred: np.ndarray) -> np.ndarray:
     return np.where(on.any(axis=0), best, 0).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Blend class colours onto an RGB uint8 image (H, W, 3) where labels > 0; outlines drawn solid."""
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45, legend: bool = True) -> np.ndarray:
+    """Blend class colours onto an RGB uint8 image (H, W, 3) where labels > 0; outlines drawn solid.
+
+    ``legend``: each class's colour and name in the bottom-left corner (``draw_legend``); the overlay
+    keeps the image's size, so it stays pixel-aligned with the labels PNG."""
     out = image.astype(np.float32).copy()
     for cid, colour in enumerate(PALETTE[1:], start=1):
         mask = labels == cid
@@ -37,7 +40,36 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.nd
             out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, np.float32)
             edge = mask & ~ndimage.binary_erosion(mask)
             out[edge] = colour
-    return out.clip(0, 255).astype(np.uint8)
+    out = out.clip(0, 255).astype(np.uint8)
+    return draw_legend(out) if legend else out
+
+
+def draw_legend(image: np.ndarray) -> np.ndarray:
+    """The class legend, a swatch of each class's ``PALETTE`` colour beside its name on a darkened box in
+    the bottom-left corner, drawn into the RGB uint8 image (H, W, 3) and returned.
+
+    Text grows with the image's shorter side (about 11 px high at 300 px, 44 px from 1200 px); an image
+    too small to keep the box under half its width and height gets no legend rather than one that hides it."""
+    h, w = image.shape[:2]
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, float(np.clip(min(h, w) / 600, 0.45, 2.0))
+    thick = max(1, round(1.5 * scale))
+    sizes = [cv2.getTextSize(name, font, scale, thick) for name in CLASS_BY_ID.values()]
+    text_w = max(size[0][0] for size in sizes)
+    text_h = max(size[0][1] for size in sizes)
+    descent = max(base for _, base in sizes)  # "p", "y" reach below the baseline
+    pad, row = max(3, text_h // 2), text_h + descent + max(3, text_h // 3)
+    box_w, box_h = 3 * pad + text_h + text_w + pad, 2 * pad + row * len(CLASS_BY_ID)
+    if box_w > w // 2 or box_h > h // 2:
+        return image
+    x0, y0 = pad, h - pad - box_h
+    box = image[y0:y0 + box_h, x0:x0 + box_w]
+    box[:] = (box.astype(np.float32) * 0.25).astype(np.uint8)  # the image stays faintly visible under it
+    for i, (cid, name) in enumerate(CLASS_BY_ID.items()):
+        top = y0 + pad + i * row
+        cv2.rectangle(image, (x0 + pad, top), (x0 + pad + text_h, top + text_h), PALETTE[cid], cv2.FILLED)
+        cv2.putText(image, name, (x0 + 3 * pad + text_h, top + text_h), font, scale, (255, 255, 255), thick,
+                    cv2.LINE_AA)
+    return image
 
 
 def to_geojson(labels: np.ndarray, min_area: int = 4) -> dict:

@@ -194,6 +194,7 @@ def run_search(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = ()
         metrics["mode_alpha"] = float(mode != "w")
         epoch_losses(metrics, "train_loss", w_losses, ctx)
         epoch_losses(metrics, "alpha_loss", a_losses, ctx)
+        metrics.update({f"lr_{k}": float(o.param_groups[0]["lr"]) for k, o in opts.items()})  # lr_w, lr_alpha
         _record_alpha(state, epoch, model)
         tail.end(epoch, metrics, opts)
 

@@ -89,6 +89,7 @@ def run_train(cfg: RunConfig, out_dir: Path, callbacks: Sequence[Callback] = (),
         losses = [optimisation_step(model, next(batches), opt, ctx, f"train epoch {epoch} iteration {it}")
                   for it in progress(range(n_iter), n_iter, f"train {epoch + 1}/{t.epochs}")]
         epoch_losses(metrics, "train_loss", losses, ctx)
+        metrics["lr"] = float(opt.param_groups[0]["lr"])
         tail.end(epoch, metrics, {"w": opt})
 
     best = read_checkpoint(out_dir / "best.pt")

@@ -268,8 +268,8 @@ def cmd_ablate(args) -> int:
     print(outcome.text)
     if outcome.paths:
         print(f"written: {', '.join(str(p) for p in outcome.paths.values())}")
-    print(f"MLflow: experiment {spec.name!r}, parent run {outcome.parent_run_id} at {get_settings().tracking_uri}; "
-          f"nas-scam ui, then {ui_link(outcome.experiment_id)}", flush=True)
+    print(mlflow_line(spec.name, get_settings().tracking_uri, outcome.experiment_id, outcome.parent_run_id),
+          flush=True)
     if not outcome.failures:
         return 0
     # last, where a person looks: what failed, why, and how to go on
@@ -280,13 +280,23 @@ def cmd_ablate(args) -> int:
     return 1
 
 
-def ui_link(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
-    """The experiment's runs table in the MLflow UI.
+def ui_link(experiment_id: str, base: str = "http://127.0.0.1:5000", run_id: str | None = None) -> str:
+    """The experiment's runs table (``run_id``: that run's page) in the MLflow UI at ``base``.
 
     MLflow 3.17's UI picks its view from ``workflowType`` (URL, else the sidebar switch remembered in the
     browser, default GenAI); the experiment's ``mlflow.experimentKind`` tag alone does not open the runs.
     """
-    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    route = f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}{route}?workflowType=machine_learning"
+
+
+def mlflow_line(name: str, tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where the run's results live: a tracking server's own page of the parent run; for a local store,
+    the command that serves it and the page it then shows (nothing listens there until it runs)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow: experiment {name!r}, parent run {run_id}: {ui_link(experiment_id, tracking_uri, run_id)}"
+    return (f"MLflow: experiment {name!r}, parent run {run_id} in {tracking_uri}; to browse it, run `nas-scam ui` "
+            f"(serves this store on port 5000), then open {ui_link(experiment_id, run_id=run_id)}")
 
 
 def cmd_table(args) -> int:

@@ -8,6 +8,10 @@ import json
 from pathlib import Path
 
 from orchestrator.cli import example, preset_choices
+from orchestrator.units import percent_tree
+
+# what the printed JSON's numbers are (the files the engine writes keep fractions and 0-based epochs)
+UNITS = "DSC, PQ and pixel accuracy in %; epochs 1-based"
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -41,8 +45,8 @@ def _search(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     result = run_search(cfg, Path(args.out), resume=args.resume)
-    print(json.dumps({"genotype": str(result.genotype_path), "best_epoch": result.best_epoch,
-                      "best_val_dsc": result.best_val.get("dsc/Average")}, indent=2))
+    print(json.dumps(percent_tree({"genotype": str(result.genotype_path), "best_epoch": result.best_epoch,
+                                   "best_val_dsc": result.best_val.get("dsc/Average"), "units": UNITS}), indent=2))
     return 0
 
 
@@ -51,8 +55,11 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     result = run_train(cfg, Path(args.out), resume=args.resume)
-    print(json.dumps({"checkpoint": str(result.checkpoint_path), "best_epoch": result.best_epoch,
-                      "test": result.test}, indent=2, default=str))
+    # the per-image rows stay in result.json (fractions, as every file the engine writes)
+    test = {k: v for k, v in result.test.items() if k != "images"}
+    print(json.dumps(percent_tree({"checkpoint": str(result.checkpoint_path), "best_epoch": result.best_epoch,
+                                   "test": test, "units": UNITS, "result": str(Path(args.out) / "result.json")}),
+                     indent=2, default=str))
     return 0
 
 
@@ -83,10 +90,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     metrics = evaluate_split(model.to(device), data, args.split, tile=data_cfg.crop_size,
                              stride=data_cfg.stride, device=device, grid=data_cfg.grid, progress=True)
-    text = json.dumps(metrics, indent=2, default=str)
-    if target is not None:
-        target.write_text(text)
-    print(text)
+    if target is not None:  # the file keeps the engine's fractions, as metrics.json and result.json do
+        target.write_text(json.dumps(metrics, indent=2, default=str))
+    print(json.dumps({**percent_tree(metrics), "units": UNITS}, indent=2, default=str))
     return 0
 
 

@@ -84,7 +84,7 @@ def test_a_run_lost_with_its_head_is_closed_and_resumes(tmp_path):
             metrics = c.get(f"/v1/runs/{rid}/metrics").json()
             assert metrics["parent"]["status"] == "FINISHED"
             (train,) = metrics["runs"]  # the same child run, reopened and finished: no duplicate
-            assert train["status"] == "FINISHED" and 0.0 <= train["metrics"]["test_dsc_Average"] <= 1.0
+            assert train["status"] == "FINISHED" and 0.0 <= train["metrics"]["test_dsc_Average"] <= 100.0
             assert c.get(f"/v1/runs/{rid}/table").status_code == 200
     finally:
         server.stop()

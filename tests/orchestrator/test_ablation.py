@@ -129,12 +129,12 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
         rid = r.info.run_id
         assert r.data.params["seed"] == r.data.tags["seed"] and r.data.params["model.name"] in ("unet", "nas-scam-p")
         steps = [m.step for m in c.get_metric_history(rid, "train_loss")]
-        assert steps == ([0] if r.data.tags["phase"] == "search" else [0, 1])
+        assert steps == ([1] if r.data.tags["phase"] == "search" else [1, 2])  # 1-based epochs
         arts = {a.path for a in c.list_artifacts(rid)} | {a.path for a in c.list_artifacts(rid, "figures")}
         assert "figures/learning_curve.png" in arts  # orchestrator.curves, every phase
         if r.data.tags["phase"] == "search":
-            assert {"genotype.json", "alpha_history.npz", "figures/genotype_cells.png", "figures/alpha_final.png",
-                    "figures/alpha_evolution_0_down1.png", "figures/alpha_evolution_7_up4.png"} <= arts
+            assert {"genotype.json", "alpha_history.npz", "figures/genotype_cells.png", "figures/alpha_summary.png",
+                    "figures/alpha_final_sam_down1-down4.png", "figures/alpha_evolution_cam_up1-up4.png"} <= arts
             geno = json.loads(Path(c.download_artifacts(rid, "genotype.json", str(tmp_path / rid))).read_text())
             assert geno["combine"] == "parallel" and len(geno["sam"]) == 8
         else:
@@ -142,8 +142,8 @@ def test_smoke_ablation_runs_tracks_and_tables(home, tmp_path):
             # (nas_core/metrics.py), which a 2-epoch model's predictions can make either way
             for cls in ("Average", "Epithelial", "Lymphocyte", "Macrophage", "Neutrophil"):
                 v = r.data.metrics[f"test_dsc_{cls}"]
-                assert v != v or 0.0 <= v <= 1.0, (cls, v)
-            assert 0.0 <= r.data.metrics["test_dsc_Average"] <= 1.0
+                assert v != v or 0.0 <= v <= 100.0, (cls, v)  # in %
+            assert 0.0 <= r.data.metrics["test_dsc_Average"] <= 100.0
             assert "metrics.json" in arts
     models = c.search_logged_models(experiment_ids=[exp.experiment_id])
     train_ids = {r.info.run_id for r in kids if r.data.tags["phase"] == "train"}
@@ -274,7 +274,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(home, tmp_path)
     assert result_json.stat().st_mtime_ns == stamp  # nor its run folder
     for r in kids:
         if r.data.tags["phase"] == "train":  # every epoch logged exactly once, across the kill
-            assert [m.step for m in c.get_metric_history(r.info.run_id, "train_loss")] == [0, 1]
+            assert [m.step for m in c.get_metric_history(r.info.run_id, "train_loss")] == [1, 2]
     lines = out[out.index("Table 2"):].splitlines()
     assert sum(1 for line in lines if " 2  ours " in line) == 2  # both methods with n = 2 seeds
 
@@ -299,7 +299,7 @@ def test_an_hpo_trial_that_survives_asha_finishes_with_its_test_metrics(home, tm
     (trial,) = trials
     assert trial.info.status == "FINISHED"
     dsc = {k: v for k, v in trial.data.metrics.items() if k.startswith("test_dsc_")}
-    assert "test_dsc_Average" in dsc and all(0.0 <= v <= 1.0 for v in dsc.values()), trial.data.metrics
+    assert "test_dsc_Average" in dsc and all(0.0 <= v <= 100.0 for v in dsc.values()), trial.data.metrics  # %
     assert trial.data.metrics["test_n_images"] >= 1
     best = yaml.safe_load((home / "runs" / "hpo1" / "best_config.yaml").read_text())
     assert 1e-4 <= best["train"]["lr"] <= 1e-2 and best["train"]["epochs"] == 2

@@ -105,6 +105,8 @@ def test_axes_expand_into_variants_with_shared_searches(tmp_path):
     ({"model.genotype": ["/etc/passwd"]}, "not an axis"),
     ({"data.fold": [0, 1]}, "not an axis"),
     ({"train.lr": [1.0e-3, 1.0e-3]}, "distinct"),
+    # run folders named by case alone collide on a case-insensitive disk (macOS, Windows shares)
+    ({"data.source": ["/data/MoNuSAC", "/data/monusac"]}, "ignoring letter case"),
     ({"train.lr": []}, "1 to 16 values"),
     ({"train.lrr": [1.0e-3]}, "unknown config key"),
     ({"data.stain": ["none", "bogus"]}, "bogus"),

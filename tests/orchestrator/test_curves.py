@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator import curves, tables
+from orchestrator.phases import phase_figures
 
 
 def _hist(vals, every=1):
@@ -44,30 +45,21 @@ def test_warmup_per_phase():
     assert curves.train_warmup(2) == 1
 
 
-class _Client:
-    def __init__(self):
-        self.tags, self.artifacts = {}, []
-
-    def log_artifact(self, run_id, path, artifact_path=None):
-        self.artifacts.append((run_id, path, artifact_path))
-
-    def set_tag(self, run_id, key, value):
-        self.tags[(run_id, key)] = value
-
-
 @pytest.mark.parametrize("vals, flagged", [([0.0, 0.0, 0.0, 0.0], True), ([0.0, 0.1, 0.2, 0.3], False)])
-def test_publish_writes_the_curve_tags_and_warns(tmp_path, caplog, vals, flagged):
-    cfg = SimpleNamespace(search=SimpleNamespace(warmup_epochs=1), train=SimpleNamespace(epochs=4))
+def test_the_curve_is_written_flagged_and_warned_and_the_phase_hands_it_to_the_recorder(tmp_path, caplog, vals,
+                                                                                          flagged):
+    cfg = SimpleNamespace(search=SimpleNamespace(warmup_epochs=1), train=SimpleNamespace(epochs=4),
+                          model=SimpleNamespace(genotype=None))
     out = tmp_path / "train__unet__seed0"
-    c = _Client()
+    result = SimpleNamespace(history=_hist(vals))
     with caplog.at_level(logging.WARNING, logger="orchestrator.curves"):
-        got = curves.publish(c, "r1", "train", cfg, SimpleNamespace(history=_hist(vals)), out)
-    assert got is flagged
-    png = out / curves.FIGURE
+        png, got = curves.learning_curve("train", cfg, result, out)
+    assert got is flagged and png == out / curves.FIGURE
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert c.artifacts == [("r1", str(png), "figures")]
-    assert (c.tags.get(("r1", "no_learning")) == "true") is flagged
     assert ("train__unet__seed0: validation DSC stayed 0" in caplog.text) is flagged
+    # what run_phase hands the recorder: the curve, and the flag as the run's tag
+    made = phase_figures("train", cfg, result, out)
+    assert made.paths == [png] and made.tags == ({"no_learning": "true"} if flagged else {})
 
 
 def test_table_flags_a_method_that_did_not_learn():

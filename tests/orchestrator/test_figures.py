@@ -48,19 +48,26 @@ def test_table2_figure_title_names_data_protocol_seeds_and_scope(tmp_path, monke
     seen = {}
     import matplotlib.figure
 
-    def spy(self, *a, **k):  # read the axes as drawn, just before the file is written
-        seen["xlim"] = self.axes[1].get_xlim()
-        seen["labels"] = [t.get_text() for t in self.axes[0].get_yticklabels()]
-        seen["title"] = self._suptitle.get_text()
-        seen["legends"] = len(self.legends) + sum(ax.get_legend() is not None for ax in self.axes)
+    def spy(self, *a, **k):  # read the figure as drawn, just before the file is written
+        (ax,) = self.axes
+        seen["size"] = tuple(self.get_size_inches())
+        seen["ylim"] = ax.get_ylim()
+        seen["xticks"] = [t.get_text() for t in ax.get_xticklabels()]
+        seen["title"] = ax.get_title()
+        seen["labels"] = [t.get_text() for legend in self.legends for t in legend.get_texts()]
+        seen["fonts"] = min(t.get_fontsize() for t in [ax.title, *ax.get_xticklabels(), *ax.get_yticklabels(),
+                                                       *[t for legend in self.legends for t in legend.get_texts()]])
         return original(self, *a, **k)
 
     original = matplotlib.figure.Figure.savefig
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     tables.bar_chart(table, tmp_path / "t2.png", "Table 2 (smoke)", "sample", "retrain", text)
     epi = table[table["class"] == "Epithelial"].iloc[0]
-    assert seen["xlim"][0] < epi["mean"] - epi["std"] < 0
-    assert seen["labels"] == ["U-Net (n=2)"]
-    # title, then data/protocol/seeds/scope, then what the numbers and error bars are
-    assert seen["title"] == f"Table 2 (smoke)\n{text}\n{tables.note('sample', 'retrain')}"
-    assert seen["legends"] == 1
+    # slide-ready: 16:9, no text under 11 pt; the methods side by side per class, Average first
+    assert abs(seen["size"][0] / seen["size"][1] - 16 / 9) < 0.01 and seen["fonts"] >= 11
+    assert seen["xticks"] == list(tables.CLASSES)
+    assert seen["ylim"][0] < epi["mean"] - epi["std"] < 0  # an error bar below 0 is drawn whole
+    assert seen["labels"] == ["U-Net (n=2)", "paper (mean, 3 runs)"]
+    # title, then data/protocol/seeds/scope on one line (repeat said once; the std kind is on the y axis)
+    first, *rest = seen["title"].split("\n")
+    assert first == "Table 2 (smoke)" and " ".join(rest) == text and seen["title"].count("repeat") == 1

@@ -26,7 +26,7 @@ def test_epoch_lines_name_the_trial_phase_epoch_and_metric():
     assert p.trial_started("full__unet__seed0") == "started   full__unet__seed0"
     line = p.trial_result("full__unet__seed0", {"phase": "train", "epoch": 2, "epochs": 4, "val_dsc": 0.4567,
                                                 "train_loss": 0.91234})
-    assert line == "  full__unet__seed0: train epoch 3/4, val DSC 45.67, loss 0.9123"
+    assert line == "  full__unet__seed0: train epoch 3/4, val DSC 45.67%, loss 0.9123"
     # the trial's final report (phase "done") is not an epoch: the finished line carries the DSC
     assert p.trial_result("full__unet__seed0", {"phase": "done", "test_Average": 50.0}) is None
     assert out.getvalue().count("\n") == 2
@@ -164,7 +164,7 @@ def test_tune_callback_reports_events_and_the_user_error_of_a_failed_trial():
     cb.on_trial_complete(0, [], ok)
     cb.on_trial_error(0, [], bad)
     lines = out.getvalue().splitlines()
-    assert lines[2] == "  full__unet__seed0: train epoch 1/2, val DSC 25.00"
+    assert lines[2] == "  full__unet__seed0: train epoch 1/2, val DSC 25.00%"
     assert lines[3].startswith("finished  full__unet__seed0 in 0s: test DSC 33.30% | 2/3 trials done")
     assert lines[4].startswith("FAILED    full__cbam__seed0: ValueError: data.crop_size must be a multiple of 16 "
                                "(worker log: /runs/x/logs) | 3/3 trials done, 1 failed")

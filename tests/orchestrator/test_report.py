@@ -60,12 +60,12 @@ def test_report_tables_curves_genotypes_and_overlays(tmp_path):
     assert "| scSE | 2 | 22.50 ± 2.50 | 42.50 ± 2.50 | 22.50 ± 2.50 | 25.00 ± 5.00 | 0.00 ± 0.00 |" in md
     # the curve: validations at epochs 2 and 4 (1-based), best epoch 4, test Average
     assert "| ep 2 | ep 4 | best epoch | test Average |" in md
-    assert "| unet__seed1 | 15.0 | 30.0 | 4 | 30.0 |" in md
+    assert "| unet__seed1 | 15.00 | 30.00 | 4 | 30.00 |" in md
     for key in ("table", "curves", "genotype:nas-scam-p-sync", "md"):
         assert report.paths[key].is_file() and report.paths[key].stat().st_size > 0, key
     assert report.paths["table"].suffix == ".svg"
     # overlays come from the best method by mean test Average DSC (scSE), its best seed (1)
-    assert "best method (scse, seed 1, test Average DSC 50.0%)" in md
+    assert "best method (scse, seed 1, test Average DSC 50.00%)" in md
     overlay = report.paths[f"overlay:{tif.name}"]
     assert overlay.is_file() and overlay.parent.name == "overlays" and tif.stem in overlay.name
 

@@ -130,6 +130,57 @@ def test_grid_tags_reach_the_records(store):
     assert (grid.draw, grid.fold, grid.variant) == (1, 0, "lr")
 
 
+def test_a_run_recorded_in_fractions_reads_in_percent_and_its_records_in_fractions(store):
+    """A child logged before ``dsc_unit = percent`` (fractions, 0-based best epoch) reads like a new one."""
+    s, t, _ = store
+    rid, _ = t.child("unet", 3, "train", "train__unet__seed3")
+    t.client.delete_tag(rid, tracking.T_UNIT)  # as the recorder left it before the unit existed
+    for cls in CLASSES:
+        t.client.log_metric(rid, f"test_dsc_{cls}", 0.4321)
+    t.client.log_metric(rid, "best_epoch", 2)
+    t.client.log_metric(rid, "train_loss", 0.75)
+    t.finish(rid)
+    r = results.Results(s.tracking_uri)
+    (old,) = [x for x in r.children(t.parent_run_id, t.experiment_id) if x.run_id == rid]
+    assert old.metrics["test_dsc_Average"] == 43.21 and old.metrics["best_epoch"] == 3
+    assert old.metrics["train_loss"] == 0.75
+    (record,) = [x for x in r.records(t.parent_run_id, t.experiment_id) if x.seed == 3]
+    assert record.dsc["Average"] == pytest.approx(0.4321)
+    # a new one: stored in %, read as stored; its record in fractions, as Table 2 takes them
+    (new,) = [x for x in r.records(t.parent_run_id, t.experiment_id) if (x.method, x.seed) == ("unet", 0)]
+    assert new.dsc["Average"] == pytest.approx(0.61)
+
+
+def test_searches_page_through_every_child(store, monkeypatch):
+    s, t, ids = store
+    monkeypatch.setattr(tracking, "SEARCH_PAGE", 2)
+    everyone = {rid for rid in ids.values()}
+    assert {x.run_id for x in results.Results(s.tracking_uri).children(t.parent_run_id, t.experiment_id,
+                                                                       phase="train", status="FINISHED")} == everyone
+    assert len(results.Results(s.tracking_uri)._search([t.experiment_id], max_results=3)) == 3
+    assert {x.info.run_id for x in t.children(phase="train", status="FINISHED")} == everyone
+
+
+def test_a_grid_search_names_its_fold_and_variant(store):
+    s, t, _ = store
+    rid, _ = t.child("nas-scam-p-sync", 0, "search", "search__nas-scam-p-sync__seed0__fold1__lr")
+    t.set_tag(rid, tracking.T_FOLD, "1")
+    t.set_tag(rid, tracking.T_VARIANT, "lr")
+    t.client.log_dict(rid, GENOTYPE, "genotype.json")
+    t.finish(rid)
+    found = results.Results(s.tracking_uri).genotypes(t.parent_run_id, t.experiment_id)
+    assert sorted(((g.fold, g.variant) for g in found), key=str) == [(1, "lr"), (None, "")]
+
+
+def test_the_recorder_only_records():
+    """tracking.py draws no figure and runs no engine: phases.run_phase decides and hands figures in."""
+    tree = ast.parse((ROOT / "orchestrator" / "tracking.py").read_text())
+    modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    modules |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert not {"orchestrator.figures", "orchestrator.curves", "nas_core.engine"} & modules
+    assert not hasattr(tracking.Tracker, "run_phase")
+
+
 def test_a_store_that_does_not_exist_reads_as_empty_and_is_not_created(tmp_path):
     db = tmp_path / "none" / "mlflow.db"
     r = results.Results(f"sqlite:///{db}")

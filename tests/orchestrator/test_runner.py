@@ -143,6 +143,35 @@ def test_a_worker_death_in_the_middle_of_a_task_is_the_actors_error_not_the_whol
     assert seen == [("task", user)]
 
 
+def test_only_the_errors_of_a_gone_worker_become_the_actors_error():
+    """The shim is narrow: an error that is not a dead worker, raylet or node (a lost object, Ray's own
+    system error) reaches Tune as Ray raised it."""
+    from ray.air.execution._internal.actor_manager import RayActorManager
+    from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+
+    runner._trial_deaths_fail_the_trial()
+    seen = []
+    actor = SimpleNamespace(actor_id="a1", _on_error=lambda a, exc: seen.append(("actor", exc)))
+    task = SimpleNamespace(_tracked_actor=actor, _on_error=lambda a, exc: seen.append(("task", exc)))
+    manager = SimpleNamespace(_failed_actor_ids=set(), _cleanup_actor=lambda tracked_actor: None)
+    for gone in (WorkerCrashedError(), NodeDiedError("node n1 died")):
+        seen.clear()
+        RayActorManager._actor_task_failed(manager, tracked_actor_task=task, exception=gone)
+        assert isinstance(seen[0][1], RayActorError) and type(gone).__name__ in str(seen[0][1])
+    lost = ObjectLostError("ab" * 14, None, "")
+    seen.clear()
+    with pytest.raises(RuntimeError, match="Caught unexpected exception") as raised:  # Ray's own handling
+        RayActorManager._actor_task_failed(manager, tracked_actor_task=task, exception=lost)
+    assert raised.value.__cause__ is lost and seen == []
+
+
+def test_a_failed_trial_names_only_its_unfinished_runs(tmp_path):
+    (tmp_path / "search__nas-scam-p-sync__seed0").mkdir()
+    (tmp_path / "search__nas-scam-p-sync__seed0" / "result.json").write_text("{}")
+    runs = [{"name": "search__nas-scam-p-sync__seed0"}, {"name": "train__nas-scam-p-sync__seed0"}]
+    assert runner.unfinished_runs(tmp_path, runs) == ["train__nas-scam-p-sync__seed0"]
+
+
 def test_missing_cells_are_marked_and_the_failures_tag_stays_json():
     rec = {"method": "unet", "seed": 0, "Average": 0.5, "Epithelial": 0.6, "Lymphocyte": 0.4,
            "Macrophage": 0.3, "Neutrophil": 0.2}

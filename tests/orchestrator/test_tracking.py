@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from orchestrator import results, tracking
+from orchestrator.phases import run_phase
 from orchestrator.runner import RunnerError, publish_table, run_spec_file, table_from_mlflow
 from orchestrator.settings import Settings, get_settings
 
@@ -62,7 +63,8 @@ def test_child_runs_are_found_again_and_failures_recorded(store):
     for epoch in range(3):
         t.log_epoch(rid, epoch, {"epoch": epoch, "train_loss": 1.0 / (epoch + 1), "val_dsc": 0.1 * epoch})
     hist = c.get_metric_history(rid, "val_dsc")
-    assert [m.step for m in hist] == [0, 1, 2] and hist[-1].value == pytest.approx(0.2)
+    # steps are the 1-based epochs the console names, DSC in % with 2 decimals
+    assert [m.step for m in hist] == [1, 2, 3] and [m.value for m in hist] == [0.0, 10.0, 20.0]
     assert "epoch" not in c.get_run(rid).data.metrics
     try:
         raise RuntimeError("NaN loss in train epoch 2")
@@ -111,7 +113,11 @@ def test_table_rebuilt_from_mlflow_alone(store, tmp_path):
     # the parent holds the Table 2 artifacts when published by the ablation
     publish_table(tracker, tmp_path / "p")
     names = {a.path for a in c.list_artifacts(parent, "table2")}
-    assert names == {"table2/table2.md", "table2/table2.csv", "table2/table2.tex", "table2/table2.png"}
+    assert names == {"table2/table2.md", "table2/table2.csv", "table2/table2.tex", "table2/table2.png",
+                     "table2/table2_table.json"}
+    grid = json.loads(Path(c.download_artifacts(parent, "table2/table2_table.json", str(tmp_path))).read_text())
+    rows = {(r["method"], r["class"]): r for r in (dict(zip(grid["columns"], d)) for d in grid["data"])}
+    assert rows[("unet", "Average")]["mean"] == 60.0 and rows[("unet", "Average")]["n"] == 2
     with pytest.raises(RunnerError, match="no MLflow experiment 'nope'.*experiments: .*abl"):
         table_from_mlflow("nope", s)
 
@@ -169,21 +175,22 @@ def test_a_phase_is_recorded_once_and_a_finished_one_is_not_logged_again(tracker
     monkeypatch.setattr("nas_core.engine.run_train", engine)
     out = tmp_path / "train__unet__seed0"
     out.mkdir()
-    rid, result = tracker.run_phase("unet", 0, "train", _cfg(), out, log_model=False, tags={"ray_node_id": "n1"})
+    rid, result = run_phase(tracker, "unet", 0, "train", _cfg(), out, log_model=False, tags={"ray_node_id": "n1"})
     run = tracker.client.get_run(rid)
     assert run.info.status == "FINISHED" and run.info.run_name == out.name
     assert {k: run.data.tags[k] for k in ("method", "seed", "phase", "nas_scam_kind", "ray_node_id")} == {
         "method": "unet", "seed": "0", "phase": "train", "nas_scam_kind": "trial", "ray_node_id": "n1"}
     assert run.data.params == {"train.lr": "0.001"}
     assert [m.value for m in tracker.client.get_metric_history(rid, "train_loss")] == [1.0, 0.5]
-    assert run.data.metrics["test_dsc_Average"] == 0.5 and run.data.metrics["best_epoch"] == 1
+    # the engine's fraction and 0-based epoch as MLflow shows them: % and 1-based
+    assert run.data.metrics["test_dsc_Average"] == 50.0 and run.data.metrics["best_epoch"] == 2
     names = {a.path for a in tracker.client.list_artifacts(rid)} | {
         a.path for a in tracker.client.list_artifacts(rid, "figures")}
     assert names == {"metrics.json", "figures", "figures/learning_curve.png"}
     (record,) = results.Results(tracker.tracking_uri).records(tracker.parent_run_id, tracker.experiment_id)
     assert record.dsc["Average"] == 0.5 and record.run_id == rid
     # again (a resumed trial): the FINISHED run is found, the engine only reads its result back
-    again, _ = tracker.run_phase("unet", 0, "train", _cfg(), out, log_model=False)
+    again, _ = run_phase(tracker, "unet", 0, "train", _cfg(), out, log_model=False)
     assert again == rid and engine.calls == [1, 0]
     assert len(tracker.client.get_metric_history(rid, "train_loss")) == 2
 
@@ -191,19 +198,19 @@ def test_a_phase_is_recorded_once_and_a_finished_one_is_not_logged_again(tracker
 def test_a_stored_result_of_an_unfinished_run_is_still_recorded(tracker, tmp_path, monkeypatch):
     # the trial died after the engine wrote result.json but before the run was closed
     monkeypatch.setattr("nas_core.engine.run_train", FakeTrain(tmp_path, stored=True))
-    rid, _ = tracker.run_phase("unet", 1, "train", _cfg(), tmp_path, log_model=False)
+    rid, _ = run_phase(tracker, "unet", 1, "train", _cfg(), tmp_path, log_model=False)
     run = tracker.client.get_run(rid)
-    assert run.info.status == "FINISHED" and run.data.metrics["test_dsc_Neutrophil"] == 0.7
+    assert run.info.status == "FINISHED" and run.data.metrics["test_dsc_Neutrophil"] == 70.0
 
 
 def test_a_crash_fails_the_run_and_a_rerun_continues_it(tracker, tmp_path, monkeypatch):
     monkeypatch.setattr("nas_core.engine.run_train", FakeTrain(tmp_path, crash=True))
     with pytest.raises(RuntimeError, match="NaN loss"):
-        tracker.run_phase("unet", 2, "train", _cfg(), tmp_path, log_model=False)
+        run_phase(tracker, "unet", 2, "train", _cfg(), tmp_path, log_model=False)
     (failed,) = tracker.children(status="FAILED")
     assert failed.data.tags["error"] == "RuntimeError: NaN loss in train epoch 1"
     monkeypatch.setattr("nas_core.engine.run_train", FakeTrain(tmp_path))
-    rid, _ = tracker.run_phase("unet", 2, "train", _cfg(), tmp_path, log_model=False)
+    rid, _ = run_phase(tracker, "unet", 2, "train", _cfg(), tmp_path, log_model=False)
     assert rid == failed.info.run_id and tracker.client.get_run(rid).info.status == "FINISHED"
 
 
@@ -233,10 +240,27 @@ def test_a_single_pipeline_run_is_recorded_as_trials_are(home, tmp_path):
         assert (run.data.tags["method"], run.data.tags["seed"]) == ("nas-scam-p-sync", "3")
         assert run.data.params["seed"] == "3"
         assert "figures/learning_curve.png" in {a.path for a in t.client.list_artifacts(run.info.run_id, "figures")}
-    assert [m.step for m in t.client.get_metric_history(runs["train"].info.run_id, "train_loss")] == [0, 1]
+    assert [m.step for m in t.client.get_metric_history(runs["train"].info.run_id, "train_loss")] == [1, 2]
     genotype = json.loads(runs["search"].data.params["genotype"])
     searched = Path(outcome["phases"]["search"]["out_dir"], "genotype.json")
     assert json.loads(searched.read_text()) == genotype
     assert runs["train"].data.params["model.genotype"] == str(searched)
-    assert 0.0 <= runs["train"].data.metrics["test_dsc_Average"] <= 1.0
+    stored = json.loads((Path(outcome["phases"]["train"]["out_dir"]) / "result.json").read_text())
+    assert runs["train"].data.metrics["test_dsc_Average"] == round(100 * stored["test"]["dsc"]["Average"], 2)
+    # the figures the phase handed the recorder: kept in the run folder too
+    search_figs = {a.path for a in t.client.list_artifacts(runs["search"].info.run_id, "figures")}
+    assert {"figures/genotype_cells.png", "figures/alpha_summary.png"} <= search_figs
+    assert (Path(outcome["phases"]["search"]["out_dir"]) / "figures" / "alpha_summary.png").is_file()
+    assert "figures/genotype_cells.png" in {a.path for a in t.client.list_artifacts(runs["train"].info.run_id,
+                                                                                   "figures")}
     assert results.Results(t.tracking_uri).records(t.parent_run_id, t.experiment_id)[0].seed == 3
+
+
+def test_the_printed_mlflow_link_is_the_server_in_use_or_how_to_start_one():
+    from orchestrator.commands.ablate import mlflow_line
+
+    served = mlflow_line("t2", "http://mlflow-host:5000/", "3", "abc123")
+    assert served.endswith("http://mlflow-host:5000/#/experiments/3/runs/abc123?workflowType=machine_learning")
+    local = mlflow_line("t2", "sqlite:////home/u/.nas-scam/mlflow/mlflow.db", "3", "abc123")
+    assert "run `nas-scam ui`" in local and "sqlite:////home/u/.nas-scam/mlflow/mlflow.db" in local
+    assert local.endswith("http://127.0.0.1:5000/#/experiments/3/runs/abc123?workflowType=machine_learning")
