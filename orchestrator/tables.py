@@ -117,11 +117,17 @@ def compare(summary: pd.DataFrame, reference: Optional[pd.DataFrame] = None) -> 
 
 def with_flags(table: pd.DataFrame, records: Iterable[Mapping]) -> pd.DataFrame:
     """Add a ``flag`` column: ``"no learning k/n"`` for a method whose k of n seeds have
-    ``no_learning`` true in their record (orchestrator.curves.no_learning), else ``""``."""
+    ``no_learning`` true in their record (orchestrator.curves.no_learning), else ``""``. With folds a
+    record is one fold's retrain, not a replicate (the table's n): the flag counts "fold runs"."""
     flags: dict[tuple[str, str], list[bool]] = {}
+    folded: set[tuple[str, str]] = set()
     for r in records:
-        flags.setdefault((r.get("variant") or "", r["method"]), []).append(bool(r.get("no_learning", False)))
-    text = {k: f"no learning {sum(f)}/{len(f)}" if any(f) else "" for k, f in flags.items()}
+        key = (r.get("variant") or "", r["method"])
+        flags.setdefault(key, []).append(bool(r.get("no_learning", False)))
+        if r.get("fold") is not None:
+            folded.add(key)
+    text = {k: f"no learning {sum(f)}/{len(f)}" + (" fold runs" if k in folded else "") if any(f) else ""
+            for k, f in flags.items()}
     variants = table["variant"] if "variant" in table else pd.Series([""] * len(table), index=table.index)
     return table.assign(flag=[text.get((v, m), "") for v, m in zip(variants, table["method"])])
 

@@ -71,3 +71,7 @@ def test_table_flags_a_method_that_did_not_learn():
     text, md = tables.to_text(t), tables.to_markdown(t)
     assert "[no learning 1/2]" in text and "[no learning 1/2]" in md
     assert text.count("no learning") == 1
+    # with folds a record is a fold's retrain, not one of the table's n replicates: the flag says so
+    folded = [{**r, "fold": f} for r in recs for f in (0, 1)]
+    t = tables.with_flags(tables.compare(tables.summarize(folded)), folded)
+    assert set(t.loc[t["method"] == "cbam", "flag"]) == {"no learning 2/4 fold runs"}
