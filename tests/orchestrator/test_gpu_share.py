@@ -10,7 +10,9 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-HOLD_S = 4.0  # long against the few 100 ms that separate two trial actors' starts
+# long against what separates two trial actors' starts: a few 100 ms idle, 2 s seen with two busy loops
+# on both cores of a 2-core machine
+HOLD_S = 6.0
 
 
 def _make_record(hold_s: float):
@@ -54,8 +56,9 @@ def test_half_a_gpu_per_trial_runs_two_trials_at_once_on_one_gpu(tmp_path):
     finally:
         ray.shutdown()
     assert [m["gpu_ids"] for m in shared] == ["0", "0"]
-    # both trials held the GPU at the same time for most of their run
-    assert _overlap(*shared) > HOLD_S / 2
+    # both trials held the GPU at the same time (how long depends on how fast a loaded machine starts the
+    # second actor; one after the other would give no overlap at all)
+    assert _overlap(*shared) > 0.5
     # a whole GPU per trial: one after the other
     assert [m["gpu_ids"] for m in whole] == ["0", "0"]
     assert _overlap(*whole) <= 0
