@@ -233,20 +233,11 @@ class Results:
     def _search(self, experiment_ids: list[str], flt: str = "", order_by: Optional[list[str]] = None,
                 max_results: Optional[int] = None, names: Optional[Mapping[str, str]] = None) -> list[Run]:
         """Runs of the experiments ``experiment_ids`` (``names``: id -> name, to fill ``Run.experiment``), page
-        after page (``tracking.SEARCH_PAGE`` a call): all of them, or the first ``max_results``."""
+        after page (``tracking.search_all``): all of them, or the first ``max_results``."""
         c = self._mlflow()
         if c is None or not experiment_ids:
             return []
-        found, token = [], None
-        while max_results is None or len(found) < max_results:
-            page_size = tracking.SEARCH_PAGE
-            want = page_size if max_results is None else min(page_size, max_results - len(found))
-            page = self._call("search_runs", c.search_runs, experiment_ids, filter_string=flt,
-                              order_by=order_by, max_results=want, page_token=token)
-            found.extend(page)
-            token = getattr(page, "token", None)
-            if not token or not len(page):
-                break
+        found = self._call("search_runs", tracking.search_all, c, experiment_ids, flt, order_by, max_results)
         return [_run(r, (names or {}).get(r.info.experiment_id, "")) for r in found]
 
     def ping(self) -> None:

@@ -11,6 +11,7 @@ Ray, no MLflow.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
@@ -301,8 +302,6 @@ def bar_chart(table: pd.DataFrame, path: Path, title: str = "Table 2", std: str 
                           label="paper (mean, 3 runs)"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=11 if len(rows) <= 12 else 9, frameon=False)
     # over the axes (the legend holds the right margin), the second line wrapped to the axes' width
-    import textwrap
-
     ax.set_title("\n".join([title, *textwrap.wrap(subtitle or note(std, repeat), 95)]), fontsize=13)
     return save_figure(fig, path, dpi=144, layout=False)
 

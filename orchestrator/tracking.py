@@ -124,6 +124,22 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def search_all(c, experiment_ids: list[str], flt: str = "", order_by: Optional[list[str]] = None,
+               max_results: Optional[int] = None) -> list:
+    """MLflow runs matching ``flt``, page after page (``SEARCH_PAGE`` a call): all of them, or the first
+    ``max_results``; the recorder's and the read model's one search loop."""
+    found, token = [], None
+    while max_results is None or len(found) < max_results:
+        want = SEARCH_PAGE if max_results is None else min(SEARCH_PAGE, max_results - len(found))
+        page = c.search_runs(experiment_ids, filter_string=flt, order_by=order_by, max_results=want,
+                             page_token=token)
+        found.extend(page)
+        token = getattr(page, "token", None)
+        if not token or not len(page):
+            break
+    return found
+
+
 def init_store(uri: str, artifacts_root: Path) -> None:
     """Create a local store (its schema migrations) and the artifacts folder once, before jobs race to do it."""
     check_tracking_uri(uri)
@@ -245,14 +261,7 @@ class Tracker:
             flt += f" and tags.{T_PHASE} = '{phase}'"
         if status:
             flt += f" and attributes.status = '{status}'"
-        found, token = [], None
-        while True:  # page after page: a grid may hold more children than one search call answers
-            page = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=SEARCH_PAGE,
-                                           page_token=token)
-            found.extend(page)
-            token = page.token
-            if not token or not len(page):
-                return found
+        return search_all(self.client, [self.experiment_id], flt)
 
     def kill_dangling(self, reason: str, status: str = "KILLED") -> int:
         """Child runs still RUNNING after the Tuner returned (e.g. stopped by ASHA) -> KILLED (or ``status``)
