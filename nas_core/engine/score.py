@@ -104,12 +104,13 @@ def score_checkpoint(checkpoint: str | Path, folder: str | Path, *, device: str 
     return result
 
 
-def _plain(x: Any) -> Any:
-    # JSON has no NaN: undefined values (a class absent from an image) become null
+def json_ready(x: Any) -> Any:
+    """``x`` with NaN as None and numpy scalars as Python numbers, for JSON (a class absent from an image
+    has an undefined DSC)."""
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: json_ready(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_plain(v) for v in x]
+        return [json_ready(v) for v in x]
     if isinstance(x, (float, np.floating)):
         return None if math.isnan(float(x)) else float(x)
     if isinstance(x, np.integer):
@@ -122,7 +123,7 @@ def write_scores(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "scores.json", "csv": out_dir / "per_image.csv"}
-    paths["json"].write_text(json.dumps(_plain(result), indent=1))
+    paths["json"].write_text(json.dumps(json_ready(result), indent=1))
     rows = result["images"]
     with open(paths["csv"], "w", newline="") as f:
         if rows:

@@ -49,7 +49,11 @@ def add_parser(sub) -> None:
     p.add_argument("--parent", help="parent run id (default: the latest ablation run of the experiment)")
     p.add_argument("--out", type=Path, help="folder for table2.md/.csv/.tex/.png (default under runs)")
     p.add_argument("--eval-data", help="re-score the run folder's kept best.pt on every image of this folder")
-    p.add_argument("--device", default="auto", help="with --eval-data: cpu, cuda or auto")
+    p.add_argument("--calibrate", action="store_true",
+                   help="re-score the kept best.pt of every retrain on its own test split with per-class thresholds "
+                        "fitted on its validation split (default 0.5), paired with the 0.5 scores "
+                        "(written under the run folder's calibrated/ unless --out)")
+    p.add_argument("--device", default="auto", help="with --eval-data or --calibrate: cpu, cuda or auto")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("report", help="one Markdown page of an ablation from its run folder: DSC and PQ "
@@ -300,6 +304,11 @@ def mlflow_line(name: str, tracking_uri: str, experiment_id: str, run_id: str) -
 
 
 def cmd_table(args) -> int:
+    if args.eval_data and args.calibrate:
+        raise ValueError("table: --eval-data and --calibrate are two different re-scorings; give one")
+    if args.calibrate:
+        from orchestrator.calibration import cmd_table_calibrate
+        return cmd_table_calibrate(args)
     if args.eval_data:
         from orchestrator.rescore import cmd_table_eval
         return cmd_table_eval(args)

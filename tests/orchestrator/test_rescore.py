@@ -179,3 +179,68 @@ def test_relative_data_source_of_a_spec_is_resolved_from_the_current_folder(tmp_
     args = cli.build_parser().parse_args(["ablate", str(spec)])
     loaded = _load(args, "ablation")
     assert loaded.data.source == str((tmp_path / "data").resolve()) and loaded.data.split_by == "patient"
+
+
+def _retrain_folder(d, data_root, seed):
+    """A finished retrain as the engine leaves it: best.pt and result.json whose test rows the engine
+    scored on the run's own test split (synthetic data of the smoke preset, prepared under data_root)."""
+    from nas_core.config import config_from_dict
+    from nas_core.data import ensure_dataset
+    from nas_core.engine.checkpoint import load_checkpoint
+    from nas_core.engine.evaluate import evaluate_split
+    from nas_core.engine.score import json_ready
+
+    _checkpoint(d / "best.pt", seed=seed)
+    model, meta = load_checkpoint(d / "best.pt")
+    cfg = config_from_dict(meta["config"])
+    data = ensure_dataset(cfg.data, data_root, cfg.data.seed, progress=False)
+    test = evaluate_split(model, data, "test", tile=cfg.data.crop_size, stride=cfg.data.stride, images=True)
+    hist = [{"epoch": e, "train_loss": 1.0, "val_dsc": 0.1 * e} for e in range(3)]
+    (d / "result.json").write_text(json.dumps(json_ready({"history": hist, "test": test})))
+
+
+def test_table_calibrate_fits_on_val_scores_test_and_leaves_the_runs_alone(home, capsys):
+    from nas_core.engine.calibrate import GRID
+    from orchestrator.calibration import calibrate_ablation
+    from orchestrator.settings import get_settings
+
+    settings = get_settings()
+    root = settings.runs_root / "cal"
+    root.mkdir(parents=True)
+    (root / "ablation.json").write_text(json.dumps({"spec": {"std": "population", "repeat": "retrain"}}))
+    for s in (0, 1):
+        _retrain_folder(root / f"train__unet__seed{s}", settings.data_root, seed=s)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    assert cli.main(["table", "cal", "--calibrate", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "per-class thresholds fitted" in out and "unet - unet@0.5" in out
+    assert {p: p.read_bytes() for p in before} == before  # the runs' own files are untouched
+    assert "differ from the run's own result.json" not in out  # 0.5 re-scored = the engine's own test
+
+    for s in (0, 1):
+        saved = json.loads((root / "calibrated" / f"train__unet__seed{s}" / "calibration.json").read_text())
+        assert saved["matches_run"] is True
+        cal = saved["calibration"]
+        half = cal["grid"].index(0.5)
+        for k, (t, px) in enumerate(zip(cal["thresholds"], cal["val_pixels"])):
+            assert any(t == pytest.approx(g) for g in GRID)
+            if px == 0:
+                assert t == 0.5 and not cal["fitted"][k]
+            else:  # the fitted cut is at least as good on val as 0.5
+                chosen = cal["val_dsc"][k][cal["grid"].index(t)]
+                assert chosen >= (cal["val_dsc"][k][half] or 0.0)
+        own = json.loads((root / f"train__unet__seed{s}" / "result.json").read_text())["test"]["dsc"]
+        for c, v in own.items():
+            again = saved["test"]["fixed"]["dsc"][c]
+            assert (v is None and again is None) or v == pytest.approx(again, abs=1e-4)
+
+    outcome = calibrate_ablation(root, settings.data_root, home / "elsewhere", device="cpu")
+    saved = json.loads((home / "elsewhere" / "train__unet__seed1" / "calibration.json").read_text())
+    rec = next(r for r in outcome.records if r["seed"] == 1)
+    assert rec["Average"] == pytest.approx(saved["test"]["calibrated"]["dsc"]["Average"])
+    md = (home / "elsewhere" / "calibration.md").read_text()
+    assert "| unet@0.5 |" in md and "| train__unet__seed0 |" in md
+
+    assert cli.main(["table", "cal", "--calibrate", "--eval-data", str(home)]) == 2
+    assert "give one" in capsys.readouterr().err
