@@ -1,5 +1,6 @@
 """Helpers that several test files share: a free loopback port, a CLI error that must be one line, a
-smoke ablation spec, and `nas-scam` started as a process whose every child is stopped by its id."""
+smoke ablation spec, `nas-scam` started as a process whose every child is stopped by its id, waiting for
+a URL, and the error-shape check of the API fuzzers."""
 
 import os
 import signal
@@ -45,18 +46,43 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+def _wait_http(url: str, proc: subprocess.Popen | None, log: Path | None, timeout: float) -> None:
+    """Wait until ``url`` answers; with ``proc`` (and its ``log``), fail at once if the process ended."""
     import urllib.request
+
+    def tail() -> str:
+        return log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        assert proc is None or proc.poll() is None, tail()
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
         except OSError:
             time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {timeout} s: {log.read_text(errors='replace')[-3000:]}")
+    raise AssertionError(f"{url} did not answer in {timeout} s: {tail()}")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a command and every process it started (a test that failed half-way leaves nothing running)."""
+    for p in _descendants(proc.pid):
+        p.kill()
+    proc.kill()
+
+
+def error_shape_problems(label: str, path: str, resp) -> list[str]:
+    """What a fuzzed response did wrong: a 5xx other than 503, or an error body not shaped
+    ``{"error": {"code", "message", ...}}`` (``/readyz`` answers 503 with its own body)."""
+    where = f"{label} -> {resp.status_code}: {resp.text[:300]}"
+    problems = []
+    if resp.status_code >= 500 and resp.status_code != 503:
+        problems.append(where)
+    if resp.status_code >= 400 and path != "/readyz":
+        body = resp.json()
+        if set(body) != {"error"} or not {"code", "message"} <= set(body["error"]):
+            problems.append("error shape: " + where)
+    return problems
 
 
 def _eventually(condition, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from orchestrator.ray_head import ray_env_vars, ray_head_command, stop_process_group, wait_dashboard
+from tests.helpers import error_shape_problems
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -344,13 +345,7 @@ def test_fuzz_openapi_finds_no_server_errors(home):
             def run(case):
                 resp = case.call(base_url=server.url, headers=HEADERS, timeout=60)
                 seen[(operation.label, resp.status_code)] += 1
-                where = f"{operation.label} -> {resp.status_code}: {resp.text[:300]}"
-                if resp.status_code >= 500 and resp.status_code != 503:
-                    failures.append(where)
-                if resp.status_code >= 400 and operation.path != "/readyz":
-                    body = resp.json()
-                    if set(body) != {"error"} or not {"code", "message"} <= set(body["error"]):
-                        failures.append("error shape: " + where)
+                failures.extend(error_shape_problems(operation.label, operation.path, resp))
 
             run()
         print("fuzzed (operation, status): count", dict(sorted(seen.items())))

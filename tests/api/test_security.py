@@ -29,6 +29,7 @@ from orchestrator import tracking
 from orchestrator.jobs import JobServer
 from orchestrator.settings import Settings
 from orchestrator.specs import PATH_KEYS
+from tests.helpers import error_shape_problems
 
 KEY = "security-key"
 SMOKE = {"kind": "ablation", "name": "smoke", "preset": "smoke", "methods": ["unet"], "seeds": 1}
@@ -400,13 +401,7 @@ def test_bounded_schemathesis_run_finds_no_server_error(settings):
             nonlocal calls
             resp = case.call(headers={"X-API-Key": KEY})
             calls += 1
-            where = f"{operation.label} -> {resp.status_code}: {resp.text[:200]}"
-            if resp.status_code >= 500 and resp.status_code != 503:
-                failures.append(where)
-            if resp.status_code >= 400 and operation.path != "/readyz":
-                body = resp.json()
-                if set(body) != {"error"} or not {"code", "message"} <= set(body["error"]):
-                    failures.append("error shape: " + where)
+            failures.extend(error_shape_problems(operation.label, operation.path, resp))
 
         run()
     assert not failures, "\n".join(failures[:10])

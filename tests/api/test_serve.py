@@ -6,7 +6,8 @@ import signal
 
 import pytest
 
-from tests.helpers import SMOKE, _cli, _descendants, _eventually, _free_port, _stop_and_check, _wait_http
+from tests.helpers import (SMOKE, _cli, _descendants, _eventually, _free_port, _kill_tree, _stop_and_check,
+                           _wait_http)
 
 
 @pytest.mark.slow
@@ -27,9 +28,7 @@ def test_serve_stops_its_ray_head_and_forgets_it(tmp_path, ray_tmp, sig):
         names = {p.name() for p in children}
         assert {"gcs_server", "raylet"} <= names, names
     except BaseException:
-        for p in _descendants(proc.pid):
-            p.kill()
-        proc.kill()
+        _kill_tree(proc)
         raise
     _stop_and_check(proc, sig, children)
     # a later ray.init() must not mistake the stopped head for a cluster
@@ -115,9 +114,7 @@ def test_serve_stopped_with_a_run_in_flight_leaves_no_driver_and_no_running_mlfl
             _eventually(training, 300, f"run {rid} training", proc, log)
         children = _descendants(proc.pid)  # the job's driver and its trial among them
     except BaseException:
-        for p in _descendants(proc.pid):
-            p.kill()
-        proc.kill()
+        _kill_tree(proc)
         raise
     _stop_and_check(proc, signal.SIGTERM, children)
     settings = Settings(home=home)

@@ -1,7 +1,6 @@
 """`nas-scam ablate --submit` as a Ray job on a two-node Ray cluster + an MLflow server, all on loopback."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -9,6 +8,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import _free_port, _wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -18,23 +19,6 @@ def _agent_ports() -> list[str]:
     # machine (a foreign head, another test's) would hold them and the job agent would never answer
     return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -94,8 +78,8 @@ def cluster(tmp_path):
                  *_agent_ports()],
                 # node addresses are 127.0.0.1 and every client here talks to loopback
                 env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT))
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
-        _wait_http(f"http://127.0.0.1:{mlp}/health", 60)
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", None, None, 120)
+        _wait_http(f"http://127.0.0.1:{mlp}/health", None, None, 60)
         procs.append(_start_worker(gcs, tmp_worker, env, worker_log))
         try:
             _wait_nodes(dash, 2, 90, procs[-1])

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from tests.helpers import _cli, _descendants, _free_port, _stop_and_check, _wait_http
+from tests.helpers import _cli, _descendants, _free_port, _kill_tree, _stop_and_check, _wait_http
 
 
 @pytest.mark.slow
@@ -19,8 +19,6 @@ def test_ui_stops_its_mlflow_server(tmp_path, sig):
         children = _descendants(proc.pid)
         assert any("mlflow" in " ".join(p.cmdline()) for p in children), [p.cmdline() for p in children]
     except BaseException:
-        for p in _descendants(proc.pid):
-            p.kill()
-        proc.kill()
+        _kill_tree(proc)
         raise
     _stop_and_check(proc, sig, children)
