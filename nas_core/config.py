@@ -345,7 +345,8 @@ def diff_from_protocol(cfg: "RunConfig") -> dict[str, tuple[Any, Any]]:
     return {k: (table.get(k), v) for k, v in mine.items() if k not in table or table[k] != v}
 
 
-# The CPU smoke preset: shrinks crops, data, steps and epochs, never the architecture.
+# Presets, laid over the protocol table: ``smoke`` (CPU minutes: shrinks crops, data, steps and epochs, never
+# the architecture) and ``small-data`` (the real-tissue study's one established change).
 PRESETS: dict[str, dict[str, Any]] = {
     # sized so that the 8 x 3 smoke Table 2 runs in minutes on 2 CPU cores (the supernet is ~4x the
     # U-Net's FLOPs): 32 px crops of 128 px synthetic images, a few iterations per epoch
@@ -359,6 +360,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "genotype_after": None},
         "train": {"epochs": 4, "iters_per_epoch": 8, "val_every": 1, "val_timing": "end"},
     },
+    # What the real-tissue study (docs/results/real-tissue-study.md, issue 26) established on 12 MoNuSAC
+    # patients at the CPU budget: the Dice loss over the paper's Wong loss, +3.7 [+2.4, +5.1] points of
+    # per-image DSC over 4 patient folds. Only that: the sampler (balanced better), stain (nil), larger
+    # crops and more steps (not established) and threshold calibration (costs the Dice recipe) stay as
+    # the protocol has them. Everything else is the protocol's.
+    "small-data": {"loss": {"name": "soft_dice"}},
 }
 
 

@@ -159,3 +159,14 @@ def test_the_genotype_window_is_checked_without_listing_epochs(monkeypatch):
     monkeypatch.setattr(SearchConfig, "validation_epochs", listed)
     monkeypatch.setattr(SearchConfig, "genotype_epochs", listed)
     assert load_config(overrides=["search.epochs=100000"]).search.epochs == 100_000
+
+
+@pytest.mark.parametrize("protocol", ["paper", "code"])
+def test_the_small_data_preset_is_the_protocol_with_the_dice_loss_only(protocol):
+    from nas_core.config import diff_from_protocol
+
+    cfg = load_config(None, preset="small-data", overrides=[f"protocol={protocol}"])
+    assert diff_from_protocol(cfg) == {"loss.name": (load_config(None, overrides=[f"protocol={protocol}"]).loss.name,
+                                                     "soft_dice")}
+    # a spec's own value still wins over the preset
+    assert load_config(None, preset="small-data", overrides=["loss.name=exp_log"]).loss.name == "exp_log"

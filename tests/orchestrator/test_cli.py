@@ -139,7 +139,7 @@ def test_completion_script_and_tab_completion_of_commands_and_choices(capsys):
         return {w.strip() for w in out.split("\n") if w.strip()}
 
     assert tab("nas-scam abl") == {"ablate"}
-    assert tab("nas-scam ablate experiments/table2.yaml --preset ") == {"smoke"}
+    assert tab("nas-scam ablate experiments/table2.yaml --preset ") == {"smoke", "small-data"}
     assert tab("nas-scam data prepare x --stain ") == {"none", "reinhard", "macenko"}
 
 
